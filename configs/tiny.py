@@ -1,0 +1,33 @@
+"""Tiny Emu for a 2-core CPU: 32 px digits, patch 8, a 2-block ViT and a 2-layer LLaMA (width 128).
+
+Variants: `configs/tiny.py` or `configs/tiny.py:emu2` (post-norm ViT, 2x2 pooled connector, GQA)
+and `configs/tiny.py:emu1` (pre-norm ViT, 2-block Causal Transformer with 4 queries). Special
+tokens follow the reference layout after a 512-piece sentencepiece vocabulary.
+
+    python -m emu_jax.summary --config=configs/tiny.py
+"""
+from emu_jax import config_lib
+from emu_jax.models import tokens as tokens_lib
+
+SP_VOCAB = 512
+
+
+def get_config(arg=None):
+    variant = config_lib.parse_variant(arg, ("emu2", "emu1"))
+    vit = dict(image_size=32, patch_size=8, width=64, depth=2, num_heads=4, mlp_hidden=256, scan_layers=False)
+    llm = dict(hidden=128, num_layers=2, num_heads=4, num_kv_heads=2, mlp_hidden=384, max_positions=512,
+               scan_layers=False)
+    if variant == "emu1":
+        special, vocab = tokens_lib.emu1_tokens(base=SP_VOCAB)
+        config = config_lib.base_config(
+            vit=config_lib.eva_clip_g(**vit),
+            connector=config_lib.causal_former(num_queries=4, d_model=64, num_layers=2, num_heads=4,
+                                               head_dim=16, d_ff=128),
+            llm=config_lib.llama("13b", vocab, **llm), special_tokens=special)
+    else:
+        special, vocab = tokens_lib.emu2_tokens(base=SP_VOCAB)
+        config = config_lib.base_config(vit=config_lib.eva_clip_e_plus(**vit),
+                                        connector=config_lib.pooled_connector(2),
+                                        llm=config_lib.llama("33b", vocab, **llm), special_tokens=special)
+    config.lock()
+    return config

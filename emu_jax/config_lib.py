@@ -1,0 +1,114 @@
+"""Pieces the experiment configs in `configs/` are assembled from.
+
+A config is a locked `ml_collections.ConfigDict`, so a typo in `--config.a.b=...` fails instead of
+being ignored. Sections: `model` (towers, tokens, dtypes), `mesh` (axis sizes and the one table
+mapping logical axis names to mesh axes), `loss`. The released towers are below so that the
+experiment files only state what differs.
+"""
+from __future__ import annotations
+
+import ml_collections
+
+from emu_jax.models import tokens as tokens_lib
+
+
+def eva_clip_g(**overrides) -> ml_collections.ConfigDict:
+    """EVA-01-CLIP-g/14, Emu1's encoder: 224 px, 257 tokens, width 1408, 40 pre-norm blocks."""
+    return ml_collections.ConfigDict(dict(
+        image_size=224, patch_size=14, width=1408, depth=40, num_heads=16, mlp_hidden=6144,
+        post_norm=False, norm_eps=1e-6, pos_embed_grid=0, scan_layers=True, remat="none") | overrides)
+
+
+def eva_clip_e_plus(**overrides) -> ml_collections.ConfigDict:
+    """EVA-02-CLIP-E/14+, Emu2's encoder: 448 px, 1025 tokens, width 1792, 64 post-norm blocks."""
+    return ml_collections.ConfigDict(dict(
+        image_size=448, patch_size=14, width=1792, depth=64, num_heads=16, mlp_hidden=15360,
+        post_norm=True, norm_eps=1e-6, pos_embed_grid=0, scan_layers=True, remat="none") | overrides)
+
+
+def causal_former(**overrides) -> ml_collections.ConfigDict:
+    """Emu1's T5-base-shaped Causal Transformer with 32 learned queries."""
+    return ml_collections.ConfigDict(dict(
+        kind="causal_former", num_queries=32, ln_visual_eps=1e-5, d_model=768, num_layers=12, num_heads=12,
+        head_dim=64, d_ff=3072, num_buckets=32, max_distance=128, norm_eps=1e-6, scan_layers=False,
+        remat="none") | overrides)
+
+
+def pooled_connector(pool_grid: int = 8) -> ml_collections.ConfigDict:
+    """Emu2's connector: pool the patch grid to pool_grid x pool_grid, project_up."""
+    return ml_collections.ConfigDict(dict(kind="pooled", pool_grid=pool_grid))
+
+
+def llama(size: str, vocab_size: int, **overrides) -> ml_collections.ConfigDict:
+    """The LLaMA-1 shapes Emu builds on."""
+    shapes = {"13b": dict(hidden=5120, num_layers=40, num_heads=40, mlp_hidden=13824),
+              "33b": dict(hidden=6656, num_layers=60, num_heads=52, mlp_hidden=17920)}
+    return ml_collections.ConfigDict(dict(
+        vocab_size=vocab_size, **shapes[size], num_kv_heads=0, head_dim=0, norm_eps=1e-6, rope_theta=10000.0,
+        max_positions=2048, scan_layers=True, remat="none") | overrides)
+
+
+# Logical axis name -> mesh axes. Weights shard over fsdp (and tensor for heads/mlp/vocab); batch
+# activations over data x fsdp. The only place the models' axis names meet the mesh.
+LOGICAL_AXIS_RULES = (
+    ("act_batch", ("data", "fsdp")),
+    ("act_len", None),
+    ("act_kv_len", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+    ("act_head_dim", None),
+    ("act_mlp", "tensor"),
+    ("act_vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("qkv", None),
+    ("vocab", "tensor"),
+    ("norm", None),
+    ("layers", None),
+    ("patch", None),
+    ("channels", None),
+)
+
+
+def base_config(*, vit, connector, llm, special_tokens) -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+    config.model = ml_collections.ConfigDict(dict(
+        vit=vit, connector=connector, llm=llm, tokens=special_tokens,
+        dtype="float32", param_dtype="float32", attention_impl=""))
+    config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=LOGICAL_AXIS_RULES))
+    config.loss = ml_collections.ConfigDict(dict(text_weight=1.0, regression_weight=1.0))
+    return config
+
+
+def emu1_config(*, instruct: bool = False) -> ml_collections.ConfigDict:
+    special, vocab = tokens_lib.emu1_tokens(instruct=instruct)
+    return base_config(vit=eva_clip_g(), connector=causal_former(), llm=llama("13b", vocab), special_tokens=special)
+
+
+def emu2_config(*, chat: bool = False) -> ml_collections.ConfigDict:
+    special, vocab = tokens_lib.emu2_tokens(chat=chat)
+    return base_config(vit=eva_clip_e_plus(), connector=pooled_connector(16 if chat else 8),
+                       llm=llama("33b", vocab), special_tokens=special)
+
+
+def parse_variant(arg: str | None, allowed: tuple[str, ...]) -> str:
+    """`configs/x.py:variant` -> variant, with a clear error for an unknown one."""
+    variant = arg or allowed[0]
+    if variant not in allowed:
+        raise ValueError(f"unknown config variant {variant!r}; choose one of {', '.join(allowed)}")
+    return variant
+
+
+def load(spec: str) -> ml_collections.ConfigDict:
+    """`path/to/config.py[:arg]` -> its get_config(arg), as `--config=` would load it (for tests
+    and notebooks; the CLIs use ml_collections' config_flags)."""
+    import importlib.util
+    path, _, arg = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("_emu_config", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg or None)

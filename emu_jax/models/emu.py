@@ -1,0 +1,116 @@
+"""Emu: one autoregressive model over interleaved text tokens and visual embeddings.
+
+    images [B, N, H, W, 3] -> vit -> connector.encode -> visual inputs [B, N*n, D_llm]
+                                                       + regression targets [B, N*n, D_target]
+    tokens [B, T] -> llm.embed -> the k-th `<image>` token (row order) takes visual input k
+                  -> llm (causal, packed by segment ids) -> final-normed hidden states
+                  -> llm.logits (next text token)   and   connector.regress (next visual embedding)
+
+Each image (or video frame) is one block `[IMG] <image> x n [/IMG]` in `tokens` and one slot in
+`images`, in the same order. The regression target of position t is the visual target of
+position t + 1 when that position is an `<image>`, so predictions at `[IMG]` and at every
+`<image>` but a block's last are scored (the loss applies the masks; see `emu_jax.models.tokens`).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from emu_jax.models.causal_former import CausalFormerConnector
+from emu_jax.models.connector import PooledConnector
+from emu_jax.models.eva_vit import EvaVit
+from emu_jax.models.llama import Llama
+
+CONNECTORS = {"causal_former": CausalFormerConnector, "pooled": PooledConnector}
+
+
+class EmuOutput(NamedTuple):
+    logits: jax.Array  # [B, T, vocab]: next-token logits
+    regression: jax.Array  # [B, T, D_target]: predicted next visual embedding
+    regression_targets: jax.Array  # [B, T, D_target]: the next position's visual target (zeros if none)
+    cache: Any  # updated KV cache, or None
+
+
+def splice_rows(base: jax.Array, is_slot: jax.Array, rows: jax.Array) -> jax.Array:
+    """Writes rows[b, k] at the k-th True position of is_slot[b] (row order); elsewhere keeps base.
+    base [B, T, D], is_slot bool [B, T], rows [B, K, D]. Extra slots beyond K repeat row K - 1."""
+    rank = jnp.clip(jnp.cumsum(is_slot, axis=1) - 1, 0, max(rows.shape[1] - 1, 0))
+    gathered = jnp.take_along_axis(rows, rank[..., None], axis=1)
+    return jnp.where(is_slot[..., None], gathered.astype(base.dtype), base)
+
+
+class Emu(nn.Module):
+    vit: EvaVit
+    connector: nn.Module  # one of CONNECTORS
+    llm: Llama
+    image_token_id: int
+
+    @property
+    def visual_tokens_per_image(self) -> int:
+        return self.connector.num_visual_tokens
+
+    def encode_images(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """[B, N, H, W, 3] -> (LLM inputs [B, N*n, D_llm], regression targets [B, N*n, D_target])."""
+        b, n = images.shape[:2]
+        inputs, targets = self.connector.encode(self.vit(images.reshape((b * n,) + images.shape[2:])))
+        flat = lambda x: x.reshape(b, n * x.shape[1], x.shape[2])  # noqa: E731
+        return flat(inputs), flat(targets)
+
+    def embed(self, tokens: jax.Array, images: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+        """Input embeddings with visual inputs spliced in, and the per-position regression
+        targets (the NEXT position's visual target, stop-gradient)."""
+        embeddings = self.llm.embed(tokens)
+        target_shape = tokens.shape + (self.connector.target_width,)
+        if images is None or images.shape[1] == 0:
+            return embeddings, jnp.zeros(target_shape, embeddings.dtype)
+        visual_inputs, visual_targets = self.encode_images(images)
+        is_image = tokens == self.image_token_id
+        embeddings = splice_rows(embeddings, is_image, visual_inputs)
+        targets = splice_rows(jnp.zeros(target_shape, visual_targets.dtype), is_image, visual_targets)
+        targets = jnp.concatenate([targets[:, 1:], jnp.zeros_like(targets[:, :1])], axis=1)
+        return embeddings, jax.lax.stop_gradient(targets)
+
+    def decode(self, embeddings, positions, segment_ids, cache=None):
+        """LLM over input embeddings -> (logits, regressed embeddings, updated cache)."""
+        hidden, cache = self.llm(embeddings, positions, segment_ids, cache)
+        return self.llm.logits(hidden), self.connector.regress(hidden), cache
+
+    def feed_back(self, regressed: jax.Array) -> jax.Array:
+        """A regressed embedding as the next LLM input (Emu1: as is; Emu2: through project_up)."""
+        return self.connector.feed_back(regressed)
+
+    def __call__(self, tokens, positions, segment_ids, images=None, cache=None) -> EmuOutput:
+        embeddings, targets = self.embed(tokens, images)
+        logits, regression, cache = self.decode(embeddings, positions, segment_ids, cache)
+        return EmuOutput(logits, regression, targets, cache)
+
+
+def _fields_of(cls, values: dict) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in values.items() if k in names}
+
+
+def build_model(model_config) -> Emu:
+    """The Emu model described by `config.model` (see configs/); the config alone decides it."""
+    common = dict(dtype=jnp.dtype(model_config.dtype), param_dtype=jnp.dtype(model_config.param_dtype),
+                  attention_impl=model_config.get("attention_impl") or None)
+    vit = EvaVit(**model_config.vit.to_dict(), **common, parent=None)
+    connector_config = model_config.connector.to_dict()
+    connector_cls = CONNECTORS[connector_config.pop("kind")]
+    connector = connector_cls(vision_width=vit.width, llm_hidden=model_config.llm.hidden,
+                              **_fields_of(connector_cls, {**connector_config, **common}), parent=None)
+    llm = Llama(**model_config.llm.to_dict(), **common, parent=None)
+    return Emu(vit, connector, llm, image_token_id=model_config.tokens.image)
+
+
+def example_inputs(model: Emu, batch: int = 1, images_per_row: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
+    """Abstract inputs of the right shapes (for `jax.eval_shape(model.init, ...)`)."""
+    length = max(images_per_row * (model.visual_tokens_per_image + 2) + 2, 8)
+    size = model.vit.image_size
+    ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+    return dict(tokens=ids, positions=ids, segment_ids=ids,
+                images=jax.ShapeDtypeStruct((batch, images_per_row, size, size, 3), jnp.float32))

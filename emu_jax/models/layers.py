@@ -1,0 +1,250 @@
+"""Building blocks shared by every tower: projections, norms, one MLP, one attention, layer stacks.
+
+Logical axis names (the config's rules table is the only place that maps them to mesh axes):
+  weights      embed, mlp, heads, kv_heads, head_dim, qkv, vocab, norm, layers, patch, channels
+  activations  act_batch, act_len, act_kv_len, act_embed, act_heads, act_head_dim, act_mlp, act_vocab
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+ACTIVATIONS: dict[str, Callable] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False),  # EVA-CLIP: exact erf GELU
+    "relu": nn.relu,
+    "silu": nn.silu,
+}
+
+# The models' default weight init; converted checkpoints overwrite it anyway.
+default_init = nn.initializers.normal(stddev=0.02)
+
+
+def partitioned(init: Callable, axes: Sequence[str | None]) -> Callable:
+    return nn.with_logical_partitioning(init, tuple(axes))
+
+
+def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
+    return nn.with_logical_constraint(x, tuple(axes))
+
+
+def dense(features, kernel_axes, *, name, use_bias=False, axis=-1, dtype=jnp.float32,
+          param_dtype=jnp.float32) -> nn.DenseGeneral:
+    """A projection whose kernel carries logical axis names (input axes first, then output axes)."""
+    n_out = 1 if isinstance(features, int) else len(features)
+    return nn.DenseGeneral(
+        features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
+        kernel_init=partitioned(default_init, kernel_axes),
+        bias_init=partitioned(nn.initializers.zeros, kernel_axes[-n_out:]))
+
+
+class RMSNorm(nn.Module):
+    """LLaMA's and T5's norm: x / rms(x) * scale, statistics in float32, no mean, no bias."""
+    epsilon: float = 1e-6
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        scale = self.param("scale", partitioned(nn.initializers.ones, ("norm",)), (x.shape[-1],),
+                           self.param_dtype)
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.epsilon)
+        return x32.astype(self.dtype) * scale.astype(self.dtype)
+
+
+def layer_norm(epsilon, *, name, dtype, param_dtype) -> nn.LayerNorm:
+    return nn.LayerNorm(epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
+                        scale_init=partitioned(nn.initializers.ones, ("norm",)),
+                        bias_init=partitioned(nn.initializers.zeros, ("norm",)))
+
+
+class Mlp(nn.Module):
+    """The one feed-forward block: EVA (fc1, fc2; GELU; biases), T5 (wi, wo; ReLU) and
+    LLaMA (gate_proj, up_proj, down_proj; SwiGLU) differ only in these fields."""
+    hidden: int
+    activation: str = "gelu"
+    gated: bool = False
+    use_bias: bool = False
+    names: tuple[str, ...] = ("fc1", "fc2")  # (in, out) or, gated, (gate, up, out)
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        h = ACTIVATIONS[self.activation](dense(self.hidden, ("embed", "mlp"), name=self.names[0], **kw)(x))
+        if self.gated:
+            h = h * dense(self.hidden, ("embed", "mlp"), name=self.names[1], **kw)(x)
+        h = constrain(h, ("act_batch", "act_len", "act_mlp"))
+        return dense(x.shape[-1], ("mlp", "embed"), name=self.names[-1], **kw)(h)
+
+
+# ----------------------------------------------------------------------------- rotary embedding
+
+def rotary_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """(sin, cos) of shape [B, T, head_dim] in the rotate-half layout of Hugging Face LLaMA."""
+    inv_freq = 1.0 / theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim)
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.sin(angles), jnp.cos(angles)
+
+
+def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
+    """x: [B, T, H, D]; rotates pairs (i, i + D/2) as Hugging Face's `rotate_half` does."""
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    out = x.astype(jnp.float32) * cos[:, :, None] + rotated * sin[:, :, None]
+    return out.astype(x.dtype)
+
+
+# ----------------------------------------------------------------------------- attention
+
+def attention_mask(q_segment_ids, kv_segment_ids, q_index=None, kv_index=None, causal=True):
+    """Boolean [B, 1, T, S]: same non-padding document, and (causal) key slot <= query slot.
+
+    Segment id 0 marks padding. A padding query may only see padding keys, and always sees
+    itself when it is also a key, so no row is empty. Slots index the key/value buffer: for
+    packed training they are 0..T-1; for cached decoding the query slots start at the cache index.
+    """
+    same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
+    if causal:
+        T, S = q_segment_ids.shape[1], kv_segment_ids.shape[1]
+        q_index = jnp.arange(T)[None] if q_index is None else q_index
+        kv_index = jnp.arange(S)[None] if kv_index is None else kv_index
+        same &= q_index[:, :, None] >= kv_index[:, None, :]
+    return same[:, None]
+
+
+def dot_product_attention(q, k, v, *, mask=None, bias=None, scale=None, implementation=None):
+    """The project's one attention kernel. q: [B, T, H, D]; k, v: [B, S, K, D] with H % K == 0
+    (grouped-query attention needs no repeat); mask: bool broadcastable to [B, H, T, S]; bias:
+    float broadcastable to [B, H, T, S]. Softmax runs in float32 whatever the inputs' dtype."""
+    if implementation is None and jax.default_backend() == "cpu":
+        implementation = "xla"
+    if bias is not None:
+        bias = bias.astype(q.dtype)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
+                                        implementation=implementation)
+
+
+class Attention(nn.Module):
+    """Multi-head attention shared by every tower.
+
+    Layout options cover the released checkpoints: LLaMA (separate q/k/v/o, rotary, grouped
+    kv heads), T5 (separate q/k/v/o, unscaled, additive position bias, cross-attention) and
+    EVA-CLIP (one fused qkv kernel without bias, separate q and v biases, biased output).
+    """
+    num_heads: int
+    head_dim: int
+    num_kv_heads: int | None = None
+    fused_qkv: bool = False
+    qv_bias: bool = False
+    out_bias: bool = False
+    names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # fused: ("qkv", "proj")
+    scale: float | None = None  # None: 1/sqrt(head_dim)
+    implementation: str | None = None
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    def _project_qkv(self, x, kv_input):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        if self.fused_qkv:
+            qkv = dense((3, self.num_heads, self.head_dim), ("embed", "qkv", "heads", "head_dim"),
+                        name=self.names[0], **kw)(x)
+            q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        else:
+            kv_heads = self.num_kv_heads or self.num_heads
+            q = dense((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), name=self.names[0], **kw)(x)
+            k = dense((kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name=self.names[1], **kw)(kv_input)
+            v = dense((kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name=self.names[2], **kw)(kv_input)
+        if self.qv_bias:
+            shape = (self.num_heads, self.head_dim)
+            init = partitioned(nn.initializers.zeros, ("heads", "head_dim"))
+            q = q + self.param("q_bias", init, shape, self.param_dtype).astype(self.dtype)
+            v = v + self.param("v_bias", init, shape, self.param_dtype).astype(self.dtype)
+        return q, k, v
+
+    @nn.compact
+    def __call__(self, x, kv_input=None, *, mask=None, bias=None, rope=None, cache=None, cache_index=None):
+        """Returns (output, updated cache). `cache` is {"k", "v"} of shape [B, S_max, K, D]; the
+        new keys and values are written at `cache_index` and the query attends over the buffer."""
+        if self.fused_qkv and kv_input is not None:
+            raise ValueError("a fused qkv projection cannot cross-attend")
+        q, k, v = self._project_qkv(x, x if kv_input is None else kv_input)
+        if rope is not None:
+            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
+            cache = {"k": k, "v": v}
+        q = constrain(q, ("act_batch", "act_len", "act_heads", "act_head_dim"))
+        out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, bias=bias,
+                                    scale=self.scale, implementation=self.implementation)
+        out = dense(x.shape[-1], ("heads", "head_dim", "embed"), name=self.names[-1], axis=(-2, -1),
+                    use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype)(out)
+        return out, cache
+
+
+# ----------------------------------------------------------------------------- layer stacks
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+}
+
+
+def make_stack(block_cls, num_layers, *, scan=False, remat="none", **block_kwargs):
+    """`num_layers` copies of `block_cls`, to assign to a module attribute in `setup`.
+
+    Unscanned, the attribute becomes named children `{attr}_{i}` (the released checkpoints'
+    layout); scanned, one `nn.scan` module `{attr}` with a leading "layers" axis on every
+    parameter (40-64 layer towers compile in seconds). Blocks are called
+    `block(x, per_layer, shared) -> (x, per_layer_out)`, where `per_layer` (a KV cache, or None)
+    has a leading layer axis and `shared` is a tuple given to every layer."""
+    if remat != "none":
+        block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
+    if scan:
+        return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                       in_axes=(0, nn.broadcast), length=num_layers,
+                       metadata_params={nn.PARTITION_NAME: "layers"})(**block_kwargs)
+    return [block_cls(**block_kwargs) for _ in range(num_layers)]
+
+
+def apply_stack(stack, x, per_layer, shared=()):
+    if not isinstance(stack, (list, tuple)):
+        return stack(x, per_layer, shared)
+    outs = []
+    for i, block in enumerate(stack):
+        x, out = block(x, jax.tree.map(lambda a: a[i], per_layer), shared)
+        outs.append(out)
+    return x, (None if per_layer is None else jax.tree.map(lambda *a: jnp.stack(a), *outs))
+
+
+def stack_layer_params(tree: dict, prefix: str) -> dict:
+    """Per-layer children `{prefix}_{i}` -> one `{prefix}` child with a leading layer axis (the
+    scanned layout); other entries untouched. Works on any nested dict of arrays."""
+    names = sorted((k for k in tree if k.startswith(prefix + "_") and k[len(prefix) + 1:].isdigit()),
+                   key=lambda k: int(k[len(prefix) + 1:]))
+    if not names:
+        return tree
+    out = {k: v for k, v in tree.items() if k not in names}
+    out[prefix] = jax.tree.map(lambda *a: jnp.stack(a), *[tree[k] for k in names])
+    return out
+
+
+def unstack_layer_params(tree: dict, prefix: str) -> dict:
+    """Inverse of `stack_layer_params`."""
+    if prefix not in tree:
+        return tree
+    out = {k: v for k, v in tree.items() if k != prefix}
+    count = jax.tree.leaves(tree[prefix])[0].shape[0]
+    for i in range(count):
+        out[f"{prefix}_{i}"] = jax.tree.map(lambda a: a[i], tree[prefix])
+    return out

@@ -1,0 +1,122 @@
+"""LLaMA, the language tower of Emu (13B) and Emu2 (33B).
+
+    tokens -> embed_tokens -> [input_layernorm -> self_attn (rotary, causal, optional GQA) -> +
+                               post_attention_layernorm -> mlp (SwiGLU) -> +] x num_layers
+           -> norm -> lm_head (untied)
+
+Parameter names follow the Hugging Face checkpoints (`model.layers.{n}.self_attn.q_proj` ->
+`layers_{n}/self_attn/q_proj/kernel`, or `layers/...` with a leading layer axis when scanned).
+Decoding uses an explicit KV cache: a dict holding per-layer keys and values, the segment id of
+every cache slot (0 = empty or left padding) and the next write index.
+"""
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from emu_jax.models import layers
+from emu_jax.models.layers import Attention, Mlp, RMSNorm, constrain
+
+
+class DecoderLayer(nn.Module):
+    hidden: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    mlp_hidden: int
+    norm_eps: float = 1e-6
+    attention_impl: str | None = None
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.input_layernorm = RMSNorm(self.norm_eps, **kw)
+        self.self_attn = Attention(self.num_heads, self.head_dim, num_kv_heads=self.num_kv_heads,
+                                   implementation=self.attention_impl, **kw)
+        self.post_attention_layernorm = RMSNorm(self.norm_eps, **kw)
+        self.mlp = Mlp(self.mlp_hidden, activation="silu", gated=True,
+                       names=("gate_proj", "up_proj", "down_proj"), **kw)
+
+    def __call__(self, x, layer_cache, shared):
+        rope, mask, cache_index = shared
+        h, layer_cache = self.self_attn(self.input_layernorm(x), mask=mask, rope=rope, cache=layer_cache,
+                                        cache_index=cache_index)
+        x = x + h
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return constrain(x, ("act_batch", "act_len", "act_embed")), layer_cache
+
+
+class Llama(nn.Module):
+    vocab_size: int
+    hidden: int
+    num_layers: int
+    num_heads: int
+    mlp_hidden: int
+    num_kv_heads: int = 0  # 0: as many as query heads (no grouping)
+    head_dim: int = 0  # 0: hidden // num_heads
+    norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_positions: int = 2048
+    scan_layers: bool = False
+    remat: str = "none"
+    attention_impl: str | None = None
+    logits_dtype: jnp.dtype = jnp.float32
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @property
+    def kv_heads(self) -> int:
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def dim_per_head(self) -> int:
+        return self.head_dim or self.hidden // self.num_heads
+
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embed_tokens = nn.Embed(self.vocab_size, self.hidden,
+                                     embedding_init=layers.partitioned(layers.default_init, ("vocab", "embed")),
+                                     **kw)
+        self.layers = layers.make_stack(
+            DecoderLayer, self.num_layers, scan=self.scan_layers, remat=self.remat, hidden=self.hidden,
+            num_heads=self.num_heads, num_kv_heads=self.kv_heads, head_dim=self.dim_per_head,
+            mlp_hidden=self.mlp_hidden, norm_eps=self.norm_eps, attention_impl=self.attention_impl, **kw)
+        self.norm = RMSNorm(self.norm_eps, **kw)
+        self.lm_head = layers.dense(self.vocab_size, ("embed", "vocab"), name="lm_head",
+                                    dtype=self.logits_dtype, param_dtype=self.param_dtype)
+
+    def embed(self, tokens: jax.Array) -> jax.Array:
+        return constrain(self.embed_tokens(tokens), ("act_batch", "act_len", "act_embed"))
+
+    def __call__(self, embeddings, positions, segment_ids, cache=None):
+        """Runs the decoder stack on input embeddings [B, T, hidden]; returns the final-normed
+        hidden states and the updated cache (None when decoding without one).
+
+        positions: [B, T] rotary positions (restart at 0 for each packed document / after left
+        padding); segment_ids: [B, T], 0 for padding, tokens attend only within their segment."""
+        rope = layers.rotary_tables(positions, self.dim_per_head, self.rope_theta)
+        if cache is None:
+            mask = layers.attention_mask(segment_ids, segment_ids)
+            x, _ = layers.apply_stack(self.layers, embeddings, None, (rope, mask, None))
+            return self.norm(x), None
+        index = cache["index"]
+        kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32),
+                                                   (0, index))
+        q_index = index + jnp.arange(embeddings.shape[1])[None]
+        mask = layers.attention_mask(segment_ids, kv_segments, q_index=q_index,
+                                     kv_index=jnp.arange(kv_segments.shape[1])[None])
+        x, kv = layers.apply_stack(self.layers, embeddings, cache["kv"], (rope, mask, index))
+        new_cache = {"kv": kv, "segment_ids": kv_segments, "index": index + embeddings.shape[1]}
+        return self.norm(x), new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        return constrain(self.lm_head(hidden), ("act_batch", "act_len", "act_vocab"))
+
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
+        """An empty cache with room for `max_len` positions (keys/values [L, B, S, K, D])."""
+        shape = (self.num_layers, batch, max_len, self.kv_heads, self.dim_per_head)
+        zeros = jnp.zeros(shape, dtype or self.dtype)
+        return {"kv": {"k": zeros, "v": zeros}, "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+                "index": jnp.zeros((), jnp.int32)}
