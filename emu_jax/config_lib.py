@@ -81,7 +81,33 @@ def base_config(*, vit, connector, llm, special_tokens) -> ml_collections.Config
         dtype="float32", param_dtype="float32", attention_impl=""))
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=LOGICAL_AXIS_RULES))
     config.loss = ml_collections.ConfigDict(dict(text_weight=1.0, regression_weight=1.0))
+    config.data = data_config()
     return config
+
+
+def source(kind: str, path: str, split: str = "train", weight: float = 1.0) -> ml_collections.ConfigDict:
+    """One data source: kind is "array_record" (path: a glob of shards), "tfds" (path: a prepared
+    dataset directory) or "digits" (path: where the embedded digits world is built)."""
+    return ml_collections.ConfigDict(dict(kind=kind, path=path, split=split, weight=weight))
+
+
+def data_config(**overrides) -> ml_collections.ConfigDict:
+    """Input pipeline settings; `{data_dir}` in paths expands to `data_dir`."""
+    return ml_collections.ConfigDict(dict(
+        data_dir="~/.cache/emu_jax/datasets",
+        tokenizer="",  # sentencepiece model: LLaMA's tokenizer.model for the released configs
+        train_sources=ml_collections.ConfigDict(), eval_sources=ml_collections.ConfigDict(),
+        seq_len=2048, max_images=8, video_frames=8, global_batch_size=256, pack=True, packing_bins=16,
+        seed=0, worker_count=2, worker_buffer_size=2, strict=False) | overrides)
+
+
+def digits_data(**overrides) -> ml_collections.ConfigDict:
+    """The embedded digits world (built on first use) and its own tokenizer."""
+    return data_config(
+        tokenizer="{data_dir}/digits_world/1.0.0/tokenizer.model",
+        train_sources=ml_collections.ConfigDict(dict(digits=source("digits", "{data_dir}", "train"))),
+        eval_sources=ml_collections.ConfigDict(dict(digits=source("digits", "{data_dir}", "test"))),
+        **overrides)
 
 
 def emu1_config(*, instruct: bool = False) -> ml_collections.ConfigDict:

@@ -10,13 +10,10 @@ import math
 
 import flax.linen as nn
 import jax
-from absl import app
+from absl import app, flags
 from ml_collections import config_flags
 
 from emu_jax.models.emu import build_model, example_inputs
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/tiny.py.")
-
 
 def abstract_params(model_config):
     """Parameter shapes of the model (jax.eval_shape: no memory is allocated)."""
@@ -45,10 +42,12 @@ def format_counts(counts: dict[str, dict[str, int]]) -> list[str]:
 
 def main(argv):
     del argv
-    print("\n".join(format_counts(count_params(_CONFIG.value.model))))
+    print("\n".join(format_counts(count_params(flags.FLAGS.config.model))))
 
 
 def run():
+    config_flags.DEFINE_config_file("config", None, "Experiment config file, e.g. configs/tiny.py.")
+    flags.mark_flag_as_required("config")
     app.run(main)
 
 

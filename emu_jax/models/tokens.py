@@ -39,7 +39,7 @@ def emu2_tokens(base: int = 32000, chat: bool = False) -> tuple[ml_collections.C
 
 
 def image_block(special, visual_tokens: int) -> list[int]:
-    return [special.img] + [special.image] * visual_tokens + [special.img_end]
+    return [special["img"]] + [special["image"]] * visual_tokens + [special["img_end"]]
 
 
 def loss_masks(tokens: np.ndarray, segment_ids: np.ndarray, special) -> tuple[np.ndarray, np.ndarray]:
@@ -52,7 +52,7 @@ def loss_masks(tokens: np.ndarray, segment_ids: np.ndarray, special) -> tuple[np
     same_doc = (seg_now == seg_next) & (seg_now != 0)
     not_text = np.isin(nxt, [special[n] for n in NOT_TEXT_TARGETS])
     text = same_doc & ~not_text
-    regression = same_doc & (nxt == special.image)
+    regression = same_doc & (nxt == special["image"])
     pad = np.zeros(tokens.shape[:-1] + (1,), bool)
     return (np.concatenate([text, pad], -1).astype(np.float32),
             np.concatenate([regression, pad], -1).astype(np.float32))

@@ -1,0 +1,162 @@
+"""The digits world: the embedded default dataset, built from sklearn's 1,797 real handwritten digits.
+
+Document kinds (every image is a real 8x8 digit, upscaled):
+  caption     [image] "a handwritten seven"
+  text2image  "a handwritten seven" [image]            (text-to-image, learned through regression)
+  vqa         [image] "question: what digit is this? answer: seven"
+  fewshot     [image] "this is a dax." [image] "this is a wug." ... — with real names, or with a
+              per-document arbitrary labelling, so the last label can only come from the context
+  video       8 frames of a digit moving across the frame, "a handwritten four moving left"
+
+Images with index % 5 == 0 are held out (split "test"); the rest make "train". One command builds
+the TFDS dataset (array_record) and a sentencepiece model trained on its text:
+
+    python -m emu_jax.data.digits --data_dir=~/.cache/emu_jax/datasets
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+from absl import app, flags
+from PIL import Image
+
+from emu_jax.data import records
+from emu_jax.data.media import encode_png
+
+NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+NONCE_WORDS = ("dax", "wug", "blicket", "toma", "fep", "zib", "kiki", "bouba", "lorp", "mib")
+DIRECTIONS = ("left", "right", "up", "down")
+IMAGE_SIZE = 32
+VERSION = "1.0.0"
+VQA_QUESTION = "question: what digit is this? answer:"
+
+
+def caption_text(digit: int) -> str:
+    return f"a handwritten {NAMES[digit]}"
+
+
+def fewshot_text(label: str) -> str:
+    return f"this is a {label}."
+
+
+def load_digits() -> tuple[np.ndarray, np.ndarray]:
+    """(uint8 RGB images [1797, 32, 32, 3], dark ink on white; labels [1797])."""
+    from sklearn.datasets import load_digits as sklearn_digits
+    digits = sklearn_digits()
+    images = []
+    for ink in digits.images:
+        small = Image.fromarray((255 - ink * (255 / 16)).round().astype(np.uint8))
+        images.append(np.asarray(small.resize((IMAGE_SIZE, IMAGE_SIZE), Image.BICUBIC).convert("RGB")))
+    return np.stack(images), digits.target.astype(np.int64)
+
+
+def split_indices(count: int, split: str) -> np.ndarray:
+    held_out = np.arange(count) % 5 == 0
+    return np.flatnonzero(held_out if split == "test" else ~held_out)
+
+
+def moving_frames(pixels: np.ndarray, direction: str, count: int = 8) -> list[bytes]:
+    """The digit at half size sliding across a white frame, as encoded PNG frames."""
+    half = np.asarray(Image.fromarray(pixels).resize((IMAGE_SIZE // 2, IMAGE_SIZE // 2), Image.BICUBIC))
+    travel = IMAGE_SIZE - half.shape[0]
+    frames = []
+    for step in np.linspace(0, travel, count).round().astype(int):
+        offset = {"right": (travel // 2, step), "left": (travel // 2, travel - step),
+                  "down": (step, travel // 2), "up": (travel - step, travel // 2)}[direction]
+        canvas = np.full((IMAGE_SIZE, IMAGE_SIZE, 3), 255, np.uint8)
+        canvas[offset[0]:offset[0] + half.shape[0], offset[1]:offset[1] + half.shape[1]] = half
+        frames.append(encode_png(canvas))
+    return frames
+
+
+def documents(split: str, seed: int = 0):
+    """Yields (key, document) for one split, deterministically."""
+    images, labels = load_digits()
+    idx = split_indices(len(images), split)
+    rng = np.random.RandomState(seed + (split == "test"))
+    png = {i: encode_png(images[i]) for i in idx}
+    for i in idx:
+        d = int(labels[i])
+        meta = dict(index=int(i), digit=d)
+        yield f"caption-{i}", records.document([records.image(png[i]), records.text(caption_text(d))],
+                                               "digits", task="caption", **meta)
+        yield f"text2image-{i}", records.document([records.text(caption_text(d)), records.image(png[i])],
+                                                  "digits", task="text2image", **meta)
+        yield f"vqa-{i}", records.document([records.image(png[i]), records.text(f"{VQA_QUESTION} {NAMES[d]}")],
+                                           "digits", task="vqa", **meta)
+    by_digit = {d: idx[labels[idx] == d] for d in range(10)}
+    for n in range(len(idx)):
+        classes = rng.choice(10, size=2, replace=False)
+        nonce = n % 2 == 0
+        words = rng.choice(NONCE_WORDS, size=2, replace=False) if nonce else [NAMES[c] for c in classes]
+        shots = rng.randint(3, 7)
+        segments, picks = [], []
+        for _ in range(shots):
+            c = rng.randint(2)
+            pick = int(rng.choice(by_digit[classes[c]]))
+            picks.append(pick)
+            segments += [records.image(png[pick]), records.text(fewshot_text(words[c]))]
+        yield f"fewshot-{n}", records.document(segments, "digits", task="fewshot", nonce=bool(nonce), indices=picks)
+    for n in range(len(idx) // 3):
+        i = int(rng.choice(idx))
+        direction = DIRECTIONS[rng.randint(len(DIRECTIONS))]
+        yield f"video-{n}", records.document(
+            [records.frames(moving_frames(images[i], direction)),
+             records.text(f"{caption_text(int(labels[i]))} moving {direction}")],
+            "digits", task="video", index=i, digit=int(labels[i]), direction=direction)
+
+
+def corpus(split: str = "train") -> list[str]:
+    return [s["text"] for _, doc in documents(split) for s in doc["segments"] if "text" in s]
+
+
+def _builder_class():
+    import tensorflow_datasets as tfds
+
+    class DigitsWorld(tfds.core.GeneratorBasedBuilder):
+        """sklearn's handwritten digits as interleaved image-text-video documents."""
+        VERSION = tfds.core.Version(VERSION)
+
+        def _info(self):
+            return tfds.core.DatasetInfo(builder=self, description=__doc__, features=tfds.features.FeaturesDict({
+                "document": tfds.features.Tensor(shape=(), dtype=np.object_), "task": tfds.features.Text()}))
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate_examples(split) for split in ("train", "test")}
+
+        def _generate_examples(self, split):
+            for key, doc in documents(split):
+                yield key, {"document": records.encode(doc), "task": doc["meta"]["task"]}
+
+    return DigitsWorld
+
+
+def build(data_dir: str, vocab_size: int = 512) -> str:
+    """Builds (once) the TFDS dataset and its tokenizer; returns the dataset directory, which
+    holds the array_record shards and `tokenizer.model`."""
+    from emu_jax.data.tokenizer import train_sentencepiece
+    data_dir = os.path.expanduser(data_dir)
+    dataset_dir = os.path.join(data_dir, "digits_world", VERSION)
+    tokenizer_path = os.path.join(dataset_dir, "tokenizer.model")
+    if not os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
+        _builder_class()(data_dir=data_dir, file_format="array_record").download_and_prepare()
+    if not os.path.exists(tokenizer_path):
+        train_sentencepiece(corpus("train"), tokenizer_path + ".tmp", vocab_size)
+        os.replace(tokenizer_path + ".tmp", tokenizer_path)
+    return dataset_dir
+
+
+def main(argv):
+    del argv
+    import tensorflow_datasets as tfds
+    dataset_dir = build(flags.FLAGS.data_dir)
+    builder = tfds.builder_from_directory(dataset_dir)
+    for split, info in builder.info.splits.items():
+        print(f"{split}: {info.num_examples} documents")
+    print(f"dataset: {dataset_dir}")
+
+
+if __name__ == "__main__":
+    flags.DEFINE_string("data_dir", "~/.cache/emu_jax/datasets", "Where TFDS datasets live.")
+    app.run(main)

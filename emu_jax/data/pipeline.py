@@ -1,0 +1,235 @@
+"""The Grain input pipeline: records -> documents -> token and image arrays -> packed rows -> batches.
+
+    per source: records (ArrayRecord shards or a TFDS split) -> tag (source, index) -> shuffle -> repeat
+    -> mix by weight -> this process's slice -> decode + tokenise (worker processes)
+    -> first-fit packing of tokens and image slots -> loss masks -> batch -> multiprocess prefetch
+
+A packed row holds `tokens`, `positions` and `segment_ids` [seq_len] (0 = padding), `images`
+uint8 [max_images, S, S, 3] in block order with `image_mask`, `text_mask` and `regression_mask`,
+and `events` [len(EVENTS)]: bad records skipped (and documents truncated) since the previous
+row, so the trainer can log them. Documents longer than `seq_len` or with more images than
+`max_images` are cut before the first image block that does not fit; image blocks are never
+split. Bad records are skipped and counted, or, with `strict`, raise an error naming the source
+and record index.
+"""
+from __future__ import annotations
+
+import dataclasses
+import glob
+import os
+
+import grain
+import jax
+import numpy as np
+from grain.experimental import FirstFitPackIterDataset
+
+from emu_jax.data import media, records
+from emu_jax.data.records import RecordError
+from emu_jax.data.tokenizer import Tokenizer
+from emu_jax.models import tokens as tokens_lib
+
+EVENTS = ("malformed", "empty_document", "invalid_utf8", "missing_image", "bad_image", "missing_video",
+          "bad_video", "too_long", "truncated")
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """What the model needs of the data: sizes and the token layout."""
+    special: dict
+    visual_tokens: int
+    image_size: int
+    video_frames: int
+    seq_len: int
+    max_images: int
+
+    @classmethod
+    def from_configs(cls, model_config, data_config, visual_tokens: int) -> "Layout":
+        return cls(dict(model_config.tokens), visual_tokens, model_config.vit.image_size, data_config.video_frames,
+                   data_config.seq_len, data_config.max_images)
+
+
+# ----------------------------------------------------------------------------- sources
+
+def expand(path: str, data_dir: str) -> str:
+    return os.path.expanduser(path.replace("{data_dir}", data_dir))
+
+
+def _tfds_source(path: str, split: str):
+    import tensorflow_datasets as tfds
+    return tfds.builder_from_directory(path).as_data_source(split)
+
+
+def _document_bytes(example):
+    return example["document"]
+
+
+def open_tfds(source, data_dir):
+    return grain.MapDataset.source(_tfds_source(expand(source.path, data_dir), source.split)).map(_document_bytes)
+
+
+def open_array_record(source, data_dir):
+    paths = sorted(glob.glob(expand(source.path, data_dir)))
+    if not paths:
+        raise FileNotFoundError(f"no ArrayRecord shards match {source.path!r}")
+    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+
+
+def open_digits(source, data_dir):
+    """The embedded digits world, built into `path` on first use (seconds)."""
+    from emu_jax.data import digits
+    dataset_dir = digits.build(expand(source.path, data_dir))
+    return grain.MapDataset.source(_tfds_source(dataset_dir, source.split)).map(_document_bytes)
+
+
+SOURCES = {"tfds": open_tfds, "array_record": open_array_record, "digits": open_digits}
+
+
+@dataclasses.dataclass(frozen=True)
+class Tag:
+    """Attaches (source name, record index) so that errors can name the record."""
+    name: str
+
+    def __call__(self, index, record):
+        return self.name, index, record
+
+
+# ----------------------------------------------------------------------------- documents
+
+def truncate(ids: list[int], special, seq_len: int, max_images: int) -> tuple[list[int], int]:
+    """Cuts ids to at most seq_len tokens and max_images image blocks, never inside a block.
+    Returns (ids, number of image blocks kept)."""
+    starts = [i for i, t in enumerate(ids) if t == special["img"]]
+    ends = [i for i, t in enumerate(ids) if t == special["img_end"]]
+    cut = min(len(ids), seq_len)
+    if len(starts) > max_images:
+        cut = min(cut, starts[max_images])
+    for start, end in zip(starts, ends):
+        if start < cut <= end:
+            cut = start
+    return ids[:cut], sum(end < cut for end in ends)
+
+
+class TokenizeDocument(grain.transforms.Map):
+    """(source, index, record bytes) -> {tokens [L], images uint8 [n, S, S, 3], events [1, E]}."""
+
+    def __init__(self, tokenizer: Tokenizer, layout: Layout, strict: bool = False):
+        self.tokenizer, self.layout, self.strict = tokenizer, layout, strict
+
+    def map(self, element):
+        name, index, record = element
+        try:
+            return self._example(records.decode(record))
+        except RecordError as e:
+            if self.strict:
+                raise RecordError(e.kind, f"source {name!r} record {index}: {e}") from e
+            return self._empty(e.kind)
+
+    def _pixels(self, segment) -> np.ndarray:
+        size, count = self.layout.image_size, self.layout.video_frames
+        kind = records.segment_kind(segment)
+        if kind == "image":
+            return media.decode_image(segment["image"], size)[None]
+        if kind == "video":
+            return media.decode_video(segment["video"], size, count)
+        return media.decode_frames(segment["frames"], size, count)
+
+    def _example(self, doc):
+        layout, special = self.layout, self.layout.special
+        ids, images = [self.tokenizer.bos_id], []
+        for segment in doc["segments"]:
+            if "text" in segment:
+                ids += self.tokenizer.encode(segment["text"])
+                continue
+            for frame in self._pixels(segment):
+                ids += tokens_lib.image_block(special, layout.visual_tokens)
+                images.append(frame)
+        ids.append(self.tokenizer.eos_id)
+        kept, n_images = truncate(ids, special, layout.seq_len, layout.max_images)
+        if len(kept) < 2:
+            raise RecordError("too_long", f"first image block does not fit in {layout.seq_len} tokens")
+        events = np.zeros((1, len(EVENTS)), np.int32)
+        events[0, EVENTS.index("truncated")] = len(kept) < len(ids)
+        pixels = np.stack(images[:n_images]) if n_images else self._no_images()
+        return {"tokens": np.asarray(kept, np.int32), "images": pixels, "events": events}
+
+    def _no_images(self):
+        size = self.layout.image_size
+        return np.zeros((0, size, size, 3), np.uint8)
+
+    def _empty(self, kind: str):
+        """A skipped record: no tokens, no images, one count. Packing carries the count along."""
+        events = np.zeros((1, len(EVENTS)), np.int32)
+        events[0, EVENTS.index(kind)] = 1
+        return {"tokens": np.zeros((0,), np.int32), "images": self._no_images(), "events": events}
+
+
+@dataclasses.dataclass(frozen=True)
+class FinishRow:
+    """A packed row -> the model's inputs and loss masks."""
+    special: dict
+
+    def __call__(self, row):
+        segment_ids = row["tokens_segment_ids"].astype(np.int32)
+        text_mask, regression_mask = tokens_lib.loss_masks(row["tokens"], segment_ids, self.special)
+        return {"tokens": row["tokens"].astype(np.int32), "positions": row["tokens_positions"].astype(np.int32),
+                "segment_ids": segment_ids, "images": row["images"], "image_mask": row["images_segment_ids"] > 0,
+                "text_mask": text_mask, "regression_mask": regression_mask,
+                "events": row["events"].sum(0).astype(np.int32)}
+
+
+# ----------------------------------------------------------------------------- the dataset
+
+def documents(data_config, sources, *, shuffle: bool, process_index: int, process_count: int) -> grain.MapDataset:
+    """Tagged records of the weighted mixture of `sources`, this process's share. Shuffled and
+    repeated forever when `shuffle` (training); one pass in order otherwise (evaluation)."""
+    datasets, weights = [], []
+    for i, (name, source) in enumerate(sorted(sources.items())):
+        ds = SOURCES[source.kind](source, data_config.data_dir).map_with_index(Tag(name))
+        if shuffle:
+            ds = ds.shuffle(seed=data_config.seed + i).repeat()
+        datasets.append(ds)
+        weights.append(source.weight)
+    ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+    return ds[process_index::process_count]
+
+
+def make_dataset(data_config, model_config, visual_tokens: int, *, split: str = "train",
+                 process_index: int | None = None, process_count: int | None = None,
+                 worker_count: int | None = None) -> grain.IterDataset:
+    """Batches of this process's rows (`data_config.global_batch_size / process_count` each).
+    split "train" reads `train_sources` shuffled and repeated; "eval" reads `eval_sources` once."""
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
+    if data_config.global_batch_size % process_count:
+        raise ValueError(f"global batch {data_config.global_batch_size} does not divide over "
+                         f"{process_count} processes")
+    layout = Layout.from_configs(model_config, data_config, visual_tokens)
+    sources = data_config.train_sources if split == "train" else data_config.eval_sources
+    ds = documents(data_config, sources, shuffle=split == "train", process_index=process_index,
+                   process_count=process_count)
+    tokenizer = Tokenizer(expand(data_config.tokenizer, data_config.data_dir), layout.special)
+    ds = ds.map(TokenizeDocument(tokenizer, layout, data_config.strict)).to_iter_dataset()
+    ds = FirstFitPackIterDataset(
+        ds, length_struct={"tokens": layout.seq_len, "images": layout.max_images, "events": layout.seq_len},
+        padding_struct={"tokens": layout.special["pad"], "images": 0, "events": 0},
+        num_packing_bins=data_config.packing_bins, seed=data_config.seed, shuffle_bins=split == "train",
+        max_sequences_per_bin=None if data_config.pack else 1)
+    ds = ds.map(FinishRow(layout.special)).batch(data_config.global_batch_size // process_count,
+                                                 drop_remainder=split == "train")
+    workers = data_config.worker_count if worker_count is None else worker_count
+    if workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                         per_worker_buffer_size=data_config.worker_buffer_size))
+    return ds
+
+
+def to_global(batch: dict, mesh, batch_axes=("data", "fsdp")) -> dict:
+    """This process's rows -> global `jax.Array`s sharded over the mesh's batch axes."""
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+
+
+def model_inputs(batch: dict) -> dict:
+    """Device-side: the model's keyword inputs from a batch (images normalised here, on device)."""
+    return {"tokens": batch["tokens"], "positions": batch["positions"], "segment_ids": batch["segment_ids"],
+            "images": media.normalize(batch["images"])}

