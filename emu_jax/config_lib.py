@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from emu_jax.data.digits import VERSION as DIGITS_VERSION
 from emu_jax.models import tokens as tokens_lib
 
 
@@ -68,7 +69,8 @@ LOGICAL_AXIS_RULES = (
     ("vocab", "tensor"),
     ("norm", None),
     ("layers", None),
-    ("patch", None),
+    ("patch_height", None),
+    ("patch_width", None),
     ("channels", None),
 )
 
@@ -82,7 +84,27 @@ def base_config(*, vit, connector, llm, special_tokens) -> ml_collections.Config
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=LOGICAL_AXIS_RULES))
     config.loss = ml_collections.ConfigDict(dict(text_weight=1.0, regression_weight=1.0))
     config.data = data_config()
+    config.optimizer = optimizer_config()
+    config.train = train_config()
+    config.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0,
+                                                        cpu_collectives=""))
     return config
+
+
+def optimizer_config(**overrides) -> ml_collections.ConfigDict:
+    """AdamW; `freeze` and `lr_multipliers` are regexes over parameter paths like
+    `vit/blocks_3/attn/qkv/kernel`; `no_decay` selects parameters without weight decay."""
+    return ml_collections.ConfigDict(dict(
+        learning_rate=3e-4, warmup_steps=1000, decay="cosine", end_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8,
+        weight_decay=0.05, clip_norm=1.0, no_decay=r"(norm|bias|scale|embedding|pos_embed|cls_token|causal_tokens)",
+        freeze="", lr_multipliers=()) | overrides)
+
+
+def train_config(**overrides) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dict(
+        steps=10000, grad_accum_steps=1, nonfinite="skip", log_every=50, eval_every=1000, eval_batches=4,
+        checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True, init_from=ml_collections.ConfigDict(),
+        final_eval="", final_eval_count=360) | overrides)
 
 
 def source(kind: str, path: str, split: str = "train", weight: float = 1.0) -> ml_collections.ConfigDict:
@@ -104,7 +126,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
 def digits_data(**overrides) -> ml_collections.ConfigDict:
     """The embedded digits world (built on first use) and its own tokenizer."""
     return data_config(
-        tokenizer="{data_dir}/digits_world/1.0.0/tokenizer.model",
+        tokenizer="{data_dir}/digits_world/" + DIGITS_VERSION + "/tokenizer.model",
         train_sources=ml_collections.ConfigDict(dict(digits=source("digits", "{data_dir}", "train"))),
         eval_sources=ml_collections.ConfigDict(dict(digits=source("digits", "{data_dir}", "test"))),
         **overrides)

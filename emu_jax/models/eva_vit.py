@@ -67,7 +67,7 @@ class PatchEmbed(nn.Module):
         p = self.patch_size
         proj = nn.Conv(self.width, (p, p), strides=(p, p), padding="VALID", name="proj", dtype=self.dtype,
                        param_dtype=self.param_dtype,
-                       kernel_init=layers.partitioned(layers.default_init, ("patch", "patch", "channels", "embed")),
+                       kernel_init=layers.partitioned(layers.default_init, ("patch_height", "patch_width", "channels", "embed")),
                        bias_init=layers.partitioned(nn.initializers.zeros, ("embed",)))
         x = proj(images.astype(self.dtype))
         return x.reshape(x.shape[0], -1, self.width), x.shape[1:3]

@@ -1,7 +1,8 @@
 """Building blocks shared by every tower: projections, norms, one MLP, one attention, layer stacks.
 
 Logical axis names (the config's rules table is the only place that maps them to mesh axes):
-  weights      embed, mlp, heads, kv_heads, head_dim, qkv, vocab, norm, layers, patch, channels
+  weights      embed, mlp, heads, kv_heads, head_dim, qkv, vocab, norm, layers, patch_height, patch_width,
+               channels
   activations  act_batch, act_len, act_kv_len, act_embed, act_heads, act_head_dim, act_mlp, act_vocab
 """
 from __future__ import annotations
@@ -31,14 +32,38 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
     return nn.with_logical_constraint(x, tuple(axes))
 
 
+class Dense(nn.Module):
+    """y = x . kernel (+ bias), contracting the last `contract` axes of x. The kernel is created
+    in its final shape [*in_axes, *features] (flax's DenseGeneral initialises a flat matrix and
+    reshapes it, which trips logical sharding constraints under a mesh)."""
+    features: tuple[int, ...]
+    kernel_axes: tuple[str | None, ...]
+    contract: int = 1
+    use_bias: bool = False
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x):
+        in_shape = x.shape[x.ndim - self.contract:]
+        kernel = self.param("kernel", partitioned(default_init, self.kernel_axes), in_shape + self.features,
+                            self.param_dtype)
+        contracting = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contracting, ((), ())))
+        if self.use_bias:
+            bias = self.param("bias", partitioned(nn.initializers.zeros, self.kernel_axes[self.contract:]),
+                              self.features, self.param_dtype)
+            y = y + bias.astype(self.dtype)
+        return y
+
+
 def dense(features, kernel_axes, *, name, use_bias=False, axis=-1, dtype=jnp.float32,
-          param_dtype=jnp.float32) -> nn.DenseGeneral:
-    """A projection whose kernel carries logical axis names (input axes first, then output axes)."""
-    n_out = 1 if isinstance(features, int) else len(features)
-    return nn.DenseGeneral(
-        features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, name=name,
-        kernel_init=partitioned(default_init, kernel_axes),
-        bias_init=partitioned(nn.initializers.zeros, kernel_axes[-n_out:]))
+          param_dtype=jnp.float32) -> Dense:
+    """A projection whose kernel carries logical axis names (input axes first, then output axes);
+    `axis` is -1, or (-2, -1) to contract two trailing axes (e.g. heads and head_dim)."""
+    features = (features,) if isinstance(features, int) else tuple(features)
+    contract = 1 if isinstance(axis, int) else len(axis)
+    return Dense(features, tuple(kernel_axes), contract, use_bias, dtype, param_dtype, name=name)
 
 
 class RMSNorm(nn.Module):

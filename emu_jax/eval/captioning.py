@@ -1,0 +1,72 @@
+"""Greedy captions of held-out images, and the digits world's caption accuracy.
+
+A caption prompt is `<s> [IMG] <image> x n [/IMG]`, as the caption documents begin; the model
+continues with the caption. On the digits world a caption counts as right when it names the
+image's digit and no other digit.
+"""
+from __future__ import annotations
+
+import hashlib
+import re
+
+import numpy as np
+
+from emu_jax.data import media, pipeline, records
+from emu_jax.data.digits import NAMES
+from emu_jax.data.tokenizer import Tokenizer
+from emu_jax.generate.greedy import greedy_decode
+from emu_jax.models import tokens as tokens_lib
+
+
+def held_out_images(data_config, image_size: int, count: int, require_meta: str = "") -> list[tuple[np.ndarray, dict]]:
+    """Up to `count` distinct images that begin documents of the eval sources, with their
+    documents' metadata (only documents whose metadata has `require_meta`, when given)."""
+    docs = pipeline.documents(data_config, data_config.eval_sources, shuffle=False, process_index=0, process_count=1)
+    found, seen = [], set()
+    for i in range(len(docs)):
+        try:
+            doc = records.decode(docs[i][2])
+        except records.RecordError:
+            continue
+        meta = {k.decode() if isinstance(k, bytes) else k: v for k, v in doc["meta"].items()}
+        first = doc["segments"][0]
+        if "image" not in first or (require_meta and require_meta not in meta):
+            continue
+        digest = hashlib.sha1(first["image"]).digest()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        found.append((media.decode_image(first["image"], image_size), meta))
+        if len(found) == count:
+            break
+    return found
+
+
+def generate_captions(model, params, tokenizer: Tokenizer, special, images: np.ndarray, *, max_new_tokens: int = 12,
+                      batch_size: int = 64) -> list[str]:
+    """Greedy captions for uint8 images [N, S, S, 3]."""
+    prompt = [tokenizer.bos_id] + tokens_lib.image_block(special, model.visual_tokens_per_image)
+    captions = []
+    for start in range(0, len(images), batch_size):
+        chunk = images[start:start + batch_size]
+        n = len(chunk)
+        tokens = np.tile(np.asarray(prompt, np.int32), (n, 1))
+        positions = np.tile(np.arange(len(prompt), dtype=np.int32), (n, 1))
+        out = greedy_decode(model, params, tokens, positions, np.ones_like(tokens), media.normalize(chunk[:, None]),
+                            max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
+        captions += [tokenizer.decode(row) for row in np.asarray(out)]
+    return captions
+
+
+def names_digit(caption: str, digit: int) -> bool:
+    words = set(re.findall(r"[a-z]+", caption.lower()))
+    return NAMES[digit] in words and not (words & (set(NAMES) - {NAMES[digit]}))
+
+
+def digit_caption_accuracy(model, params, tokenizer, special, data_config, image_size: int, count: int):
+    """(accuracy, [(caption, digit)]) over `count` held-out digit images."""
+    samples = held_out_images(data_config, image_size, count, require_meta="digit")
+    captions = generate_captions(model, params, tokenizer, special, np.stack([pixels for pixels, _ in samples]))
+    digits = [int(meta["digit"]) for _, meta in samples]
+    accuracy = float(np.mean([names_digit(c, d) for c, d in zip(captions, digits)]))
+    return accuracy, list(zip(captions, digits))

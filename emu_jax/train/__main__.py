@@ -1,0 +1,25 @@
+"""`python -m emu_jax.train --config=configs/tiny.py --workdir=DIR [--config.train.steps=300]`
+
+Trains (or resumes) the model the config describes; on the embedded digits world it ends by
+printing `held-out caption accuracy: <fraction>`.
+"""
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from emu_jax.train.trainer import train
+
+config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/tiny.py.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+def main(argv):
+    del argv
+    logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
+    result = train(flags.FLAGS.config, flags.FLAGS.workdir)
+    if "held_out_caption_accuracy" in result:
+        print(f"held-out caption accuracy: {result['held_out_caption_accuracy']:.4f}")
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,72 @@
+"""Orbax checkpoints of a training run: one item per component group.
+
+    <workdir>/checkpoints/<step>/params      model parameters (sharded arrays)
+                                /opt_state   optimizer state
+                                /meta        JSON: step, skipped updates, config
+                                /data        the Grain iterator's state (one file per process)
+
+Saves are asynchronous; Orbax finalises a step directory only when every item is written, so a
+run killed mid-save leaves nothing that `latest_step` would pick. Restoring takes abstract
+targets with shardings, so a checkpoint restores onto any mesh shape.
+"""
+from __future__ import annotations
+
+import os
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+
+ITEMS = ("params", "opt_state", "meta", "data")
+
+
+def abstract_with_shardings(tree, shardings):
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+
+
+def _restore_tree(abstract, partial: bool = False) -> ocp.args.PyTreeRestore:
+    """Restores onto the shardings and dtypes of `abstract` (ShapeDtypeStructs with shardings)."""
+    return ocp.args.PyTreeRestore(item=abstract, restore_args=ocp.checkpoint_utils.construct_restore_args(abstract),
+                                  partial_restore=partial)
+
+
+class Checkpointer:
+    def __init__(self, directory: str, *, keep: int, every: int, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
+                                               enable_async_checkpointing=async_save)
+        self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def save(self, step: int, state, data_iterator, meta: dict, force: bool = False) -> bool:
+        args = ocp.args.Composite(params=ocp.args.PyTreeSave(state.params),
+                                  opt_state=ocp.args.PyTreeSave(state.opt_state),
+                                  meta=ocp.args.JsonSave(meta), data=grain.checkpoint.CheckpointSave(data_iterator))
+        return self.manager.save(step, args=args, force=force)
+
+    def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator):
+        """(params, opt_state, meta); the data iterator is restored in place."""
+        args = ocp.args.Composite(params=_restore_tree(abstract_params), opt_state=_restore_tree(abstract_opt_state),
+                                  meta=ocp.args.JsonRestore(), data=grain.checkpoint.CheckpointRestore(data_iterator))
+        restored = self.manager.restore(step, args=args)
+        return restored.params, restored.opt_state, restored.meta
+
+    def wait(self) -> None:
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def restore_params(directory: str, abstract_params, step: int | None = None):
+    """The `params` item of a checkpoint written by the trainer or the converter (latest step by
+    default), placed with the shardings of `abstract_params`, a tree of ShapeDtypeStructs that may
+    name only some towers (e.g. {"llm": ...}): only those are read."""
+    manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS)
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        raise FileNotFoundError(f"no finished checkpoint in {directory}")
+    restored = manager.restore(step, args=ocp.args.Composite(params=_restore_tree(abstract_params, partial=True)))
+    manager.close()
+    return restored.params

@@ -1,0 +1,35 @@
+"""Training metrics: JSONL and TensorBoard event files in the workdir (process 0 only)."""
+from __future__ import annotations
+
+import json
+import os
+
+
+class MetricsWriter:
+    def __init__(self, workdir: str, enabled: bool = True):
+        self.enabled = enabled
+        if enabled:
+            from tensorboardX import SummaryWriter
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def scalars(self, step: int, values: dict) -> None:
+        if not self.enabled:
+            return
+        values = {k: float(v) for k, v in values.items()}
+        self._jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self._jsonl.flush()
+        for key, value in values.items():
+            self._tb.add_scalar(key, value, step)
+
+    def text(self, step: int, tag: str, value: str) -> None:
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": step, tag: value}) + "\n")
+        self._jsonl.flush()
+        self._tb.add_text(tag, value, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()

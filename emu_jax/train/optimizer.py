@@ -1,0 +1,65 @@
+"""The optimizer: optax AdamW with warmup + decay, global-norm clipping, a weight-decay mask, and
+per-tower freezing and learning-rate multipliers chosen by regular expressions over parameter
+paths such as `vit/blocks_3/attn/qkv/kernel` (config.optimizer; no branches in code).
+
+Frozen parameters get no optimizer state (`optax.set_to_zero`) and their gradients are zeroed
+before clipping, so XLA drops their weight-gradient computations.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, NamedTuple
+
+import jax
+import optax
+
+
+class Optimizer(NamedTuple):
+    tx: optax.GradientTransformation
+    schedule: optax.Schedule
+    frozen: Any  # tree of bools, True where the parameter is frozen
+
+
+def path_name(path) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def schedule(config, total_steps: int) -> optax.Schedule:
+    """Linear warmup to the peak, then cosine / linear decay to end_lr_fraction of it, or constant."""
+    peak, warmup = config.learning_rate, config.warmup_steps
+    end = peak * config.end_lr_fraction
+    decay_steps = max(total_steps - warmup, 1)
+    decays = {"cosine": optax.cosine_decay_schedule(peak, decay_steps, alpha=config.end_lr_fraction),
+              "linear": optax.linear_schedule(peak, end, decay_steps),
+              "constant": optax.constant_schedule(peak)}
+    if config.decay not in decays:
+        raise ValueError(f"optimizer.decay must be one of {sorted(decays)}, not {config.decay!r}")
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decays[config.decay]], [warmup])
+
+
+def param_labels(params, config) -> Any:
+    """'frozen', or 'lr_x<multiplier>' from the first matching (regex, multiplier) rule."""
+    def label(path, _):
+        name = path_name(path)
+        if config.freeze and re.search(config.freeze, name):
+            return "frozen"
+        for pattern, multiplier in config.lr_multipliers:
+            if re.search(pattern, name):
+                return f"lr_x{float(multiplier)}"
+        return "lr_x1.0"
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(config, params, total_steps: int) -> Optimizer:
+    """`params` may be abstract (ShapeDtypeStructs); only paths are read."""
+    lr = schedule(config, total_steps)
+    labels = param_labels(params, config)
+    decay_mask = jax.tree_util.tree_map_with_path(
+        lambda path, _: not re.search(config.no_decay, path_name(path)), params)
+    transforms = {"frozen": optax.set_to_zero()}
+    for label in set(jax.tree.leaves(labels)) - {"frozen"}:
+        multiplier = float(label.removeprefix("lr_x"))
+        transforms[label] = optax.adamw(lambda step, m=multiplier: lr(step) * m, b1=config.b1, b2=config.b2,
+                                        eps=config.eps, weight_decay=config.weight_decay, mask=decay_mask)
+    tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.multi_transform(transforms, labels))
+    return Optimizer(tx, lr, jax.tree.map(lambda label: label == "frozen", labels))

@@ -1,0 +1,241 @@
+"""Trainer tests: sharded steps, freezing, accumulation, non-finite handling, resumption, multi-process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from absl import flags
+from conftest import ROOT, load_config
+
+from emu_jax.data import digits, pipeline
+from emu_jax.models.emu import build_model
+from emu_jax.parallel import mesh as mesh_lib
+from emu_jax.train import trainer
+from emu_jax.train.checkpoint import Checkpointer, abstract_with_shardings
+from emu_jax.train.optimizer import make_optimizer
+from emu_jax.train.step import TrainState, make_train_step
+
+flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("datasets"))
+    digits.build(path)
+    return path
+
+
+def config_for(data_dir, **train):
+    config = load_config("tiny")
+    with config.unlocked():
+        config.data.data_dir = data_dir
+        config.data.global_batch_size = 8
+        config.data.worker_count = 0
+        config.train.final_eval = ""
+        for key, value in train.items():
+            config.train[key] = value
+    return config
+
+
+def setup_state(config, mesh):
+    """What the trainer builds before its loop, on `mesh`."""
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
+        model = build_model(config.model)
+        abstract, param_shardings = trainer.abstract_model(model, mesh, config.mesh.rules)
+        optimizer = make_optimizer(config.optimizer, abstract, config.train.steps)
+        _, shardings = trainer.state_shardings(optimizer, abstract, param_shardings, mesh)
+        params = trainer.init_params(model, param_shardings, config.seed)
+        opt_state = jax.jit(optimizer.tx.init, out_shardings=shardings.opt_state)(params)
+        state = TrainState(jnp.int32(0), params, opt_state, jnp.int32(0))
+        step = jax.jit(make_train_step(model, optimizer, config.loss, config.train.grad_accum_steps),
+                       in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
+                       out_shardings=(shardings, mesh_lib.replicated(mesh)))
+    return model, optimizer, state, step
+
+
+def batches(config, count):
+    it = iter(pipeline.make_dataset(config.data, config.model, 4, worker_count=0))
+    return [next(it) for _ in range(count)]
+
+
+def run_steps(config, mesh, data):
+    _, optimizer, state, step = setup_state(config, mesh)
+    losses = []
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
+        for batch in data:
+            state, metrics = step(state, pipeline.to_global(batch, mesh))
+            losses.append(float(metrics["loss"]))
+    return losses, jax.device_get(state), optimizer
+
+
+def test_sharded_step_on_eight_devices_equals_one_device(data_dir):
+    config = config_for(data_dir)
+    data = batches(config, 2)
+    one = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    eight = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    losses_1, state_1, _ = run_steps(config, one, data)
+    losses_8, state_8, _ = run_steps(config, eight, data)
+    np.testing.assert_allclose(losses_8, losses_1, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), state_8.params, state_1.params)
+    assert losses_1[1] != losses_1[0]  # the parameters did move
+
+
+def test_gradient_accumulation_equals_the_full_batch_step(data_dir):
+    data = batches(config_for(data_dir), 1)
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:2])
+    losses_full, full, _ = run_steps(config_for(data_dir), mesh, data)
+    losses_acc, accumulated, _ = run_steps(config_for(data_dir, grad_accum_steps=2), mesh, data)
+    np.testing.assert_allclose(losses_acc, losses_full, rtol=1e-5)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), accumulated.params, full.params)
+
+
+def test_frozen_tower_stays_bit_identical_and_has_no_optimizer_state(data_dir):
+    config = config_for(data_dir)
+    with config.unlocked():
+        config.optimizer.freeze = r"^vit/"
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    _, _, initial, _ = setup_state(config, mesh)
+    initial_params = jax.device_get(initial.params)
+    _, state, optimizer = run_steps(config, mesh, batches(config, 2))
+    jax.tree.map(np.testing.assert_array_equal, state.params["vit"], initial_params["vit"])
+    assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(state.params["llm"]),
+                                              jax.tree.leaves(initial_params["llm"])))
+    size = lambda tree: sum(x.size for x in jax.tree.leaves(tree))  # noqa: E731
+    trainable = size(state.params) - size(state.params["vit"])
+    moments = size(state.opt_state) - sum(x.size for x in jax.tree.leaves(state.opt_state) if x.ndim == 0)
+    assert moments == 2 * trainable  # Adam's mu and nu for trainable parameters only
+
+
+def test_nonfinite_update_is_skipped_and_counted(data_dir):
+    config = config_for(data_dir)
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    _, _, state, step = setup_state(config, mesh)
+    (batch,) = batches(config, 1)
+    before = jax.device_get(state.params)
+    poisoned = dict(batch, images=batch["images"].astype(np.float32) * np.nan)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
+        state, metrics = step(state, pipeline.to_global(poisoned, mesh))
+        assert not bool(metrics["finite"]) and int(state.skipped_updates) == 1
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(state.params), before)
+        state, metrics = step(state, pipeline.to_global(batch, mesh))
+    assert bool(metrics["finite"]) and int(state.skipped_updates) == 1
+    assert np.isfinite(jax.tree.leaves(jax.device_get(state.params))[0]).all()
+
+
+def test_halt_mode_names_the_step_and_checkpoints_nothing(tmp_path, data_dir):
+    config = config_for(data_dir, steps=3, nonfinite="halt", checkpoint_every=1, eval_every=0)
+    with config.unlocked():
+        config.loss.text_weight = float("nan")
+    with pytest.raises(FloatingPointError, match="non-finite loss or gradients at step 1"):
+        trainer.train(config, str(tmp_path))
+    assert Checkpointer(str(tmp_path / "checkpoints"), keep=1, every=1).latest_step() is None
+
+
+def test_mesh_and_batch_mismatches_are_clear_errors():
+    with pytest.raises(ValueError, match=r"needs 12 devices, but 8 are available"):
+        mesh_lib.mesh_shape({"data": 3, "fsdp": 2, "tensor": 2}, 8)
+    with pytest.raises(ValueError, match="cannot fill 8 devices"):
+        mesh_lib.mesh_shape({"data": -1, "fsdp": 3, "tensor": 1}, 8)
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    with pytest.raises(ValueError, match=r"global batch 6 .* do not divide over the mesh's batch axes \(data x fsdp = 4\)"):
+        mesh_lib.check_batch(6, mesh)
+    with pytest.raises(ValueError, match="micro-batches of 2 rows"):
+        mesh_lib.check_batch(8, mesh, accum_steps=4)
+
+
+def test_checkpoint_restores_onto_a_different_mesh_and_initialises_a_tower(tmp_path, data_dir):
+    config = config_for(data_dir)
+    fsdp8 = mesh_lib.make_mesh({"data": 1, "fsdp": 8, "tensor": 1})
+    model, optimizer, state, _ = setup_state(config, fsdp8)
+    data_iter = iter(pipeline.make_dataset(config.data, config.model, 4, worker_count=0))
+    saver = Checkpointer(str(tmp_path), keep=1, every=1, async_save=False)
+    saver.save(1, state, data_iter, {"skipped_updates": 0}, force=True)
+    saver.close()
+
+    cube = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    with jax.set_mesh(cube), nn.logical_axis_rules(config.mesh.rules):
+        abstract, shardings = trainer.abstract_model(model, cube, config.mesh.rules)
+        abstract_opt, state_shardings = trainer.state_shardings(optimizer, abstract, shardings, cube)
+        params, _, _ = Checkpointer(str(tmp_path), keep=1, every=1).restore(
+            1, abstract_with_shardings(abstract, shardings), abstract_with_shardings(abstract_opt,
+                                                                                     state_shardings.opt_state),
+            iter(pipeline.make_dataset(config.data, config.model, 4, worker_count=0)))
+        assert params["llm"]["lm_head"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+        jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(state.params))
+        fresh = trainer.init_params(model, shardings, seed=123)
+        loaded = trainer.load_towers(fresh, {"vit": str(tmp_path)}, abstract, shardings)
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded["vit"]), jax.device_get(state.params["vit"]))
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded["llm"]), jax.device_get(fresh["llm"]))
+
+
+# ----------------------------------------------------------------------------- whole runs of the CLI
+
+def cli(workdir, data_dir, *overrides, env=None):
+    args = [sys.executable, "-m", "emu_jax.train", f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}", "--config.train.final_eval=", "--config.train.eval_every=0",
+            "--config.data.global_batch_size=8", *overrides]
+    return subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def final_state(workdir):
+    """(params, data-iterator state) of the run's latest checkpoint, as numpy on the host."""
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(os.path.join(workdir, "checkpoints"))
+    step = manager.latest_step()
+    params = manager.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore()))["params"]
+    data_files = sorted(os.listdir(os.path.join(workdir, "checkpoints", str(step), "data")))
+    data = [open(os.path.join(workdir, "checkpoints", str(step), "data", f), "rb").read() for f in data_files]
+    return step, params, data
+
+
+@pytest.mark.slow
+def test_run_killed_with_sigkill_resumes_bit_identical(tmp_path, data_dir):
+    steps = ["--config.train.steps=40", "--config.train.checkpoint_every=10", "--config.train.log_every=10"]
+    reference = cli(tmp_path / "reference", data_dir, *steps)
+    assert reference.wait(timeout=600) == 0, reference.stderr.read()
+
+    victim = cli(tmp_path / "killed", data_dir, *steps)
+    first_checkpoint = tmp_path / "killed" / "checkpoints" / "10"
+    deadline = time.time() + 600
+    while not first_checkpoint.exists() and victim.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    resumed = cli(tmp_path / "killed", data_dir, *steps)
+    assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
+
+    step_a, params_a, data_a = final_state(tmp_path / "reference")
+    step_b, params_b, data_b = final_state(tmp_path / "killed")
+    assert step_a == step_b == 40
+    jax.tree.map(np.testing.assert_array_equal, params_b, params_a)
+    assert data_a == data_b  # the resumed run consumed exactly the same batches
+
+
+@pytest.mark.slow
+def test_two_processes_on_loopback_match_one_process(tmp_path, data_dir):
+    import portpicker
+    common = ["--config.train.steps=4", "--config.train.log_every=1", "--config.data.pack=False",
+              "--config.data.packing_bins=1", "--config.data.worker_count=0"]
+    single_env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
+    single = cli(tmp_path / "single", data_dir, *common, env=single_env)
+    assert single.wait(timeout=600) == 0, single.stderr.read()
+    port = portpicker.pick_unused_port()
+    procs = [cli(tmp_path / "multi", data_dir, *common, f"--config.distributed.coordinator=127.0.0.1:{port}",
+                 "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+                 "--config.distributed.cpu_collectives=gloo", env=single_env) for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()
+    read = lambda d: [json.loads(line)["loss"] for line in open(d / "metrics.jsonl") if '"loss"' in line]  # noqa: E731
+    single_losses, multi_losses = read(tmp_path / "single"), read(tmp_path / "multi")
+    assert len(single_losses) == 4
+    np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
