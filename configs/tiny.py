@@ -5,6 +5,11 @@ and `configs/tiny.py:emu1` (pre-norm ViT, 2-block Causal Transformer with 4 quer
 tokens follow the reference layout after a 512-piece sentencepiece vocabulary.
 
     python -m emu_jax.summary --config=configs/tiny.py
+    python -m emu_jax.train --config=configs/tiny.py --workdir=/tmp/emu_tiny
+
+Training runs 2500 steps of 16 packed rows x 128 tokens on the digits world; on a 2-core CPU it
+took 11.6 minutes and ended with held-out caption accuracy 0.947 (one run; runs vary by several
+points).
 """
 from emu_jax import config_lib
 from emu_jax.models import tokens as tokens_lib
@@ -32,7 +37,7 @@ def get_config(arg=None):
     config.data = config_lib.digits_data(seq_len=128, max_images=8, video_frames=4, global_batch_size=16,
                                          packing_bins=8)
     config.optimizer = config_lib.optimizer_config(learning_rate=2e-3, warmup_steps=100, weight_decay=0.01)
-    config.train = config_lib.train_config(steps=1500, log_every=50, eval_every=500, checkpoint_every=500,
-                                           final_eval="digit_captions")
+    config.train = config_lib.train_config(steps=2500, log_every=50, eval_every=500, checkpoint_every=500,
+                                           caption_every=500, final_eval="digit_captions")
     config.lock()
     return config

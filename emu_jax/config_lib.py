@@ -104,7 +104,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         steps=10000, grad_accum_steps=1, nonfinite="skip", log_every=50, eval_every=1000, eval_batches=4,
         checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True, init_from=ml_collections.ConfigDict(),
-        final_eval="", final_eval_count=360) | overrides)
+        caption_every=0, caption_samples=4, final_eval="", final_eval_count=360) | overrides)
 
 
 def source(kind: str, path: str, split: str = "train", weight: float = 1.0) -> ml_collections.ConfigDict:

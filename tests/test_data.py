@@ -284,3 +284,38 @@ def test_coco_karpathy_builder_reads_a_manual_dir(tmp_path):
     doc = records.decode(test[0]["document"])
     assert doc["segments"][1]["text"] == "caption 0"
     assert len(tfds.builder_from_directory(dataset_dir).as_data_source("train")) == 1  # restval is train
+
+
+def test_vqav2_builder_pairs_questions_with_their_ten_answers(tmp_path):
+    from emu_jax.data import eval_sets
+    manual = tmp_path / "vqa"
+    (manual / "val2014").mkdir(parents=True)
+    (manual / "train2014").mkdir()
+    for split in ("train2014", "val2014"):
+        (manual / split / f"COCO_{split}_{7:012d}.jpg").write_bytes(digit_png(7, "JPEG"))
+        (manual / f"v2_OpenEnded_mscoco_{split}_questions.json").write_text(json.dumps({"questions": [
+            {"image_id": 7, "question": "what digit is this?", "question_id": 70}]}))
+        (manual / f"v2_mscoco_{split}_annotations.json").write_text(json.dumps({"annotations": [
+            {"question_id": 70, "image_id": 7, "multiple_choice_answer": "7", "answer_type": "number",
+             "answers": [{"answer": "7"}] * 9 + [{"answer": "seven"}]}]}))
+    import tensorflow_datasets as tfds
+    dataset_dir = eval_sets.build("vqav2", str(manual), str(tmp_path / "tfds"))
+    (example,) = tfds.builder_from_directory(dataset_dir).as_data_source("validation")
+    assert example["question_id"] == 70 and len(example["answers"]) == 10
+    assert records.decode(example["document"])["segments"][1]["text"] == "question: what digit is this? answer: 7"
+    (manual / "v2_mscoco_val2014_annotations.json").write_text(json.dumps({"annotations": []}))
+    with pytest.raises(KeyError, match="question 70 has no annotation"):
+        eval_sets.build("vqav2", str(manual), str(tmp_path / "tfds2"))
+
+
+def test_sources_are_mixed_by_weight(tmp_path, world):
+    data_dir, _ = world
+    for name in ("a", "b"):
+        records.write_shards(str(tmp_path / name), [records.document([records.text(f"{name} {i}")])
+                                                    for i in range(50)])
+    config = tiny_config(data_dir, train_sources={
+        "a": config_lib.source("array_record", str(tmp_path / "a-*"), weight=3.0),
+        "b": config_lib.source("array_record", str(tmp_path / "b-*"), weight=1.0)})
+    ds = pipeline.documents(config.data, config.data.train_sources, shuffle=True, process_index=0, process_count=1)
+    names = [ds[i][0] for i in range(400)]
+    assert abs(names.count("a") / 400 - 0.75) < 0.05

@@ -17,6 +17,7 @@ the TFDS dataset (array_record) and a sentencepiece model trained on its text:
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -131,6 +132,7 @@ def corpus(split: str = "train") -> list[str]:
     return [s["text"] for _, doc in documents(split) for s in doc["segments"] if "text" in s]
 
 
+@functools.cache  # TFDS registers a builder class by name when it is defined
 def _builder_class():
     import tensorflow_datasets as tfds
 

@@ -15,6 +15,7 @@ image followed by its caption / question and answer) so the same split can also 
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -72,6 +73,7 @@ def vqav2_examples(manual_dir: str, split: str):
                                  "answer_type": a.get("answer_type", ""), "document": records.encode(doc)}
 
 
+@functools.cache  # TFDS registers a builder class by name when it is defined
 def _builders():
     import tensorflow_datasets as tfds
     raw = lambda: tfds.features.Tensor(shape=(), dtype=np.object_)  # noqa: E731

@@ -149,6 +149,11 @@ def train(config, workdir: str) -> dict:
         step_flops = flops_lib.step_flops(abstract_params, config.model, config.data.global_batch_size,
                                           config.data.seq_len, config.data.max_images, vit_trainable)
         peak = flops_lib.peak_flops_per_device() * jax.device_count()
+        if tc.caption_every or tc.final_eval:
+            tokenizer = Tokenizer(pipeline.expand(config.data.tokenizer, config.data.data_dir), config.model.tokens)
+        if tc.caption_every:
+            caption_images = np.stack([pixels for pixels, _ in captioning.held_out_images(
+                config.data, config.model.vit.image_size, tc.caption_samples)])
 
         # ------------------------------------------------------------ loop
         progress = tqdm(total=tc.steps, initial=latest, disable=not is_main, desc="train", unit="step")
@@ -176,6 +181,10 @@ def train(config, workdir: str) -> dict:
                 window, window_start = [], time.perf_counter()
             if tc.eval_every and step % tc.eval_every == 0:
                 writer.scalars(step, held_out_loss(eval_step, state.params, config, model, mesh))
+            if tc.caption_every and step % tc.caption_every == 0:
+                for i, caption in enumerate(captioning.generate_captions(
+                        model, state.params, tokenizer, config.model.tokens, caption_images)):
+                    writer.text(step, f"held_out_caption_{i}", caption)
             checkpointer.save(step, state, train_iter, {"skipped_updates": int(state.skipped_updates)},
                               force=step == tc.steps or preemption.requested)
             progress.update(1)
@@ -188,7 +197,6 @@ def train(config, workdir: str) -> dict:
         # ------------------------------------------------------------ final evaluation
         result = {"step": int(state.step)}
         if tc.final_eval and not preemption.requested:
-            tokenizer = Tokenizer(pipeline.expand(config.data.tokenizer, config.data.data_dir), config.model.tokens)
             accuracy, samples = FINAL_EVALS[tc.final_eval](model, state.params, tokenizer, config.model.tokens,
                                                            config.data, config.model.vit.image_size, tc.final_eval_count)
             for caption, digit in samples[:8]:
