@@ -103,7 +103,8 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
 def train_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         steps=10000, grad_accum_steps=1, nonfinite="skip", log_every=50, eval_every=1000, eval_batches=4,
-        checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True, init_from=ml_collections.ConfigDict(),
+        checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True,
+        init_from=ml_collections.ConfigDict(dict(vit="", connector="", llm="")),  # tower -> checkpoint dir
         caption_every=0, caption_samples=4, final_eval="", final_eval_count=360) | overrides)
 
 

@@ -61,8 +61,11 @@ def init_params(model, shardings, seed: int):
 
 
 def load_towers(params, init_from, abstract, shardings):
-    """Replaces whole towers (e.g. "vit", "llm") with those of converted or trained checkpoints."""
+    """Replaces whole towers (e.g. "vit", "llm") with those of converted or trained checkpoints;
+    towers given an empty path keep their initialisation."""
     for tower, path in init_from.items():
+        if not path:
+            continue
         if tower not in params:
             raise KeyError(f"train.init_from names tower {tower!r}; the model has {sorted(params)}")
         target = {tower: abstract_with_shardings(abstract[tower], shardings[tower])}
