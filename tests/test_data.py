@@ -110,15 +110,15 @@ def test_every_segment_kind_round_trips_from_writer_to_batch(tmp_path, world):
 def test_writer_errors_name_the_file_and_line(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"image": "missing.png", "caption": "x"}) + "\n")
-    with pytest.raises(write.InputError, match=r"bad.jsonl:1: cannot read .*missing.png"):
+    with pytest.raises(records.SourceError, match=r"bad.jsonl:1: cannot read .*missing.png"):
         write.convert("pairs", str(bad), str(tmp_path / "out"))
     assert not list(tmp_path.glob("out*"))  # no shard left behind, finished or not
     bad.write_text("\n" + json.dumps({"text_list": ["a"], "image_info": [{"image_name": "x.png",
                                                                           "matched_text_index": 3}]}) + "\n")
-    with pytest.raises(write.InputError, match=r"bad.jsonl:2: matched_text_index 3 outside"):
+    with pytest.raises(records.SourceError, match=r"bad.jsonl:2: matched_text_index 3 outside"):
         write.convert("mmc4", str(bad), str(tmp_path / "out"))
     bad.write_text("{not json\n")
-    with pytest.raises(write.InputError, match=r"bad.jsonl:1: not JSON"):
+    with pytest.raises(records.SourceError, match=r"bad.jsonl:1: not JSON"):
         write.convert("video", str(bad), str(tmp_path / "out"))
 
 

@@ -34,21 +34,14 @@ def read_json(path: str) -> dict:
         return json.load(f)
 
 
-def read_bytes(path: str, what: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise FileNotFoundError(f"{what}: cannot read image {path}: {e.strerror}") from e
-
-
 def karpathy_examples(manual_dir: str, split: str):
     """Karpathy's `restval` belongs to train, as in the published splits."""
     wanted = {"train": ("train", "restval"), "validation": ("val",), "test": ("test",)}[split]
     for entry in read_json(os.path.join(manual_dir, "dataset_coco.json"))["images"]:
         if entry["split"] not in wanted:
             continue
-        image = read_bytes(os.path.join(manual_dir, entry["filepath"], entry["filename"]), f"cocoid {entry['cocoid']}")
+        path = os.path.join(manual_dir, entry["filepath"], entry["filename"])
+        image = records.read_source(path, f"cocoid {entry['cocoid']}")
         captions = [s["raw"].strip() for s in entry["sentences"]]
         doc = records.document([records.image(image), records.text(captions[0])], "coco", cocoid=entry["cocoid"])
         yield entry["cocoid"], {"image": image, "image_id": entry["cocoid"], "captions": captions,
@@ -64,7 +57,7 @@ def vqav2_examples(manual_dir: str, split: str):
         if q["question_id"] not in annotations:
             raise KeyError(f"question {q['question_id']} has no annotation in v2_mscoco_{folder}_annotations.json")
         a = annotations[q["question_id"]]
-        image = read_bytes(os.path.join(manual_dir, folder, f"COCO_{folder}_{q['image_id']:012d}.jpg"),
+        image = records.read_source(os.path.join(manual_dir, folder, f"COCO_{folder}_{q['image_id']:012d}.jpg"),
                            f"question {q['question_id']}")
         text = f"question: {q['question']} answer: {a['multiple_choice_answer']}"
         doc = records.document([records.image(image), records.text(text)], "vqav2", question_id=q["question_id"])

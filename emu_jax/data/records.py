@@ -26,6 +26,19 @@ class RecordError(ValueError):
         self.kind = kind
 
 
+class SourceError(ValueError):
+    """A source file or line that cannot be turned into records; the message names where."""
+
+
+def read_source(path: str, where: str) -> bytes:
+    """The bytes of a file a source refers to, or a SourceError naming `where` it was referred from."""
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise SourceError(f"{where}: cannot read {path}: {e.strerror}") from e
+
+
 def text(value: str) -> dict:
     return {"text": value}
 

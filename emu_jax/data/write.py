@@ -28,21 +28,9 @@ from emu_jax.data import records
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
-class InputError(ValueError):
-    """A source line that cannot be converted; the message names the file and line."""
-
-
-def _read(path: str, where: str) -> bytes:
-    try:
-        with open(path, "rb") as f:
-            return f.read()
-    except OSError as e:
-        raise InputError(f"{where}: cannot read {path}: {e.strerror}") from e
-
-
 def _jsonl(path: str):
     if not os.path.isfile(path):
-        raise InputError(f"{path}: no such JSONL file")
+        raise records.SourceError(f"{path}: no such JSONL file")
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             where = f"{path}:{number}"
@@ -51,17 +39,17 @@ def _jsonl(path: str):
             try:
                 entry = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{where}: not JSON: {e}") from e
+                raise records.SourceError(f"{where}: not JSON: {e}") from e
             if not isinstance(entry, dict):
-                raise InputError(f"{where}: expected a JSON object")
+                raise records.SourceError(f"{where}: expected a JSON object")
             yield where, entry
 
 
 def _field(entry: dict, key: str, where: str, kind=str):
     if key not in entry:
-        raise InputError(f"{where}: missing field {key!r}")
+        raise records.SourceError(f"{where}: missing field {key!r}")
     if not isinstance(entry[key], kind):
-        raise InputError(f"{where}: field {key!r} should be {getattr(kind, '__name__', kind)}")
+        raise records.SourceError(f"{where}: field {key!r} should be {getattr(kind, '__name__', kind)}")
     return entry[key]
 
 
@@ -75,13 +63,14 @@ def pair_documents(input_path: str, root: str, counts: Counter):
             caption_path = os.path.join(input_path, stem + ".txt")
             where = os.path.join(input_path, name)
             if not os.path.exists(caption_path):
-                raise InputError(f"{where}: no caption file {caption_path}")
-            caption = _read(caption_path, where).decode("utf-8").strip()
-            yield records.document([records.image(_read(where, where)), records.text(caption)], "pairs", file=name)
+                raise records.SourceError(f"{where}: no caption file {caption_path}")
+            caption = records.read_source(caption_path, where).decode("utf-8").strip()
+            image = records.read_source(where, where)
+            yield records.document([records.image(image), records.text(caption)], "pairs", file=name)
         return
     for where, entry in _jsonl(input_path):
         image_path = os.path.join(root, _field(entry, "image", where))
-        yield records.document([records.image(_read(image_path, where)),
+        yield records.document([records.image(records.read_source(image_path, where)),
                                 records.text(_field(entry, "caption", where))], "pairs")
 
 
@@ -92,12 +81,12 @@ def mmc4_documents(input_path: str, root: str, counts: Counter, skip_missing: bo
         for info in _field(entry, "image_info", where, list):
             index = _field(info, "matched_text_index", where, int)
             if not 0 <= index < len(texts):
-                raise InputError(f"{where}: matched_text_index {index} outside text_list of {len(texts)}")
+                raise records.SourceError(f"{where}: matched_text_index {index} outside text_list of {len(texts)}")
             path = os.path.join(root, _field(info, "image_name", where))
             if skip_missing and not os.path.exists(path):
                 counts["missing_images"] += 1
                 continue
-            by_sentence.setdefault(index, []).append(_read(path, where))
+            by_sentence.setdefault(index, []).append(records.read_source(path, where))
         segments = []
         for i, sentence in enumerate(texts):
             segments += [records.image(b) for b in by_sentence.get(i, [])] + [records.text(sentence)]
@@ -108,13 +97,13 @@ def video_documents(input_path: str, root: str, counts: Counter):
     import av
     for where, entry in _jsonl(input_path):
         path = os.path.join(root, _field(entry, "video", where))
-        encoded = _read(path, where)
+        encoded = records.read_source(path, where)
         try:  # probe the container so that a broken file is reported here, not at training time
             with av.open(path) as container:
                 if not container.streams.video:
-                    raise InputError(f"{where}: {path} has no video stream")
+                    raise records.SourceError(f"{where}: {path} has no video stream")
         except av.FFmpegError as e:
-            raise InputError(f"{where}: {path} is not a readable video: {e}") from e
+            raise records.SourceError(f"{where}: {path} is not a readable video: {e}") from e
         yield records.document([records.video(encoded), records.text(_field(entry, "caption", where))], "video")
 
 
@@ -123,12 +112,13 @@ def storyboard_documents(input_path: str, root: str, counts: Counter):
         events = []
         for frame in _field(entry, "frames", where, list):
             path = os.path.join(root, _field(frame, "image", where))
-            events.append((float(_field(frame, "time", where, (int, float))), 0, records.image(_read(path, where))))
+            time = float(_field(frame, "time", where, (int, float)))
+            events.append((time, 0, records.image(records.read_source(path, where))))
         for subtitle in _field(entry, "subtitles", where, list):
             events.append((float(_field(subtitle, "start", where, (int, float))), 1,
                            records.text(_field(subtitle, "text", where))))
         if not events:
-            raise InputError(f"{where}: storyboard has neither frames nor subtitles")
+            raise records.SourceError(f"{where}: storyboard has neither frames nor subtitles")
         yield records.document([segment for _, _, segment in sorted(events, key=lambda e: e[:2])], "storyboard")
 
 
@@ -156,7 +146,7 @@ def main(argv):
     f = flags.FLAGS
     try:
         paths, counts = convert(argv[1], f.input, f.output, f.image_root, f.num_shards, f.skip_missing)
-    except (InputError, records.RecordError) as e:
+    except (records.SourceError, records.RecordError) as e:
         sys.exit(f"error: {e}")
     for key, value in sorted(counts.items()):
         print(f"{key}: {value}")
