@@ -7,9 +7,13 @@ tokens follow the reference layout after a 512-piece sentencepiece vocabulary.
     python -m emu_jax.summary --config=configs/tiny.py
     python -m emu_jax.train --config=configs/tiny.py --workdir=/tmp/emu_tiny
 
-Training runs 2500 steps of 16 packed rows x 128 tokens on the digits world; on a 2-core CPU it
-took 11.6 minutes and ended with held-out caption accuracy 0.947 (one run; runs vary by several
-points).
+Training runs 2500 steps of 16 packed rows x 128 tokens on the digits world, as Emu2's two
+pretraining stages in one run: until step 1500 the text loss alone trains everything (the ViT
+learns to see from scratch); from step 1500 the regression loss joins and the ViT is frozen, so
+the regression targets stop moving (regressing onto a still-training encoder pulls it towards
+predictable, less discriminative features: held-out caption accuracy 0.93 with regression weight
+0.1 from the start, 0.97 with none). On a 2-core CPU the run took 11.5 minutes and ended with
+held-out caption accuracy 0.964 and held-out regression loss 0.48.
 """
 from emu_jax import config_lib
 from emu_jax.models import tokens as tokens_lib
@@ -36,8 +40,10 @@ def get_config(arg=None):
                                         llm=config_lib.llama("33b", vocab, **llm), special_tokens=special)
     config.data = config_lib.digits_data(seq_len=128, max_images=8, video_frames=4, global_batch_size=16,
                                          packing_bins=8)
-    config.optimizer = config_lib.optimizer_config(learning_rate=2e-3, warmup_steps=100, weight_decay=0.01)
+    config.loss.regression_from_step = 1500
+    config.optimizer = config_lib.optimizer_config(learning_rate=2e-3, warmup_steps=100, weight_decay=0.01,
+                                                   freeze_from=r"^vit/", freeze_from_step=1500)
     config.train = config_lib.train_config(steps=2500, log_every=50, eval_every=500, checkpoint_every=500,
-                                           caption_every=500, final_eval="digit_captions")
+                                           sample_every=500, final_eval="digit_captions")
     config.lock()
     return config

@@ -72,7 +72,41 @@ LOGICAL_AXIS_RULES = (
     ("patch_height", None),
     ("patch_width", None),
     ("channels", None),
+    ("conv_height", None),
+    ("conv_width", None),
+    ("conv_in", None),
+    ("conv_out", "fsdp"),
+    ("latent", None),
 )
+
+
+def vae(**overrides) -> ml_collections.ConfigDict:
+    """diffusers' AutoencoderKL: SD1.5's (scaling 0.18215); SDXL's differs only in scaling 0.13025."""
+    return ml_collections.ConfigDict(dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2,
+                                          latent_channels=4, groups=32, scaling_factor=0.18215) | overrides)
+
+
+def sd15_unet(**overrides) -> ml_collections.ConfigDict:
+    """Stable Diffusion 1.5's UNet (Emu1's decoder, cross-attending to 32 x 5120 embeddings)."""
+    return ml_collections.ConfigDict(dict(
+        block_out_channels=(320, 640, 1280, 1280), cross_attention=(True, True, True, False),
+        transformer_depth=(1, 1, 1, 1), num_heads=(8, 8, 8, 8), layers_per_block=2, in_channels=4, out_channels=4,
+        linear_projection=False, addition_time_embed_dim=0, groups=32, norm_eps=1e-5, flip_sin_to_cos=True,
+        freq_shift=0.0) | overrides)
+
+
+def sdxl_unet(**overrides) -> ml_collections.ConfigDict:
+    """SDXL's UNet (Emu2-Gen's decoder: 64 x 1792 embeddings, their mean as the pooled input)."""
+    return sd15_unet(**(dict(block_out_channels=(320, 640, 1280), cross_attention=(False, True, True),
+                             transformer_depth=(1, 2, 10), num_heads=(5, 10, 20), linear_projection=True,
+                             addition_time_embed_dim=256) | overrides))
+
+
+def decoder_options(**overrides) -> ml_collections.ConfigDict:
+    """How the decoder is trained and sampled: pixel size, conditioning dropout (for guidance),
+    the unconditional input, sampler ("euler" | "ddim"), steps, guidance scale."""
+    return ml_collections.ConfigDict(dict(image_size=1024, condition_dropout=0.1, uncond="zeros", sampler="euler",
+                                          sampler_steps=50, guidance=3.0) | overrides)
 
 
 def base_config(*, vit, connector, llm, special_tokens) -> ml_collections.ConfigDict:
@@ -82,7 +116,7 @@ def base_config(*, vit, connector, llm, special_tokens) -> ml_collections.Config
         vit=vit, connector=connector, llm=llm, tokens=special_tokens,
         dtype="float32", param_dtype="float32", attention_impl=""))
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=LOGICAL_AXIS_RULES))
-    config.loss = ml_collections.ConfigDict(dict(text_weight=1.0, regression_weight=1.0))
+    config.loss = ml_collections.ConfigDict(dict(text_weight=1.0, regression_weight=1.0, regression_from_step=0))
     config.data = data_config()
     config.optimizer = optimizer_config()
     config.train = train_config()
@@ -97,7 +131,7 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         learning_rate=3e-4, warmup_steps=1000, decay="cosine", end_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8,
         weight_decay=0.05, clip_norm=1.0, no_decay=r"(norm|bias|scale|embedding|pos_embed|cls_token|causal_tokens)",
-        freeze="", lr_multipliers=()) | overrides)
+        freeze="", lr_multipliers=(), freeze_from="", freeze_from_step=0) | overrides)
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
@@ -105,7 +139,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         steps=10000, grad_accum_steps=1, nonfinite="skip", log_every=50, eval_every=1000, eval_batches=4,
         checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True,
         init_from=ml_collections.ConfigDict(dict(vit="", connector="", llm="")),  # tower -> checkpoint dir
-        caption_every=0, caption_samples=4, final_eval="", final_eval_count=360) | overrides)
+        ema_decay=0.0, sample_every=0, sample_count=4, final_eval="", final_eval_count=360) | overrides)
 
 
 def source(kind: str, path: str, split: str = "train", weight: float = 1.0) -> ml_collections.ConfigDict:

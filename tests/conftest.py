@@ -3,6 +3,10 @@ import os
 # Eight fake CPU devices for the mesh tests; set before JAX initialises its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
+from emu_jax import xla_flags  # noqa: E402
+
+xla_flags.apply_defaults()  # as the CLIs do (faster CPU convolutions)
+
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]

@@ -16,12 +16,12 @@ from absl import flags
 from conftest import ROOT, load_config
 
 from emu_jax.data import digits, pipeline
-from emu_jax.models.emu import build_model
 from emu_jax.parallel import mesh as mesh_lib
 from emu_jax.train import trainer
 from emu_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from emu_jax.train.optimizer import make_optimizer
 from emu_jax.train.step import TrainState, make_train_step
+from emu_jax.train.tasks import make_task
 
 flags.FLAGS.mark_as_parsed()
 
@@ -48,14 +48,15 @@ def config_for(data_dir, **train):
 def setup_state(config, mesh):
     """What the trainer builds before its loop, on `mesh`."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-        model = build_model(config.model)
-        abstract, param_shardings = trainer.abstract_model(model, mesh, config.mesh.rules)
+        task = make_task(config)
+        model, inputs = task.model, task.example_inputs()
+        abstract, param_shardings = trainer.abstract_model(model, inputs, mesh, config.mesh.rules)
         optimizer = make_optimizer(config.optimizer, abstract, config.train.steps)
         _, shardings = trainer.state_shardings(optimizer, abstract, param_shardings, mesh)
-        params = trainer.init_params(model, param_shardings, config.seed)
+        params = trainer.init_params(model, inputs, param_shardings, config.seed)
         opt_state = jax.jit(optimizer.tx.init, out_shardings=shardings.opt_state)(params)
         state = TrainState(jnp.int32(0), params, opt_state, jnp.int32(0))
-        step = jax.jit(make_train_step(model, optimizer, config.loss, config.train.grad_accum_steps),
+        step = jax.jit(make_train_step(task, optimizer, config.train.grad_accum_steps),
                        in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
                        out_shardings=(shardings, mesh_lib.replicated(mesh)))
     return model, optimizer, state, step
@@ -114,6 +115,30 @@ def test_frozen_tower_stays_bit_identical_and_has_no_optimizer_state(data_dir):
     assert moments == 2 * trainable  # Adam's mu and nu for trainable parameters only
 
 
+def test_two_stage_run_freezes_the_vit_and_starts_regression_at_the_switch_step(data_dir):
+    """Steps 0-1 train the ViT on text alone (regression weight 0); from step 2 the regression
+    loss counts and the ViT stops moving, momentum and weight decay included."""
+    config = config_for(data_dir)
+    with config.unlocked():
+        config.optimizer.freeze_from, config.optimizer.freeze_from_step = r"^vit/", 2
+        config.loss.regression_from_step = 2
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
+    _, _, state, step = setup_state(config, mesh)
+    initial_vit = jax.device_get(state.params["vit"])
+    snapshots, losses = [], []
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
+        for batch in batches(config, 4):
+            state, metrics = step(state, pipeline.to_global(batch, mesh))
+            snapshots.append(jax.device_get(state.params))
+            losses.append({k: float(metrics[k]) for k in ("loss", "text_loss", "regression_loss")})
+    assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(snapshots[1]["vit"]), jax.tree.leaves(initial_vit)))
+    for later in snapshots[2:]:
+        jax.tree.map(np.testing.assert_array_equal, later["vit"], snapshots[1]["vit"])
+    assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(snapshots[3]["llm"]), jax.tree.leaves(snapshots[2]["llm"])))
+    assert losses[0]["loss"] == pytest.approx(losses[0]["text_loss"])
+    assert losses[3]["loss"] == pytest.approx(losses[3]["text_loss"] + losses[3]["regression_loss"])
+
+
 def test_nonfinite_update_is_skipped_and_counted(data_dir):
     config = config_for(data_dir)
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
@@ -162,15 +187,16 @@ def test_checkpoint_restores_onto_a_different_mesh_and_initialises_a_tower(tmp_p
 
     cube = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     with jax.set_mesh(cube), nn.logical_axis_rules(config.mesh.rules):
-        abstract, shardings = trainer.abstract_model(model, cube, config.mesh.rules)
+        inputs = make_task(config).example_inputs()
+        abstract, shardings = trainer.abstract_model(model, inputs, cube, config.mesh.rules)
         abstract_opt, state_shardings = trainer.state_shardings(optimizer, abstract, shardings, cube)
-        params, _, _ = Checkpointer(str(tmp_path), keep=1, every=1).restore(
+        params, _, _, _ = Checkpointer(str(tmp_path), keep=1, every=1).restore(
             1, abstract_with_shardings(abstract, shardings), abstract_with_shardings(abstract_opt,
                                                                                      state_shardings.opt_state),
             iter(pipeline.make_dataset(config.data, config.model, 4, worker_count=0)))
         assert params["llm"]["lm_head"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(state.params))
-        fresh = trainer.init_params(model, shardings, seed=123)
+        fresh = trainer.init_params(model, inputs, shardings, seed=123)
         loaded = trainer.load_towers(fresh, {"vit": str(tmp_path)}, abstract, shardings)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded["vit"]), jax.device_get(state.params["vit"]))
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(loaded["llm"]), jax.device_get(fresh["llm"]))

@@ -193,16 +193,29 @@ def documents(data_config, sources, *, shuffle: bool, process_index: int, proces
     return ds[process_index::process_count]
 
 
-def make_dataset(data_config, model_config, visual_tokens: int, *, split: str = "train",
-                 process_index: int | None = None, process_count: int | None = None,
-                 worker_count: int | None = None) -> grain.IterDataset:
-    """Batches of this process's rows (`data_config.global_batch_size / process_count` each).
-    split "train" reads `train_sources` shuffled and repeated; "eval" reads `eval_sources` once."""
+def _process_share(data_config, process_index, process_count) -> tuple[int, int]:
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
     if data_config.global_batch_size % process_count:
         raise ValueError(f"global batch {data_config.global_batch_size} does not divide over "
                          f"{process_count} processes")
+    return process_index, process_count
+
+
+def _prefetch(ds, data_config, worker_count):
+    workers = data_config.worker_count if worker_count is None else worker_count
+    if workers > 0:
+        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
+                                                         per_worker_buffer_size=data_config.worker_buffer_size))
+    return ds
+
+
+def make_dataset(data_config, model_config, visual_tokens: int, *, split: str = "train",
+                 process_index: int | None = None, process_count: int | None = None,
+                 worker_count: int | None = None) -> grain.IterDataset:
+    """Batches of this process's rows (`data_config.global_batch_size / process_count` each).
+    split "train" reads `train_sources` shuffled and repeated; "eval" reads `eval_sources` once."""
+    process_index, process_count = _process_share(data_config, process_index, process_count)
     layout = Layout.from_configs(model_config, data_config, visual_tokens)
     sources = data_config.train_sources if split == "train" else data_config.eval_sources
     ds = documents(data_config, sources, shuffle=split == "train", process_index=process_index,
@@ -216,11 +229,44 @@ def make_dataset(data_config, model_config, visual_tokens: int, *, split: str = 
         max_sequences_per_bin=None if data_config.pack else 1)
     ds = ds.map(FinishRow(layout.special)).batch(data_config.global_batch_size // process_count,
                                                  drop_remainder=split == "train")
-    workers = data_config.worker_count if worker_count is None else worker_count
-    if workers > 0:
-        ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                         per_worker_buffer_size=data_config.worker_buffer_size))
-    return ds
+    return _prefetch(ds, data_config, worker_count)
+
+
+class FirstImage(grain.transforms.Map):
+    """(source, index, record bytes) -> {images uint8 [S, S, 3], valid, events [E]}: the first
+    still image of a document, for image-only training (the visual decoder). A document without
+    one, or a bad record, becomes an invalid example that carries its count (`missing_image`,
+    `bad_image`, ...) instead of disappearing."""
+
+    def __init__(self, image_size: int, strict: bool = False):
+        self.image_size, self.strict = image_size, strict
+
+    def map(self, element):
+        name, index, record = element
+        events = np.zeros((len(EVENTS),), np.int32)
+        pixels = np.zeros((self.image_size, self.image_size, 3), np.uint8)
+        try:
+            segments = [s for s in records.decode(record)["segments"] if records.segment_kind(s) == "image"]
+            if not segments:
+                raise RecordError("missing_image", "no still image in the document")
+            pixels = media.decode_image(segments[0]["image"], self.image_size)
+        except RecordError as e:
+            if self.strict:
+                raise RecordError(e.kind, f"source {name!r} record {index}: {e}") from e
+            events[EVENTS.index(e.kind)] = 1
+        return {"images": pixels, "valid": not events.any(), "events": events}
+
+
+def make_image_dataset(data_config, image_size: int, *, split: str = "train", process_index: int | None = None,
+                       process_count: int | None = None, worker_count: int | None = None) -> grain.IterDataset:
+    """Batches of single images (the first image of each document) with `valid` and `events`."""
+    process_index, process_count = _process_share(data_config, process_index, process_count)
+    sources = data_config.train_sources if split == "train" else data_config.eval_sources
+    ds = documents(data_config, sources, shuffle=split == "train", process_index=process_index,
+                   process_count=process_count)
+    ds = ds.map(FirstImage(image_size, data_config.strict)).to_iter_dataset()
+    ds = ds.batch(data_config.global_batch_size // process_count, drop_remainder=split == "train")
+    return _prefetch(ds, data_config, worker_count)
 
 
 def to_global(batch: dict, mesh, batch_axes=("data", "fsdp")) -> dict:

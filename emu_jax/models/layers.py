@@ -2,7 +2,7 @@
 
 Logical axis names (the config's rules table is the only place that maps them to mesh axes):
   weights      embed, mlp, heads, kv_heads, head_dim, qkv, vocab, norm, layers, patch_height, patch_width,
-               channels
+               channels, conv_height, conv_width, conv_in, conv_out, latent
   activations  act_batch, act_len, act_kv_len, act_embed, act_heads, act_head_dim, act_mlp, act_vocab
 """
 from __future__ import annotations
@@ -87,12 +87,34 @@ def layer_norm(epsilon, *, name, dtype, param_dtype) -> nn.LayerNorm:
                         bias_init=partitioned(nn.initializers.zeros, ("norm",)))
 
 
+def group_norm(groups, epsilon, *, name, dtype, param_dtype) -> nn.GroupNorm:
+    """GroupNorm over channels-last feature maps (diffusers' `GroupNorm(groups, C, eps)`)."""
+    return nn.GroupNorm(num_groups=groups, epsilon=epsilon, dtype=dtype, param_dtype=param_dtype, name=name,
+                        scale_init=partitioned(nn.initializers.ones, ("norm",)),
+                        bias_init=partitioned(nn.initializers.zeros, ("norm",)))
+
+
+def conv(features, kernel_size=3, *, name=None, stride=1, padding=None, out_axis="conv_out", dtype=jnp.float32,
+         param_dtype=jnp.float32) -> nn.Conv:
+    """A biased NHWC convolution with kernel [kh, kw, in, out]; `padding` defaults to "same"-style
+    symmetric padding of kernel_size // 2 (PyTorch's `padding=k // 2`). `out_axis` names the output
+    channels' logical axis (the few convs that emit image or latent channels use "latent")."""
+    pad = kernel_size // 2 if padding is None else padding
+    pad = pad if isinstance(pad, str) else ((pad, pad), (pad, pad))
+    return nn.Conv(features, (kernel_size, kernel_size), strides=(stride, stride), padding=pad, name=name,
+                   dtype=dtype, param_dtype=param_dtype,
+                   kernel_init=partitioned(default_init, ("conv_height", "conv_width", "conv_in", out_axis)),
+                   bias_init=partitioned(nn.initializers.zeros, (out_axis,)))
+
+
 class Mlp(nn.Module):
-    """The one feed-forward block: EVA (fc1, fc2; GELU; biases), T5 (wi, wo; ReLU) and
-    LLaMA (gate_proj, up_proj, down_proj; SwiGLU) differ only in these fields."""
+    """The one feed-forward block: EVA (fc1, fc2; GELU; biases), T5 (wi, wo; ReLU), LLaMA
+    (gate_proj, up_proj, down_proj; SwiGLU) and diffusers' GEGLU (one fused projection whose
+    second half is the gate: `fused_gate`, names (proj, out)) differ only in these fields."""
     hidden: int
     activation: str = "gelu"
     gated: bool = False
+    fused_gate: bool = False
     use_bias: bool = False
     names: tuple[str, ...] = ("fc1", "fc2")  # (in, out) or, gated, (gate, up, out)
     dtype: Dtype = jnp.float32
@@ -101,8 +123,14 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x):
         kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
-        h = ACTIVATIONS[self.activation](dense(self.hidden, ("embed", "mlp"), name=self.names[0], **kw)(x))
-        if self.gated:
+        act = ACTIVATIONS[self.activation]
+        if self.fused_gate:
+            value, gate = jnp.split(dense((2, self.hidden), ("embed", "qkv", "mlp"), name=self.names[0], **kw)(x),
+                                    2, axis=-2)
+            h = value[..., 0, :] * act(gate[..., 0, :])
+        else:
+            h = act(dense(self.hidden, ("embed", "mlp"), name=self.names[0], **kw)(x))
+        if self.gated and not self.fused_gate:
             h = h * dense(self.hidden, ("embed", "mlp"), name=self.names[1], **kw)(x)
         h = constrain(h, ("act_batch", "act_len", "act_mlp"))
         return dense(x.shape[-1], ("mlp", "embed"), name=self.names[-1], **kw)(h)
@@ -167,7 +195,8 @@ class Attention(nn.Module):
     head_dim: int
     num_kv_heads: int | None = None
     fused_qkv: bool = False
-    qv_bias: bool = False
+    qv_bias: bool = False  # EVA: separate q and v biases (k has none)
+    qkv_bias: bool = False  # diffusers' VAE: biased q, k and v projections
     out_bias: bool = False
     names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # fused: ("qkv", "proj")
     scale: float | None = None  # None: 1/sqrt(head_dim)
@@ -183,6 +212,7 @@ class Attention(nn.Module):
             q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         else:
             kv_heads = self.num_kv_heads or self.num_heads
+            kw["use_bias"] = self.qkv_bias
             q = dense((self.num_heads, self.head_dim), ("embed", "heads", "head_dim"), name=self.names[0], **kw)(x)
             k = dense((kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name=self.names[1], **kw)(kv_input)
             v = dense((kv_heads, self.head_dim), ("embed", "kv_heads", "head_dim"), name=self.names[2], **kw)(kv_input)

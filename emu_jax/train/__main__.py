@@ -1,12 +1,17 @@
 """`python -m emu_jax.train --config=configs/tiny.py --workdir=DIR [--config.train.steps=300]`
 
-Trains (or resumes) the model the config describes; on the embedded digits world it ends by
-printing `held-out caption accuracy: <fraction>`.
+Trains (or resumes) what the config describes (`config.task`: the Emu model, or a stage of the
+visual decoder). On the embedded digits world the Emu run ends by printing `held-out caption
+accuracy: <fraction>`, a decoder stage `held-out recognisability: <fraction>`.
 """
-from absl import app, flags, logging
-from ml_collections import config_flags
+from emu_jax import xla_flags
 
-from emu_jax.train.trainer import train
+xla_flags.apply_defaults()  # before JAX starts its backend
+
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from emu_jax.train.trainer import train  # noqa: E402
 
 config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/tiny.py.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
@@ -19,6 +24,8 @@ def main(argv):
     result = train(flags.FLAGS.config, flags.FLAGS.workdir)
     if "held_out_caption_accuracy" in result:
         print(f"held-out caption accuracy: {result['held_out_caption_accuracy']:.4f}")
+    if "recognisability" in result:
+        print(f"held-out recognisability: {result['recognisability']:.4f}")
 
 
 if __name__ == "__main__":

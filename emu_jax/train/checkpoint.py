@@ -2,6 +2,7 @@
 
     <workdir>/checkpoints/<step>/params      model parameters (sharded arrays)
                                 /opt_state   optimizer state
+                                /ema         moving average of params (runs with train.ema_decay > 0)
                                 /meta        JSON: step, skipped updates, config
                                 /data        the Grain iterator's state (one file per process)
 
@@ -17,7 +18,7 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-ITEMS = ("params", "opt_state", "meta", "data")
+ITEMS = ("params", "opt_state", "ema", "meta", "data")
 
 
 def abstract_with_shardings(tree, shardings):
@@ -40,17 +41,20 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iterator, meta: dict, force: bool = False) -> bool:
-        args = ocp.args.Composite(params=ocp.args.PyTreeSave(state.params),
-                                  opt_state=ocp.args.PyTreeSave(state.opt_state),
-                                  meta=ocp.args.JsonSave(meta), data=grain.checkpoint.CheckpointSave(data_iterator))
-        return self.manager.save(step, args=args, force=force)
+        items = dict(params=ocp.args.PyTreeSave(state.params), opt_state=ocp.args.PyTreeSave(state.opt_state),
+                     meta=ocp.args.JsonSave(meta), data=grain.checkpoint.CheckpointSave(data_iterator))
+        if state.ema is not None:
+            items["ema"] = ocp.args.PyTreeSave(state.ema)
+        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
-    def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator):
-        """(params, opt_state, meta); the data iterator is restored in place."""
-        args = ocp.args.Composite(params=_restore_tree(abstract_params), opt_state=_restore_tree(abstract_opt_state),
-                                  meta=ocp.args.JsonRestore(), data=grain.checkpoint.CheckpointRestore(data_iterator))
-        restored = self.manager.restore(step, args=args)
-        return restored.params, restored.opt_state, restored.meta
+    def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator, abstract_ema=None):
+        """(params, opt_state, ema or None, meta); the data iterator is restored in place."""
+        items = dict(params=_restore_tree(abstract_params), opt_state=_restore_tree(abstract_opt_state),
+                     meta=ocp.args.JsonRestore(), data=grain.checkpoint.CheckpointRestore(data_iterator))
+        if abstract_ema is not None:
+            items["ema"] = _restore_tree(abstract_ema)
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        return restored.params, restored.opt_state, restored.get("ema"), restored.meta
 
     def wait(self) -> None:
         self.manager.wait_until_finished()

@@ -29,6 +29,11 @@ class MetricsWriter:
         self._jsonl.flush()
         self._tb.add_text(tag, value, step)
 
+    def image(self, step: int, tag: str, pixels) -> None:
+        """uint8 [H, W, 3]."""
+        if self.enabled:
+            self._tb.add_image(tag, pixels, step, dataformats="HWC")
+
     def close(self) -> None:
         if self.enabled:
             self._jsonl.close()

@@ -3,7 +3,9 @@ per-tower freezing and learning-rate multipliers chosen by regular expressions o
 paths such as `vit/blocks_3/attn/qkv/kernel` (config.optimizer; no branches in code).
 
 Frozen parameters get no optimizer state (`optax.set_to_zero`) and their gradients are zeroed
-before clipping, so XLA drops their weight-gradient computations.
+before clipping, so XLA drops their weight-gradient computations. `freeze_from` (a regex) with
+`freeze_from_step` freezes parameters part-way through a run (a two-stage recipe in one run):
+from that step on, their gradients and updates are zero.
 """
 from __future__ import annotations
 
@@ -18,6 +20,8 @@ class Optimizer(NamedTuple):
     tx: optax.GradientTransformation
     schedule: optax.Schedule
     frozen: Any  # tree of bools, True where the parameter is frozen
+    frozen_later: Any = None  # tree of bools: frozen from `freeze_step` on
+    freeze_step: int = 0
 
 
 def path_name(path) -> str:
@@ -62,4 +66,6 @@ def make_optimizer(config, params, total_steps: int) -> Optimizer:
         transforms[label] = optax.adamw(lambda step, m=multiplier: lr(step) * m, b1=config.b1, b2=config.b2,
                                         eps=config.eps, weight_decay=config.weight_decay, mask=decay_mask)
     tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.multi_transform(transforms, labels))
-    return Optimizer(tx, lr, jax.tree.map(lambda label: label == "frozen", labels))
+    later = jax.tree_util.tree_map_with_path(
+        lambda path, _: bool(config.freeze_from) and bool(re.search(config.freeze_from, path_name(path))), params)
+    return Optimizer(tx, lr, jax.tree.map(lambda label: label == "frozen", labels), later, config.freeze_from_step)

@@ -16,8 +16,6 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from emu_jax.data.pipeline import model_inputs
-from emu_jax.train.losses import emu_loss
 
 
 @flax.struct.dataclass
@@ -26,61 +24,69 @@ class TrainState:
     params: Any
     opt_state: Any
     skipped_updates: jax.Array  # non-finite steps whose update was dropped
+    ema: Any = None  # exponential moving average of params (when `train.ema_decay` > 0)
 
 
-def make_loss_fn(model, loss_config) -> Callable:
-    def loss_fn(params, batch, norms=(None, None)):
-        out = model.apply({"params": params}, **model_inputs(batch))
-        return emu_loss(out, batch, text_weight=loss_config.text_weight,
-                        regression_weight=loss_config.regression_weight, norms=norms)
-    return loss_fn
+def step_key(seed: int, step) -> jax.Array:
+    """The step's randomness (diffusion noise, dropout): a pure function of seed and step, so a
+    resumed run draws exactly what an uninterrupted one would."""
+    return jax.random.fold_in(jax.random.key(seed), step)
 
 
 def _micro_batches(batch: dict, accum_steps: int) -> dict:
     return jax.tree.map(lambda x: x.reshape((accum_steps, x.shape[0] // accum_steps) + x.shape[1:]), batch)
 
 
-def make_train_step(model, optimizer, loss_config, accum_steps: int = 1) -> Callable:
-    loss_fn = make_loss_fn(model, loss_config)
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+def make_train_step(task, optimizer, accum_steps: int = 1, *, seed: int = 0, ema_decay: float = 0.0) -> Callable:
+    """`task.loss(params, batch, rng, norms, step) -> (loss, metrics)` with `norms = task.loss_norms(batch)`
+    (the whole batch's counts each loss term is divided by); `task.counters(batch)` adds
+    throughput and data-pipeline counts to the metrics."""
+    grad_fn = jax.value_and_grad(task.loss, has_aux=True)
 
-    def gradients(params, batch):
-        norms = (batch["text_mask"].sum(), batch["regression_mask"].sum())
+    def gradients(params, batch, rng, step):
+        norms = task.loss_norms(batch)
         if accum_steps == 1:
-            return grad_fn(params, batch, norms)
+            return grad_fn(params, batch, rng, norms, step)
 
         def accumulate(total, micro):
-            (_, metrics), grads = grad_fn(params, micro, norms)
+            index, micro_batch = micro
+            (_, metrics), grads = grad_fn(params, micro_batch, jax.random.fold_in(rng, index), norms, step)
             return jax.tree.map(jnp.add, total, (metrics, grads)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, (jax.eval_shape(lambda: grad_fn(params, batch, norms)[0][1]), params))
-        (metrics, grads), _ = jax.lax.scan(accumulate, zeros, _micro_batches(batch, accum_steps))
-        metrics = dict(metrics, text_tokens=norms[0], regression_tokens=norms[1])
+        first = jax.tree.map(lambda x: x[0], _micro_batches(batch, accum_steps))
+        zeros = jax.tree.map(jnp.zeros_like,
+                             (jax.eval_shape(lambda: grad_fn(params, first, rng, norms, step)[0][1]), params))
+        (metrics, grads), _ = jax.lax.scan(accumulate, zeros, (jnp.arange(accum_steps), _micro_batches(batch, accum_steps)))
         return (metrics["loss"], metrics), grads
 
     def train_step(state: TrainState, batch: dict):
-        (loss, metrics), grads = gradients(state.params, batch)
+        (loss, metrics), grads = gradients(state.params, batch, step_key(seed, state.step), state.step)
         grads = jax.tree.map(lambda g, frozen: jnp.zeros_like(g) if frozen else g, grads, optimizer.frozen)
+        frozen_now = state.step >= optimizer.freeze_step
+        hold = lambda tree: tree if optimizer.frozen_later is None else jax.tree.map(  # noqa: E731
+            lambda x, later: jnp.where(frozen_now, jnp.zeros_like(x), x) if later else x, tree, optimizer.frozen_later)
+        grads = hold(grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
+        updates = hold(updates)
         params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        ema = state.ema
+        if ema is not None:
+            ema = keep(optax.incremental_update(params, ema, 1.0 - ema_decay), ema)
         new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
                                opt_state=keep(opt_state, state.opt_state),
-                               skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32))
-        metrics = dict(metrics, grad_norm=grad_norm, learning_rate=optimizer.schedule(state.step),
-                       finite=finite, tokens=(batch["segment_ids"] > 0).sum(), images=batch["image_mask"].sum(),
-                       events=batch["events"].sum(0))
+                               skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32), ema=ema)
+        metrics = dict(metrics, grad_norm=grad_norm, learning_rate=optimizer.schedule(state.step), finite=finite,
+                       **task.counters(batch))
         return new_state, metrics
 
     return train_step
 
 
-def make_eval_step(model, loss_config) -> Callable:
-    loss_fn = make_loss_fn(model, loss_config)
-
+def make_eval_step(task, seed: int = 0) -> Callable:
+    """Held-out metrics with a fixed key (the same noise at every evaluation)."""
     def eval_step(params, batch):
-        return loss_fn(params, batch)[1]
-
+        return task.loss(params, batch, jax.random.key(seed), task.loss_norms(batch), None)[1]
     return eval_step

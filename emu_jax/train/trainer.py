@@ -20,15 +20,13 @@ import optax
 from tqdm import tqdm
 
 from emu_jax.data import pipeline
-from emu_jax.data.tokenizer import Tokenizer
-from emu_jax.eval import captioning
-from emu_jax.models.emu import build_model, example_inputs
 from emu_jax.parallel import mesh as mesh_lib
 from emu_jax.train import flops as flops_lib
 from emu_jax.train.checkpoint import Checkpointer, abstract_with_shardings, restore_params
 from emu_jax.train.metrics import MetricsWriter
 from emu_jax.train.optimizer import make_optimizer
 from emu_jax.train.step import TrainState, make_eval_step, make_train_step
+from emu_jax.train.tasks import make_task
 
 
 class Preemption:
@@ -42,17 +40,15 @@ class Preemption:
         self.requested = True
 
 
-def abstract_model(model, mesh, rules):
-    """(abstract params as ShapeDtypeStructs, their NamedShardings) without allocating anything."""
-    inputs = example_inputs(model)
+def abstract_model(model, inputs, mesh, rules):
+    """(abstract params as ShapeDtypeStructs, their NamedShardings) without allocating anything;
+    `inputs` are the model's example inputs (ShapeDtypeStructs)."""
     boxed = jax.eval_shape(lambda kw: model.init(jax.random.key(0), **kw), inputs)["params"]
     return mesh_lib.strip_boxes(boxed), mesh_lib.logical_shardings(boxed, mesh, rules)
 
 
-def init_params(model, shardings, seed: int):
+def init_params(model, inputs, shardings, seed: int):
     """Parameters created already sharded: each device computes only its own shards."""
-    inputs = example_inputs(model)
-
     def init(key):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), inputs)
         return nn.unbox(model.init(key, **zeros)["params"])
@@ -73,7 +69,7 @@ def load_towers(params, init_from, abstract, shardings):
     return params
 
 
-def state_shardings(optimizer, abstract_params, param_shardings, mesh):
+def state_shardings(optimizer, abstract_params, param_shardings, mesh, ema: bool = False):
     abstract_opt = jax.eval_shape(optimizer.tx.init, abstract_params)
     masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731  (a frozen parameter's empty state)
     opt_shardings = optax.tree_map_params(optimizer.tx, lambda p, s: p if masked(p) else s, abstract_opt,
@@ -81,23 +77,18 @@ def state_shardings(optimizer, abstract_params, param_shardings, mesh):
                                           is_leaf=masked)
     scalar = mesh_lib.replicated(mesh)
     return abstract_opt, TrainState(step=scalar, params=param_shardings, opt_state=opt_shardings,
-                                    skipped_updates=scalar)
+                                    skipped_updates=scalar, ema=param_shardings if ema else None)
 
 
-def held_out_loss(eval_step, params, config, model, mesh) -> dict:
+def held_out_loss(eval_step, params, task, mesh, batches: int) -> dict:
     """Mean held-out metrics over a fixed number of eval batches (same pipeline, no shuffling)."""
-    data = pipeline.make_dataset(config.data, config.model, model.visual_tokens_per_image, split="eval",
-                                 worker_count=0)
     totals, count = {}, 0
-    for batch, _ in zip(data, range(config.train.eval_batches)):
+    for batch, _ in zip(task.dataset("eval", worker_count=0), range(batches)):
         metrics = jax.device_get(eval_step(params, pipeline.to_global(batch, mesh)))
-        for key in ("loss", "text_loss", "regression_loss"):
+        for key in task.metric_keys:
             totals[key] = totals.get(key, 0.0) + float(metrics[key])
         count += 1
     return {f"eval/{k}": v / max(count, 1) for k, v in totals.items()}
-
-
-FINAL_EVALS = {"digit_captions": captioning.digit_caption_accuracy}
 
 
 def train(config, workdir: str) -> dict:
@@ -117,46 +108,45 @@ def train(config, workdir: str) -> dict:
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         # ------------------------------------------------------------ model, optimizer, shardings
-        model = build_model(config.model)
-        abstract_params, param_shardings = abstract_model(model, mesh, rules)
+        task = make_task(config)
+        model, inputs = task.model, task.example_inputs()
+        abstract_params, param_shardings = abstract_model(model, inputs, mesh, rules)
         optimizer = make_optimizer(config.optimizer, abstract_params, tc.steps)
-        abstract_opt, shardings = state_shardings(optimizer, abstract_params, param_shardings, mesh)
+        use_ema = tc.ema_decay > 0
+        abstract_opt, shardings = state_shardings(optimizer, abstract_params, param_shardings, mesh, use_ema)
 
         # ------------------------------------------------------------ input pipeline
-        train_iter = iter(pipeline.make_dataset(config.data, config.model, model.visual_tokens_per_image))
+        train_iter = iter(task.dataset("train"))
 
         # ------------------------------------------------------------ state: resume or initialise
         checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                                     every=tc.checkpoint_every, async_save=tc.async_checkpoints)
         latest = checkpointer.latest_step()
+        abstract_sharded = abstract_with_shardings(abstract_params, param_shardings)
         if latest is not None:
-            params, opt_state, meta = checkpointer.restore(
-                latest, abstract_with_shardings(abstract_params, param_shardings),
-                abstract_with_shardings(abstract_opt, shardings.opt_state), train_iter)
+            params, opt_state, ema, meta = checkpointer.restore(
+                latest, abstract_sharded, abstract_with_shardings(abstract_opt, shardings.opt_state), train_iter,
+                abstract_sharded if use_ema else None)
             skipped = meta["skipped_updates"]
         else:
-            params = load_towers(init_params(model, param_shardings, config.seed), tc.init_from, abstract_params,
-                                 param_shardings)
+            params = load_towers(init_params(model, inputs, param_shardings, config.seed), tc.init_from,
+                                 abstract_params, param_shardings)
             opt_state = jax.jit(optimizer.tx.init, out_shardings=shardings.opt_state)(params)
+            ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)(params) if use_ema else None
             latest, skipped = 0, 0
         state = TrainState(step=jax.device_put(jnp.int32(latest), replicated), params=params, opt_state=opt_state,
-                           skipped_updates=jax.device_put(jnp.int32(skipped), replicated))
+                           skipped_updates=jax.device_put(jnp.int32(skipped), replicated), ema=ema)
 
         # ------------------------------------------------------------ steps
-        train_step = jax.jit(make_train_step(model, optimizer, config.loss, tc.grad_accum_steps),
+        train_step = jax.jit(make_train_step(task, optimizer, tc.grad_accum_steps, seed=config.seed,
+                                             ema_decay=tc.ema_decay),
                              in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
                              donate_argnums=0)
-        eval_step = jax.jit(make_eval_step(model, config.loss), in_shardings=(param_shardings, batch_sharding),
+        eval_step = jax.jit(make_eval_step(task, config.seed), in_shardings=(param_shardings, batch_sharding),
                             out_shardings=replicated)
-        vit_trainable = not all(jax.tree.leaves(optimizer.frozen["vit"]))
-        step_flops = flops_lib.step_flops(abstract_params, config.model, config.data.global_batch_size,
-                                          config.data.seq_len, config.data.max_images, vit_trainable)
-        peak = flops_lib.peak_flops_per_device() * jax.device_count()
-        if tc.caption_every or tc.final_eval:
-            tokenizer = Tokenizer(pipeline.expand(config.data.tokenizer, config.data.data_dir), config.model.tokens)
-        if tc.caption_every:
-            caption_images = np.stack([pixels for pixels, _ in captioning.held_out_images(
-                config.data, config.model.vit.image_size, tc.caption_samples)])
+        step_flops = task.step_flops(abstract_params, optimizer.frozen)
+        peak = flops_lib.peak_flops_per_device() * jax.device_count() if step_flops else 0.0
+        eval_params = lambda: state.ema if use_ema else state.params  # noqa: E731  (sampling uses the EMA)
 
         # ------------------------------------------------------------ loop
         progress = tqdm(total=tc.steps, initial=latest, disable=not is_main, desc="train", unit="step")
@@ -172,22 +162,22 @@ def train(config, workdir: str) -> dict:
                 window = jax.device_get(window)
                 seconds = (time.perf_counter() - window_start) / len(window)
                 summary = {k: float(np.mean([m[k] for m in window])) for k in
-                           ("loss", "text_loss", "regression_loss", "grad_norm", "learning_rate")}
+                           task.metric_keys + ("grad_norm", "learning_rate")}
                 summary.update({"tokens_per_s": sum(m["tokens"] for m in window) / seconds / len(window),
                                 "images_per_s": sum(m["images"] for m in window) / seconds / len(window),
-                                "step_time_s": seconds, "mfu": step_flops / seconds / peak,
+                                "step_time_s": seconds,
                                 "skipped_updates": float(jax.device_get(state.skipped_updates))})
+                if step_flops:
+                    summary["mfu"] = step_flops / seconds / peak
                 events = np.sum([m["events"] for m in window], axis=0)
                 summary.update({f"data/{name}": float(n) for name, n in zip(pipeline.EVENTS, events)})
                 writer.scalars(step, summary)
                 progress.set_postfix(loss=f"{summary['loss']:.3f}")
                 window, window_start = [], time.perf_counter()
             if tc.eval_every and step % tc.eval_every == 0:
-                writer.scalars(step, held_out_loss(eval_step, state.params, config, model, mesh))
-            if tc.caption_every and step % tc.caption_every == 0:
-                for i, caption in enumerate(captioning.generate_captions(
-                        model, state.params, tokenizer, config.model.tokens, caption_images)):
-                    writer.text(step, f"held_out_caption_{i}", caption)
+                writer.scalars(step, held_out_loss(eval_step, state.params, task, mesh, tc.eval_batches))
+            if tc.sample_every and step % tc.sample_every == 0 and is_main:
+                task.samples(step, eval_params(), workdir, writer)
             checkpointer.save(step, state, train_iter, {"skipped_updates": int(state.skipped_updates)},
                               force=step == tc.steps or preemption.requested)
             progress.update(1)
@@ -200,11 +190,6 @@ def train(config, workdir: str) -> dict:
         # ------------------------------------------------------------ final evaluation
         result = {"step": int(state.step)}
         if tc.final_eval and not preemption.requested:
-            accuracy, samples = FINAL_EVALS[tc.final_eval](model, state.params, tokenizer, config.model.tokens,
-                                                           config.data, config.model.vit.image_size, tc.final_eval_count)
-            for caption, digit in samples[:8]:
-                writer.text(int(state.step), "held_out_captions", f"{digit}: {caption}")
-            writer.scalars(int(state.step), {"eval/held_out_caption_accuracy": accuracy})
-            result["held_out_caption_accuracy"] = accuracy
+            result.update(task.final_eval(eval_params(), int(state.step), writer))
         writer.close()
         return result

@@ -1,0 +1,51 @@
+"""Tiny visual decoder for a 2-core CPU: a 32 px VAE (latents 8x8x4) and an SDXL-shaped UNet
+(linear projections, pooled "text_time" input) conditioned on the tiny Emu2's visual encoder.
+
+Two stages in the same trainer, the VAE first (the embedded default has no pretrained VAE):
+
+    python -m emu_jax.train --config=configs/tiny_decoder.py:vae --workdir=/tmp/emu_vae
+    python -m emu_jax.train --config=configs/tiny_decoder.py:decoder --workdir=/tmp/emu_decoder \\
+        --config.train.init_from.vae=/tmp/emu_vae/checkpoints \\
+        --config.train.init_from.vit=/tmp/emu_tiny/checkpoints --config.train.init_from.connector=/tmp/emu_tiny/checkpoints
+
+The decoder stage freezes the VAE and the visual encoder (init_from a tiny Emu run, as Emu2 does;
+without one the encoder keeps its random initialisation, which still conditions well enough on
+digits) and trains the UNet with an EMA of its weights. Each stage ends by printing the
+recognisability of its held-out outputs: the fraction an independent digit classifier (an SVM
+fit on sklearn's real digits) labels as the source digit.
+"""
+import os
+
+from emu_jax import config_lib
+
+
+def get_config(arg=None):
+    stage = config_lib.parse_variant(arg, ("vae", "decoder"))
+    config = config_lib.load(os.path.join(os.path.dirname(__file__), "tiny.py") + ":emu2")
+    with config.unlocked():
+        config.task = stage
+        config.model.vae = config_lib.vae(block_out_channels=(16, 32, 32), layers_per_block=1, groups=8,
+                                          scaling_factor=1.0)
+        config.model.unet = config_lib.sdxl_unet(block_out_channels=(32, 64), cross_attention=(True, True),
+                                                 transformer_depth=(1, 1), num_heads=(4, 4), layers_per_block=1,
+                                                 groups=8, addition_time_embed_dim=32)
+        config.model.decoder = config_lib.decoder_options(image_size=32, sampler="euler", sampler_steps=25,
+                                                          guidance=4.0, condition_dropout=0.1)
+        config.loss = config_lib.ml_collections.ConfigDict(dict(kl_weight=1e-4))
+        config.data.global_batch_size = 16
+        config.train.init_from.vae = ""
+        if stage == "vae":
+            config.optimizer = config_lib.optimizer_config(learning_rate=1e-3, warmup_steps=100, weight_decay=0.0,
+                                                           freeze=r"^(vit|connector|unet)/")
+            config.train = config_lib.train_config(steps=800, log_every=50, eval_every=400, checkpoint_every=400,
+                                                   sample_every=400, sample_count=8, final_eval="digit_recognisability",
+                                                   init_from=config.train.init_from)
+        else:
+            config.optimizer = config_lib.optimizer_config(learning_rate=1e-3, warmup_steps=100, weight_decay=0.0,
+                                                           freeze=r"^(vit|connector|vae)/")
+            config.train = config_lib.train_config(steps=3000, log_every=50, eval_every=1000, checkpoint_every=1000,
+                                                   sample_every=1000, sample_count=8, ema_decay=0.99,
+                                                   final_eval="digit_recognisability", final_eval_count=120,
+                                                   init_from=config.train.init_from)
+    config.lock()
+    return config

@@ -1,0 +1,246 @@
+"""What the trainer trains: one task object per `config.task` bundles the model, its inputs, its
+loss and what to evaluate. The trainer itself (mesh, shardings, optimizer, checkpoints, loop) is
+shared by every task.
+
+  emu      the autoregressive model: next-token cross-entropy + next-visual-embedding regression
+  vae      the decoder's autoencoder on its own: L1 reconstruction + KL (the tiny decoder's first
+           stage; real runs load a converted VAE instead)
+  decoder  the diffusion UNet, conditioned on Emu's visual encoder output for the same image
+           (Emu2's autoencoding recipe); the VAE and the encoder are frozen by the config
+
+A task provides: `model`, `example_inputs()`, `loss(params, batch, rng, norms, step)`,
+`loss_norms(batch)`, `counters(batch)`, `dataset(split, worker_count)`, `metric_keys`,
+`step_flops(abstract_params, frozen)`, `samples(step, params, workdir, writer)` and
+`final_eval(params, writer)`.
+"""
+from __future__ import annotations
+
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from emu_jax.data import pipeline
+from emu_jax.train import flops as flops_lib
+
+
+def _tower_trainable(frozen, tower: str) -> bool:
+    return tower in frozen and not all(jax.tree.leaves(frozen[tower]))
+
+
+class EmuTask:
+    metric_keys = ("loss", "text_loss", "regression_loss")
+
+    def __init__(self, config):
+        from emu_jax.models.emu import build_model
+        self.config = config
+        self.model = build_model(config.model)
+        self._tokenizer = None
+
+    def example_inputs(self) -> dict:
+        from emu_jax.models.emu import example_inputs
+        return example_inputs(self.model)
+
+    def loss(self, params, batch, rng, norms, step=None):
+        """`loss.regression_from_step` > 0 turns regression on part-way (None `step`: on)."""
+        from emu_jax.train.losses import emu_loss
+        del rng  # deterministic
+        lc = self.config.loss
+        regression_weight = lc.regression_weight
+        if step is not None and lc.regression_from_step:
+            regression_weight = jnp.where(step >= lc.regression_from_step, regression_weight, 0.0)
+        out = self.model.apply({"params": params}, **pipeline.model_inputs(batch))
+        return emu_loss(out, batch, text_weight=lc.text_weight, regression_weight=regression_weight, norms=norms)
+
+    def loss_norms(self, batch):
+        return batch["text_mask"].sum(), batch["regression_mask"].sum()
+
+    def counters(self, batch) -> dict:
+        return dict(tokens=(batch["segment_ids"] > 0).sum(), images=batch["image_mask"].sum(),
+                    events=batch["events"].sum(0))
+
+    def dataset(self, split: str = "train", worker_count=None):
+        return pipeline.make_dataset(self.config.data, self.config.model, self.model.visual_tokens_per_image,
+                                     split=split, worker_count=worker_count)
+
+    def step_flops(self, abstract_params, frozen) -> float:
+        data = self.config.data
+        return flops_lib.step_flops(abstract_params, self.config.model, data.global_batch_size, data.seq_len,
+                                    data.max_images, _tower_trainable(frozen, "vit"))
+
+    @property
+    def tokenizer(self):
+        from emu_jax.data.tokenizer import Tokenizer
+        if self._tokenizer is None:
+            data = self.config.data
+            self._tokenizer = Tokenizer(pipeline.expand(data.tokenizer, data.data_dir), self.config.model.tokens)
+        return self._tokenizer
+
+    def samples(self, step, params, workdir, writer):
+        """Greedy captions of a few held-out images."""
+        from emu_jax.eval import captioning
+        tc = self.config.train
+        images = np.stack([pixels for pixels, _ in captioning.held_out_images(
+            self.config.data, self.config.model.vit.image_size, tc.sample_count)])
+        for i, caption in enumerate(captioning.generate_captions(self.model, params, self.tokenizer,
+                                                                 self.config.model.tokens, images)):
+            writer.text(step, f"held_out_caption_{i}", caption)
+
+    def final_eval(self, params, step, writer) -> dict:
+        from emu_jax.eval import captioning
+        tc = self.config.train
+        if tc.final_eval != "digit_captions":
+            raise ValueError(f"unknown final_eval {tc.final_eval!r} for task emu (digit_captions)")
+        accuracy, samples = captioning.digit_caption_accuracy(
+            self.model, params, self.tokenizer, self.config.model.tokens, self.config.data,
+            self.config.model.vit.image_size, tc.final_eval_count)
+        for caption, digit in samples[:8]:
+            writer.text(step, "held_out_captions", f"{digit}: {caption}")
+        writer.scalars(step, {"eval/held_out_caption_accuracy": accuracy})
+        return {"held_out_caption_accuracy": accuracy}
+
+
+class _DecoderTask:
+    """Shared by the VAE and UNet stages: one `VisualDecoder`, image batches."""
+
+    def __init__(self, config):
+        from emu_jax.models.visual_decoder import build_decoder
+        self.config = config
+        self.model = build_decoder(config.model)
+
+    def example_inputs(self) -> dict:
+        from emu_jax.models.visual_decoder import example_inputs
+        return example_inputs(self.model)
+
+    def loss_norms(self, batch):
+        return batch["valid"].sum()
+
+    def counters(self, batch) -> dict:
+        return dict(images=batch["valid"].sum(), tokens=jnp.int32(0), events=batch["events"].sum(0))
+
+    def dataset(self, split: str = "train", worker_count=None):
+        return pipeline.make_image_dataset(self.config.data, self.model.image_size, split=split,
+                                           worker_count=worker_count)
+
+    def _apply(self, params, method, *args):
+        return self.model.apply({"params": params}, *args, method=method)
+
+    def _held_out(self, count: int) -> tuple[np.ndarray, list[dict]]:
+        from emu_jax.eval import captioning
+        found = captioning.held_out_images(self.config.data, self.model.image_size, count, require_meta="digit")
+        return np.stack([pixels for pixels, _ in found]), [meta for _, meta in found]
+
+    def reconstruct(self, params, images: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def samples(self, step, params, workdir, writer):
+        """A PNG grid: held-out originals (top row) above what this stage makes of them."""
+        from emu_jax.eval import image_grid
+        images, _ = self._held_out(self.config.train.sample_count)
+        grid = image_grid.grid([images, self.reconstruct(params, images)])
+        path = os.path.join(workdir, "samples", f"{self.name}_{step:07d}.png")
+        image_grid.save_png(grid, path)
+        writer.image(step, f"{self.name}/samples", grid)
+
+    def final_eval(self, params, step, writer) -> dict:
+        """Recognisability: an independent digit classifier (fit on sklearn's digits) labels
+        this stage's outputs for held-out digits."""
+        from emu_jax.eval import recognisability
+        tc = self.config.train
+        if tc.final_eval != "digit_recognisability":
+            raise ValueError(f"unknown final_eval {tc.final_eval!r} for task {self.name} (digit_recognisability)")
+        images, metas = self._held_out(tc.final_eval_count)
+        outputs = np.concatenate([self.reconstruct(params, images[i:i + 64]) for i in range(0, len(images), 64)])
+        accuracy = recognisability.digit_accuracy(outputs, [int(m["digit"]) for m in metas])
+        writer.scalars(step, {f"eval/{self.name}_recognisability": accuracy})
+        return {"recognisability": accuracy}
+
+
+class VaeTask(_DecoderTask):
+    name = "vae"
+    metric_keys = ("loss", "reconstruction_loss", "kl_loss")
+
+    def loss(self, params, batch, rng, norms, step=None):
+        del step
+        from emu_jax.models.vae import kl_divergence
+        from emu_jax.models.visual_decoder import to_signed
+        images = to_signed(batch["images"])
+        reconstruction, (mean, logvar) = self.model.apply({"params": params}, images, rng,
+                                                          method=lambda m, x, r: m.vae(x, r))
+        valid = batch["valid"].astype(jnp.float32)
+        per_example_l1 = jnp.abs(reconstruction - images).mean(axis=(1, 2, 3))
+        per_example_kl = kl_divergence(mean, logvar) / np.prod(images.shape[1:])
+        norm = jnp.maximum(norms, 1)
+        reconstruction_loss = (per_example_l1 * valid).sum() / norm
+        kl = (per_example_kl * valid).sum() / norm
+        total = reconstruction_loss + self.config.loss.kl_weight * kl
+        return total, {"loss": total, "reconstruction_loss": reconstruction_loss, "kl_loss": kl}
+
+    def reconstruct(self, params, images):
+        from emu_jax.models.visual_decoder import to_signed, to_uint8
+        out, _ = self.model.apply({"params": params}, to_signed(jnp.asarray(images)), method=lambda m, x: m.vae(x))
+        return np.asarray(to_uint8(out))
+
+    def step_flops(self, abstract_params, frozen) -> float:
+        return 0.0  # convolutional; not counted
+
+
+class DiffusionTask(_DecoderTask):
+    name = "decoder"
+    metric_keys = ("loss", "diffusion_loss")
+
+    def __init__(self, config):
+        super().__init__(config)
+        from emu_jax.models import diffusion
+        self.cumprod = diffusion.alphas_cumprod()
+
+    def unconditional(self, context):
+        """The conditioning that classifier-free guidance contrasts with (`decoder.uncond`)."""
+        if self.config.model.decoder.uncond != "zeros":
+            raise ValueError(f"decoder.uncond {self.config.model.decoder.uncond!r}: only 'zeros' is built in; "
+                             f"pass explicit unconditional embeddings to the generator for others")
+        return jnp.zeros_like(context)
+
+    def loss(self, params, batch, rng, norms, step=None):
+        del step
+        from emu_jax.models import diffusion
+        noise_key, time_key, drop_key = jax.random.split(rng, 3)
+        latents = jax.lax.stop_gradient(self._apply(params, lambda m, x: m.to_latents(x), batch["images"]))
+        context = self._apply(params, lambda m, x: m.condition(x), batch["images"])
+        b = latents.shape[0]
+        drop = jax.random.uniform(drop_key, (b,)) < self.config.model.decoder.condition_dropout
+        context = jnp.where(drop[:, None, None], self.unconditional(context), context)
+        noise = jax.random.normal(noise_key, latents.shape)
+        timesteps = jax.random.randint(time_key, (b,), 0, diffusion.NUM_TRAIN_TIMESTEPS)
+        noisy = diffusion.add_noise(latents, noise, timesteps, self.cumprod)
+        eps = self._apply(params, lambda m, x, t, c: m.eps(x, t, c), noisy, timesteps, context)
+        per_example = jnp.square(eps - noise).mean(axis=(1, 2, 3))
+        loss = (per_example * batch["valid"]).sum() / jnp.maximum(norms, 1)
+        return loss, {"loss": loss, "diffusion_loss": loss}
+
+    def generate(self, params, context, rng, *, steps=None, guidance=None, sampler=None):
+        """Conditioning [B, n, D] -> uint8 images, the configured sampler jitted end to end."""
+        from emu_jax.generate.images import sample_images
+        dc = self.config.model.decoder
+        return sample_images(self.model, params, context, self.unconditional(context), rng,
+                             sampler=sampler or dc.sampler, steps=steps or dc.sampler_steps,
+                             guidance=dc.guidance if guidance is None else guidance)
+
+    def reconstruct(self, params, images):
+        """Autoencoding through diffusion: encoder embedding -> sampled latents -> pixels."""
+        context = self._apply(params, lambda m, x: m.condition(x), jnp.asarray(images))
+        return np.asarray(self.generate(params, context, jax.random.key(self.config.seed)))
+
+    def step_flops(self, abstract_params, frozen) -> float:
+        return 0.0  # convolutional; not counted
+
+
+TASKS = {"emu": EmuTask, "vae": VaeTask, "decoder": DiffusionTask}
+
+
+def make_task(config):
+    kind = config.get("task", "emu")
+    if kind not in TASKS:
+        raise ValueError(f"unknown task {kind!r}; choose one of {sorted(TASKS)}")
+    return TASKS[kind](config)
