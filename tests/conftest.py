@@ -5,7 +5,7 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 
 from emu_jax import xla_flags  # noqa: E402
 
-xla_flags.apply_defaults()  # as the CLIs do (faster CPU convolutions)
+xla_flags.apply_defaults("decoder")  # as the train CLI does for decoder runs (faster CPU convolutions)
 
 import pathlib
 

@@ -4,14 +4,11 @@ Trains (or resumes) what the config describes (`config.task`: the Emu model, or 
 visual decoder). On the embedded digits world the Emu run ends by printing `held-out caption
 accuracy: <fraction>`, a decoder stage `held-out recognisability: <fraction>`.
 """
+from absl import app, flags, logging
+from ml_collections import config_flags
+
 from emu_jax import xla_flags
-
-xla_flags.apply_defaults()  # before JAX starts its backend
-
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from emu_jax.train.trainer import train  # noqa: E402
+from emu_jax.train.trainer import train
 
 config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/tiny.py.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
@@ -21,6 +18,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
+    xla_flags.apply_defaults(flags.FLAGS.config.get("task", "emu"))  # JAX's backend starts later, in train()
     result = train(flags.FLAGS.config, flags.FLAGS.workdir)
     if "held_out_caption_accuracy" in result:
         print(f"held-out caption accuracy: {result['held_out_caption_accuracy']:.4f}")
