@@ -9,10 +9,11 @@ Two stages in the same trainer, the VAE first (the embedded default has no pretr
         --config.train.init_from.vit=/tmp/emu_tiny/checkpoints --config.train.init_from.connector=/tmp/emu_tiny/checkpoints
 
 The decoder stage freezes the VAE and the visual encoder (init_from a tiny Emu run, as Emu2 does;
-without one the encoder keeps its random initialisation, which still conditions well enough on
-digits) and trains the UNet with an EMA of its weights. Each stage ends by printing the
-recognisability of its held-out outputs: the fraction an independent digit classifier (an SVM
-fit on sklearn's real digits) labels as the source digit.
+without one the encoder keeps its random initialisation) and trains the UNet with an EMA of its
+weights. Each stage ends by printing the recognisability of its held-out outputs: the fraction
+an independent digit classifier (an SVM fit on sklearn's real digits; 0.983 on the real held-out
+digits) labels as the source digit. Our runs on 2 CPU cores: VAE stage 0.983 (3.5 min); UNet
+stage, encoder from configs/tiny.py, 0.842 (3000 steps, about 8 min) — below the 0.9 we aim for.
 """
 import os
 

@@ -126,8 +126,12 @@ class AutoencoderKL(nn.Module):
         """Reconstruction (a posterior sample when `rng` is given, else the mean) and the
         posterior's (mean, log-variance) for the KL term."""
         mean, logvar = self.encode(images)
-        latents = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
-        return self.decode(latents), (mean, logvar)
+        return self.decode(posterior_sample(mean, logvar, rng)), (mean, logvar)
+
+
+def posterior_sample(mean, logvar, rng=None):
+    """A draw from N(mean, exp(logvar)), or the mean when `rng` is None."""
+    return mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
 
 
 def kl_divergence(mean, logvar):

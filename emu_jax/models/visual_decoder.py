@@ -17,7 +17,7 @@ import jax.numpy as jnp
 
 from emu_jax.data.media import normalize
 from emu_jax.models.unet import UNet
-from emu_jax.models.vae import AutoencoderKL
+from emu_jax.models.vae import AutoencoderKL, posterior_sample
 
 
 class VisualDecoder(nn.Module):
@@ -44,9 +44,7 @@ class VisualDecoder(nn.Module):
 
     def to_latents(self, images: jax.Array, rng=None) -> jax.Array:
         """uint8 images -> scaled latents (the posterior mean, or a sample when `rng` is given)."""
-        mean, logvar = self.vae.encode(to_signed(images))
-        latents = mean if rng is None else mean + jnp.exp(0.5 * logvar) * jax.random.normal(rng, mean.shape)
-        return latents * self.vae.scaling_factor
+        return posterior_sample(*self.vae.encode(to_signed(images)), rng) * self.vae.scaling_factor
 
     def from_latents(self, latents: jax.Array) -> jax.Array:
         """Scaled latents -> images in [-1, 1]."""
