@@ -44,8 +44,8 @@ def get_config(arg=None):
         else:
             config.optimizer = config_lib.optimizer_config(learning_rate=1e-3, warmup_steps=100, weight_decay=0.0,
                                                            freeze=r"^(vit|connector|vae)/")
-            config.train = config_lib.train_config(steps=3000, log_every=50, eval_every=1000, checkpoint_every=1000,
-                                                   sample_every=1000, sample_count=8, ema_decay=0.99,
+            config.train = config_lib.train_config(steps=4500, log_every=50, eval_every=1500, checkpoint_every=1500,
+                                                   sample_every=1500, sample_count=8, ema_decay=0.99,
                                                    final_eval="digit_recognisability", final_eval_count=120,
                                                    init_from=config.train.init_from)
     config.lock()

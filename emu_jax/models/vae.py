@@ -25,24 +25,28 @@ from emu_jax.models.unet import DownBlock, MidBlock, UpBlock
 class SpatialSelfAttention(nn.Module):
     """The VAE mid-block attention: group norm, one head over all H*W positions with biased
     q, k, v and output projections, residual."""
+    num_channels: int
     groups: int = 32
     epsilon: float = 1e-6
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
-    @nn.compact
+    def setup(self):
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.group_norm = group_norm(self.groups, self.epsilon, name=None, **kw)
+        self.attention = Attention(1, self.num_channels, qkv_bias=True, out_bias=True,
+                                   names=("to_q", "to_k", "to_v", "to_out_0"), **kw)
+        nn.share_scope(self, self.attention)  # diffusers keeps to_q... beside group_norm
+
     def __call__(self, x, context=None):
         del context  # self-attention only
         b, h, w, c = x.shape
-        y = group_norm(self.groups, self.epsilon, name="group_norm", dtype=self.dtype,
-                       param_dtype=self.param_dtype)(x).reshape(b, h * w, c)
-        y, _ = Attention(1, c, qkv_bias=True, out_bias=True, names=("to_q", "to_k", "to_v", "to_out_0"),
-                         dtype=self.dtype, param_dtype=self.param_dtype)(y)
+        y, _ = self.attention(self.group_norm(x).reshape(b, h * w, c))
         return x + y.reshape(b, h, w, c)
 
 
-def _vae_attention(groups, kw):
-    return functools.partial(SpatialSelfAttention, groups, 1e-6, **kw)
+def _vae_attention(channels, groups, kw):
+    return functools.partial(SpatialSelfAttention, channels, groups, 1e-6, **kw)
 
 
 def _norm_act_conv(x, features, groups, *, dtype, param_dtype):
@@ -67,7 +71,7 @@ class Encoder(nn.Module):
         for i, channels in enumerate(self.block_out_channels):
             x, _ = DownBlock(channels, self.layers_per_block, resample=i < last, asymmetric_downsample=True,
                              name=f"down_blocks_{i}", **block)(x)
-        x = MidBlock(_vae_attention(self.groups, kw), name="mid_block", **block)(x)
+        x = MidBlock(_vae_attention(self.block_out_channels[-1], self.groups, kw), name="mid_block", **block)(x)
         return _norm_act_conv(x, 2 * self.latent_channels, self.groups, **kw)
 
 
@@ -84,7 +88,7 @@ class Decoder(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         block = dict(groups=self.groups, epsilon=1e-6, **kw)
         x = conv(self.block_out_channels[-1], name="conv_in", **kw)(z)
-        x = MidBlock(_vae_attention(self.groups, kw), name="mid_block", **block)(x)
+        x = MidBlock(_vae_attention(self.block_out_channels[-1], self.groups, kw), name="mid_block", **block)(x)
         channels = list(reversed(self.block_out_channels))
         for i, features in enumerate(channels):
             x = UpBlock(features, self.layers_per_block + 1, resample=i < len(channels) - 1, name=f"up_blocks_{i}",

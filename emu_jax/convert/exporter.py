@@ -1,0 +1,117 @@
+"""An Orbax checkpoint (converted or trained) -> safetensors in a released layout.
+
+Parameters are restored one at a time as host arrays and written as a stream, so memory stays
+near the largest parameter. For a converted checkpoint the recorded source keys, their order and
+dtypes are reproduced, which makes import -> export bit for bit; for a trained one the keys come
+from our parameter names and the dtype from `dtype` (default float32). With `max_shard_bytes`
+the output is a directory of shards plus the Hugging Face index JSON.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from emu_jax.convert import importer, layouts, plan as plan_lib
+from emu_jax.convert.tensors import write_safetensors
+
+
+class _LeafReader:
+    """Restores one parameter at a time (the last one is kept: a stacked leaf serves many keys)."""
+
+    def __init__(self, checkpoint_dir: str, targets: dict):
+        import orbax.checkpoint as ocp
+        self.manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir), item_names=("params", "meta"))
+        self.step = self.manager.latest_step()
+        if self.step is None:
+            raise FileNotFoundError(f"no finished checkpoint in {checkpoint_dir}")
+        self.targets, self._path, self._value = targets, None, None
+
+    def get(self, path: plan_lib.Path) -> np.ndarray:
+        import orbax.checkpoint as ocp
+        if path != self._path:
+            t = self.targets[path]
+            item = importer._nested({path: ocp.RestoreArgs(restore_type=np.ndarray)})
+            abstract = importer._nested({path: np.zeros((0,), t.dtype)})  # structure only
+            restored = self.manager.restore(self.step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+                item=abstract, restore_args=item, partial_restore=True))).params
+            node = restored
+            for part in path:
+                node = node[part]
+            self._path, self._value = path, np.asarray(node)
+        return self._value
+
+    def close(self):
+        self.manager.close()
+
+
+def export_entries(checkpoint_dir: str, layout_name: str, config, dtype: str | None = None,
+                   use_recorded: bool = True):
+    """(entries for `write_safetensors`, closer): one (key, shape, dtype, produce) per tensor."""
+    layout = layouts.get_layout(layout_name)
+    targets = plan_lib.targets(config, layout)
+    record = importer.recorded_source(checkpoint_dir) if use_recorded else None
+    if record and record["layout"] != layout.name:
+        record = None  # exporting into another layout: our names decide the keys
+    tree = plan_lib._tree_of(targets)
+    if record:
+        keyed = []
+        for key in record["keys"]:
+            found = plan_lib.resolve(layout, key, tree)
+            if found is None:
+                raise plan_lib.ConversionError(f"{checkpoint_dir}: recorded key {key!r} has no parameter in the "
+                                               f"configured model; export with the config it was converted with")
+            keyed.append((key, *found, dtype or record["dtypes"][key]))
+    else:
+        keyed = [(layouts.path_to_source(layout, path, layer if t.stacked else None), path, layer, dtype or "float32")
+                 for path, t in targets.items() for layer in range(t.num_layers)]
+    reader = _LeafReader(checkpoint_dir, targets)
+    entries = []
+    for key, path, layer, key_dtype in keyed:
+        t = targets[path]
+        shape = layouts.source_shape(path[-1], t.layer_shape, t.layer_axes)
+
+        def produce(path=path, layer=layer, t=t):
+            value = reader.get(path)
+            return layouts.to_source(value[layer] if t.stacked else value, path[-1], t.layer_axes)
+
+        entries.append((key, shape, key_dtype, produce))
+    return entries, reader.close
+
+
+def export_checkpoint(checkpoint_dir: str, layout_name: str, config, out: str, *, dtype: str | None = None,
+                      max_shard_bytes: int | None = None, use_recorded: bool = True, progress: bool = True) -> dict:
+    """Writes `out` (a .safetensors file), or with `max_shard_bytes` a directory of
+    `model-0000k-of-0000n.safetensors` shards and `model.safetensors.index.json`."""
+    from tqdm import tqdm
+    entries, close = export_entries(checkpoint_dir, layout_name, config, dtype, use_recorded)
+    sizes = [int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, s, d, _ in entries]
+    bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="export", disable=not progress)
+    try:
+        if not max_shard_bytes:
+            write_safetensors(out, entries, {"format": "pt"}, on_tensor=bar.update)
+            files = [out]
+        else:
+            shards, current, used = [], [], 0
+            for entry, size in zip(entries, sizes):
+                if current and used + size > max_shard_bytes:
+                    shards.append(current)
+                    current, used = [], 0
+                current.append(entry)
+                used += size
+            shards.append(current)
+            os.makedirs(out, exist_ok=True)
+            weight_map, files = {}, []
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                write_safetensors(os.path.join(out, name), shard, {"format": "pt"}, on_tensor=bar.update)
+                weight_map |= {key: name for key, *_ in shard}
+                files.append(os.path.join(out, name))
+            index = {"metadata": {"total_size": sum(sizes)}, "weight_map": weight_map}
+            with open(os.path.join(out, "model.safetensors.index.json"), "w") as f:
+                json.dump(index, f, indent=2)
+    finally:
+        bar.close()
+        close()
+    return {"tensors": len(entries), "bytes": sum(sizes), "files": files}

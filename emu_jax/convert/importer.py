@@ -1,0 +1,154 @@
+"""Released PyTorch weights -> an Orbax checkpoint the trainer and generator load directly.
+
+    <out>/checkpoints/0/params   our parameter tree (only the towers the layout covers), sharded
+                        /meta     JSON: the layout, the source, every converted key and its dtype
+
+One parameter at a time: its source tensor(s) are read (memory-mapped), transformed (transpose,
+reshape, stack the layers of scanned towers, cast), placed on their shards over the mesh, and
+handed to Orbax's partial save, which appends it to a staging checkpoint; nothing else is held.
+Multi-process: every process runs the same loop, places only its addressable shards and writes
+them. The staging directory becomes `checkpoints/0` by one rename after the last write, so an
+interrupted conversion leaves nothing `latest_step` would pick.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jax
+import numpy as np
+
+from emu_jax.convert import layouts, plan as plan_lib
+from emu_jax.convert.tensors import TensorSource
+
+STEP = 0
+FLUSH_BYTES = 256 << 20
+
+
+def params_from_plan(plan: plan_lib.Plan, source: TensorSource, path: plan_lib.Path, dtype=None) -> np.ndarray:
+    """One of our parameters as a host array, read from its source tensor(s)."""
+    t = plan.targets[path]
+    dtype = np.dtype(dtype or t.dtype)
+    layers = plan.assignments[path]
+    pieces = [layouts.to_ours(source.read(layers[i]), path[-1], t.layer_shape, t.layer_axes).astype(dtype, copy=False)
+              for i in range(t.num_layers)]
+    return np.stack(pieces) if t.stacked else pieces[0]
+
+
+def _nested(flat: dict) -> dict:
+    tree: dict = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def to_params(source: TensorSource, layout_name: str, config, strict: bool = True) -> dict:
+    """The whole converted tree as host numpy arrays (no mesh, no checkpoint): for tests, parity
+    checks and small towers."""
+    layout = layouts.get_layout(layout_name)
+    plan = plan_lib.make_plan(source, layout, plan_lib.targets(config, layout), strict)
+    return _nested({path: params_from_plan(plan, source, path) for path in plan.targets})
+
+
+def _order(plan: plan_lib.Plan, source: TensorSource) -> list[plan_lib.Path]:
+    """Parameters in the order their first source tensor appears (sequential reads of each file)."""
+    position = {key: i for i, key in enumerate(source.keys())}
+    return sorted(plan.assignments, key=lambda p: min(position[k] for k in plan.assignments[p].values()))
+
+
+def _place(host: np.ndarray, sharding) -> jax.Array:
+    if sharding is None:
+        return jax.device_put(host)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+
+
+def import_checkpoint(source: TensorSource, layout_name: str, config, out_dir: str, *, mesh=None,
+                      strict: bool = True, flush_bytes: int = FLUSH_BYTES, compress: bool = False,
+                      progress: bool = True) -> dict:
+    """Converts `source` into `<out_dir>/checkpoints/0`; returns a summary (tensors, bytes, dropped).
+
+    Each group of about `flush_bytes` is written asynchronously while the next is read, so peak
+    memory is about two groups plus the largest parameter. `compress` turns on Orbax's zstd
+    (released weights barely compress, and it costs more time than the write)."""
+    from orbax.checkpoint.experimental import v1 as ocp_v1
+    from tqdm import tqdm
+    layout = layouts.get_layout(layout_name)
+    plan = plan_lib.make_plan(source, layout, plan_lib.targets(config, layout, mesh), strict)
+    final = os.path.join(os.path.abspath(out_dir), "checkpoints", str(STEP))
+    if os.path.exists(final):
+        raise FileExistsError(f"{final} already exists; remove it or convert into another --out")
+    staging = os.path.join(os.path.abspath(out_dir), ".convert-staging")
+    lead = jax.process_index() == 0
+    if lead and os.path.exists(staging):
+        shutil.rmtree(staging)  # an earlier conversion that was interrupted
+    _barrier("staging cleared")
+    step_dir = os.path.join(staging, str(STEP))
+    total = sum(source.nbytes(k) for k in plan.source_keys())
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not (progress and lead))
+    context = ocp_v1.Context()
+    context.array.saving.use_compression = compress
+    with context:
+        _write(plan, source, _order(plan, source), step_dir, flush_bytes, bar, ocp_v1)
+        ocp_v1.partial.finalize(step_dir)
+    bar.close()
+    converted = plan.source_keys()
+    meta = {"converted_from": {"layout": layout.name, "source": source.description,
+                               "keys": [k for k in source.keys() if k in set(converted)],
+                               "dtypes": {k: source.dtypes[k] for k in converted}, "dropped": plan.dropped}}
+    if lead:
+        os.rename(os.path.join(step_dir, "state"), os.path.join(step_dir, "params"))
+        os.makedirs(os.path.join(step_dir, "meta"))
+        with open(os.path.join(step_dir, "meta", "metadata"), "w") as f:
+            json.dump(meta, f)
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        os.rename(step_dir, final)
+        shutil.rmtree(staging)
+    _barrier("checkpoint committed")
+    return {"tensors": len(converted), "bytes": total, "dropped": plan.dropped, "checkpoint": os.path.dirname(final)}
+
+
+def _write(plan, source, order, step_dir, flush_bytes, bar, ocp_v1) -> None:
+    """Reads, places and appends parameters group by group; a group's write overlaps the next read."""
+    pending, pending_bytes, done, writing = {}, 0, 0, None
+    for path in order:
+        host = params_from_plan(plan, source, path)
+        pending[path] = _place(host, plan.targets[path].sharding)
+        pending_bytes += host.nbytes
+        del host
+        done += len(plan.assignments[path])
+        bar.update(sum(source.nbytes(k) for k in plan.assignments[path].values()))
+        bar.set_postfix(tensors=f"{done}/{len(plan.source_keys())}")
+        if pending_bytes >= flush_bytes:
+            if writing is not None:
+                writing.result()
+            writing = ocp_v1.partial.save_async(step_dir, _nested(pending))
+            pending, pending_bytes = {}, 0
+    if writing is not None:
+        writing.result()
+    if pending:
+        ocp_v1.partial.save(step_dir, _nested(pending))
+
+
+def _barrier(name: str) -> None:
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+        multihost_utils.sync_global_devices(name)
+
+
+def recorded_source(checkpoint_dir: str) -> dict | None:
+    """The `converted_from` record of a converted checkpoint (None for trained ones)."""
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir), item_names=("params", "meta"))
+    step = manager.latest_step()
+    if step is None:
+        raise FileNotFoundError(f"no finished checkpoint in {checkpoint_dir}")
+    path = os.path.join(os.path.abspath(checkpoint_dir), str(step), "meta", "metadata")
+    manager.close()
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        return json.load(f).get("converted_from")

@@ -1,0 +1,177 @@
+"""What a conversion will do, decided from key names and shapes alone, before any tensor is read.
+
+`targets(config, layout, mesh)` lists our parameters in the towers the layout covers (shape,
+dtype, logical axes, sharding); `make_plan(source, layout, targets)` assigns every source key to
+one parameter (and layer, for stacked towers) or to the dropped junk, and raises one
+`ConversionError` listing every unexpected, missing, duplicated or mis-shaped key.
+"""
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import flax.linen as nn
+import jax
+
+from emu_jax.convert import layouts
+from emu_jax.convert.layouts import Layout
+from emu_jax.parallel import mesh as mesh_lib
+
+Path = tuple[str, ...]
+SHOWN_PER_KIND = 20
+
+
+class ConversionError(ValueError):
+    """The source and the model disagree; the message lists every disagreement by key."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    shape: tuple[int, ...]  # our full shape (leading layer axis when stacked)
+    dtype: object
+    axes: tuple  # logical axis names, one per dimension
+    sharding: object  # NamedSharding, or None without a mesh
+
+    @property
+    def stacked(self) -> bool:
+        return bool(self.axes) and self.axes[0] == "layers"
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        return self.shape[1:] if self.stacked else self.shape
+
+    @property
+    def layer_axes(self) -> tuple:
+        return self.axes[1:] if self.stacked else self.axes
+
+    @property
+    def num_layers(self) -> int:
+        return self.shape[0] if self.stacked else 1
+
+
+def _boxed_params(config):
+    """Boxed abstract params of the Emu model, plus the decoder's unet and vae when configured."""
+    from emu_jax.models import emu as emu_lib
+    model = emu_lib.build_model(config.model)
+    def init(module, inputs):
+        return jax.eval_shape(lambda kw: module.init(jax.random.key(0), **kw)["params"], inputs)
+
+    boxed = dict(init(model, emu_lib.example_inputs(model)))
+    if "unet" in config.model:
+        from emu_jax.models import visual_decoder
+        decoder = visual_decoder.build_decoder(config.model)
+        towers = init(decoder, visual_decoder.example_inputs(decoder))
+        boxed |= {k: towers[k] for k in ("unet", "vae")}
+    return boxed
+
+
+def targets(config, layout: Layout, mesh=None) -> dict[Path, Target]:
+    """Our parameters in the towers `layout` covers, flattened to path tuples."""
+    boxed = _boxed_params(config)
+    missing = layout.towers() - set(boxed)
+    if missing:
+        raise ConversionError(f"layout {layout.name} fills towers {sorted(missing)}, which the config's model lacks "
+                              f"(it has {sorted(boxed)}); pick a config that describes them")
+    boxed = {k: v for k, v in boxed.items() if k in layout.towers()}
+    shardings = mesh_lib.logical_shardings(boxed, mesh, config.mesh.rules) if mesh is not None else None
+    is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
+    flat = jax.tree_util.tree_flatten_with_path(boxed, is_leaf=is_box)[0]
+    flat_shardings = jax.tree.leaves(shardings) if shardings is not None else [None] * len(flat)
+    out = {}
+    for (path, box), sharding in zip(flat, flat_shardings):
+        value = box.value if is_box(box) else box
+        axes = tuple(box.names) if is_box(box) else (None,) * len(value.shape)
+        out[tuple(k.key for k in path)] = Target(tuple(value.shape), value.dtype, axes, sharding)
+    return out
+
+
+@dataclasses.dataclass
+class Plan:
+    layout: Layout
+    assignments: dict[Path, dict[int, str]]  # our leaf -> {layer (0 unstacked): source key}
+    dropped: list[str]
+    targets: dict[Path, Target]
+
+    def source_keys(self) -> list[str]:
+        return [key for layers in self.assignments.values() for key in layers.values()]
+
+
+def _tree_of(paths) -> dict:
+    tree: dict = {}
+    for path in paths:
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = path
+    return tree
+
+
+def resolve(layout: Layout, key: str, tree: dict) -> tuple[Path, int] | None:
+    """A source key -> (our leaf path, layer index) by walking our parameter tree, or None."""
+    parts = layouts.source_to_path(layout, key)
+    if parts is None:
+        return None
+    node, layer = tree, 0
+    for i, part in enumerate(parts):
+        last = i == len(parts) - 1
+        if last and part == "weight" and isinstance(node, dict):
+            part = next((leaf for leaf in layouts.LEAF_FOR_WEIGHT if leaf in node), part)
+        if isinstance(node, dict) and part in node:
+            node = node[part]
+            continue
+        stacked = re.fullmatch(r"(.+)_(\d+)", part)
+        if stacked and isinstance(node, dict) and stacked.group(1) in node and not last:
+            node, layer = node[stacked.group(1)], int(stacked.group(2))
+            continue
+        return None
+    return (node, layer) if isinstance(node, tuple) else None
+
+
+def _listing(title: str, items: list[str]) -> str:
+    shown = "\n".join(f"    {item}" for item in items[:SHOWN_PER_KIND])
+    more = f"\n    ... and {len(items) - SHOWN_PER_KIND} more" if len(items) > SHOWN_PER_KIND else ""
+    return f"  {title} ({len(items)}):\n{shown}{more}"
+
+
+def make_plan(source, layout: Layout, target: dict[Path, Target], strict: bool = True) -> Plan:
+    tree = _tree_of(target)
+    assignments: dict[Path, dict[int, str]] = {}
+    dropped, unexpected, shapes, duplicates, vocab = [], [], [], [], []
+    misshaped: set = set()  # reported once, as a shape mismatch, not again as missing
+    for key in source.keys():
+        if layouts.is_junk(layout, key):
+            dropped.append(key)
+            continue
+        found = resolve(layout, key, tree)
+        if found is None:
+            unexpected.append(key)
+            continue
+        path, layer = found
+        t = target[path]
+        want = layouts.source_shape(path[-1], t.layer_shape, t.layer_axes)
+        have = tuple(source.shapes[key])
+        if layer >= t.num_layers:
+            unexpected.append(f"{key} (layer {layer}; the model has {t.num_layers})")
+        elif have != want:
+            misshaped.add((path, layer))
+            is_vocab = "vocab" in t.layer_axes and len(have) == len(want) and sum(a != b for a, b in zip(have, want)) == 1
+            (vocab if is_vocab else shapes).append(f"{key}: checkpoint {list(have)}, model {list(want)} "
+                                                   f"({'/'.join(path)})")
+        elif layer in assignments.setdefault(path, {}):
+            duplicates.append(f"{key} and {assignments[path][layer]} both fill {'/'.join(path)} layer {layer}")
+        else:
+            assignments[path][layer] = key
+    missing = []
+    for path, t in target.items():
+        have = assignments.get(path, {})
+        for layer in range(t.num_layers):
+            if layer not in have and (path, layer) not in misshaped:
+                missing.append(layouts.path_to_source(layout, path, layer if t.stacked else None))
+    problems = [(f"vocabulary size differs (not padded; set the config's vocab_size to the checkpoint's)", vocab),
+                ("shape mismatches", shapes), ("unexpected keys", unexpected if strict else []),
+                ("missing keys", missing), ("keys filling the same parameter", duplicates)]
+    if any(items for _, items in problems):
+        body = "\n".join(_listing(title, items) for title, items in problems if items)
+        raise ConversionError(f"{source.description} does not match layout {layout.name} and the configured model:\n"
+                              f"{body}")
+    return Plan(layout, assignments, dropped, target)
