@@ -61,15 +61,11 @@ def _safetensors_index(path: str) -> tuple[dict, dict, dict]:
     return files, shapes, dtypes
 
 
-_OPEN_SAFETENSORS: dict[str, object] = {}
-
-
 def _read_safetensors(path: str, key: str) -> np.ndarray:
+    """Maps the file for this one tensor only: pages of a mapping kept open would stay resident."""
     from safetensors import safe_open
-    if path not in _OPEN_SAFETENSORS:
-        _OPEN_SAFETENSORS.clear()  # keep one file mapped at a time
-        _OPEN_SAFETENSORS[path] = safe_open(path, framework="numpy")
-    return _OPEN_SAFETENSORS[path].get_tensor(key)
+    with safe_open(path, framework="numpy") as f:
+        return f.get_tensor(key)
 
 
 def _torch_state_dict(path: str) -> dict:
