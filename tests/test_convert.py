@@ -16,7 +16,7 @@ from conftest import ROOT, load_config
 torch = pytest.importorskip("torch")
 
 from emu_jax import config_lib  # noqa: E402
-from emu_jax.convert import exporter, importer, layouts, tensors  # noqa: E402
+from emu_jax.convert import exporter, importer, layouts, plan, tensors  # noqa: E402
 from emu_jax.convert.plan import ConversionError  # noqa: E402
 from emu_jax.models.emu import build_model  # noqa: E402
 from emu_jax.models.unet import UNet  # noqa: E402
@@ -188,9 +188,8 @@ def write_release(kind, directory):
 
 
 def sharded_abstract(config, layout_name, mesh):
-    from emu_jax.convert import plan as plan_lib
-    targets = plan_lib.targets(config, layouts.get_layout(layout_name), mesh)
-    return importer._nested({p: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding)
+    targets = plan.targets(config, layouts.get_layout(layout_name), mesh)
+    return plan.nested({p: jax.ShapeDtypeStruct(t.shape, t.dtype, sharding=t.sharding)
                              for p, t in targets.items()})
 
 

@@ -32,8 +32,8 @@ class _LeafReader:
         import orbax.checkpoint as ocp
         if path != self._path:
             t = self.targets[path]
-            item = importer._nested({path: ocp.RestoreArgs(restore_type=np.ndarray)})
-            abstract = importer._nested({path: np.zeros((0,), t.dtype)})  # structure only
+            item = plan_lib.nested({path: ocp.RestoreArgs(restore_type=np.ndarray)})
+            abstract = plan_lib.nested({path: np.zeros((0,), t.dtype)})  # structure only
             restored = self.manager.restore(self.step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
                 item=abstract, restore_args=item, partial_restore=True))).params
             node = restored
@@ -54,7 +54,7 @@ def export_entries(checkpoint_dir: str, layout_name: str, config, dtype: str | N
     record = importer.recorded_source(checkpoint_dir) if use_recorded else None
     if record and record["layout"] != layout.name:
         record = None  # exporting into another layout: our names decide the keys
-    tree = plan_lib._tree_of(targets)
+    tree = plan_lib.nested({p: p for p in targets})
     if record:
         keyed = []
         for key in record["keys"]:

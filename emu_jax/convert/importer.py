@@ -6,8 +6,8 @@
 One parameter at a time: its source tensor(s) are read (memory-mapped), transformed (transpose,
 reshape, stack the layers of scanned towers, cast), placed on their shards over the mesh, and
 handed to Orbax's partial save, which appends it to a staging checkpoint; nothing else is held.
-Multi-process: every process runs the same loop, places only its addressable shards and writes
-them. The staging directory becomes `checkpoints/0` by one rename after the last write, so an
+Multi-process (not yet exercised by a test): every process runs the same loop, places only its
+addressable shards and writes them. The staging directory becomes `checkpoints/0` by one rename after the last write, so an
 interrupted conversion leaves nothing `latest_step` would pick.
 """
 from __future__ import annotations
@@ -36,22 +36,12 @@ def params_from_plan(plan: plan_lib.Plan, source: TensorSource, path: plan_lib.P
     return np.stack(pieces) if t.stacked else pieces[0]
 
 
-def _nested(flat: dict) -> dict:
-    tree: dict = {}
-    for path, value in flat.items():
-        node = tree
-        for part in path[:-1]:
-            node = node.setdefault(part, {})
-        node[path[-1]] = value
-    return tree
-
-
 def to_params(source: TensorSource, layout_name: str, config, strict: bool = True) -> dict:
     """The whole converted tree as host numpy arrays (no mesh, no checkpoint): for tests, parity
     checks and small towers."""
     layout = layouts.get_layout(layout_name)
     plan = plan_lib.make_plan(source, layout, plan_lib.targets(config, layout), strict)
-    return _nested({path: params_from_plan(plan, source, path) for path in plan.targets})
+    return plan_lib.nested({path: params_from_plan(plan, source, path) for path in plan.targets})
 
 
 def _order(plan: plan_lib.Plan, source: TensorSource) -> list[plan_lib.Path]:
@@ -114,23 +104,25 @@ def import_checkpoint(source: TensorSource, layout_name: str, config, out_dir: s
 def _write(plan, source, order, step_dir, flush_bytes, bar, ocp_v1) -> None:
     """Reads, places and appends parameters group by group; a group's write overlaps the next read."""
     pending, pending_bytes, done, writing = {}, 0, 0, None
-    for path in order:
-        host = params_from_plan(plan, source, path)
-        pending[path] = _place(host, plan.targets[path].sharding)
-        pending_bytes += host.nbytes
-        del host
-        done += len(plan.assignments[path])
-        bar.update(sum(source.nbytes(k) for k in plan.assignments[path].values()))
-        bar.set_postfix(tensors=f"{done}/{len(plan.source_keys())}")
-        if pending_bytes >= flush_bytes:
-            if writing is not None:
-                writing.result()
-            writing = ocp_v1.partial.save_async(step_dir, _nested(pending))
-            pending, pending_bytes = {}, 0
-    if writing is not None:
-        writing.result()
+    try:
+        for path in order:
+            host = params_from_plan(plan, source, path)
+            pending[path] = _place(host, plan.targets[path].sharding)
+            pending_bytes += host.nbytes
+            del host
+            done += len(plan.assignments[path])
+            bar.update(sum(source.nbytes(k) for k in plan.assignments[path].values()))
+            bar.set_postfix(tensors=f"{done}/{len(plan.source_keys())}")
+            if pending_bytes >= flush_bytes:
+                if writing is not None:
+                    writing.result()
+                writing = ocp_v1.partial.save_async(step_dir, plan_lib.nested(pending))
+                pending, pending_bytes = {}, 0
+    finally:  # also on a failed read: no write may still be running when the error reaches the caller
+        if writing is not None:
+            writing.result()
     if pending:
-        ocp_v1.partial.save(step_dir, _nested(pending))
+        ocp_v1.partial.save(step_dir, plan_lib.nested(pending))
 
 
 def _barrier(name: str) -> None:

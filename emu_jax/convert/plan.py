@@ -96,13 +96,14 @@ class Plan:
         return [key for layers in self.assignments.values() for key in layers.values()]
 
 
-def _tree_of(paths) -> dict:
+def nested(flat: dict) -> dict:
+    """{path tuple: value} -> the nested dict of our parameter trees."""
     tree: dict = {}
-    for path in paths:
+    for path, value in flat.items():
         node = tree
         for part in path[:-1]:
             node = node.setdefault(part, {})
-        node[path[-1]] = path
+        node[path[-1]] = value
     return tree
 
 
@@ -134,7 +135,7 @@ def _listing(title: str, items: list[str]) -> str:
 
 
 def make_plan(source, layout: Layout, target: dict[Path, Target], strict: bool = True) -> Plan:
-    tree = _tree_of(target)
+    tree = nested({p: p for p in target})
     assignments: dict[Path, dict[int, str]] = {}
     dropped, unexpected, shapes, duplicates, vocab = [], [], [], [], []
     misshaped: set = set()  # reported once, as a shape mismatch, not again as missing
@@ -167,7 +168,7 @@ def make_plan(source, layout: Layout, target: dict[Path, Target], strict: bool =
         for layer in range(t.num_layers):
             if layer not in have and (path, layer) not in misshaped:
                 missing.append(layouts.path_to_source(layout, path, layer if t.stacked else None))
-    problems = [(f"vocabulary size differs (not padded; set the config's vocab_size to the checkpoint's)", vocab),
+    problems = [("vocabulary size differs (not padded; set the config's vocab_size to the checkpoint's)", vocab),
                 ("shape mismatches", shapes), ("unexpected keys", unexpected if strict else []),
                 ("missing keys", missing), ("keys filling the same parameter", duplicates)]
     if any(items for _, items in problems):
