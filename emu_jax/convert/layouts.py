@@ -165,12 +165,12 @@ def source_shape(leaf: str, shape: tuple[int, ...], axes: tuple) -> tuple[int, .
     return tuple(shape)
 
 
-def to_ours(array: np.ndarray, leaf: str, shape: tuple[int, ...], axes: tuple) -> np.ndarray:
-    """A PyTorch tensor (numpy) -> our per-layer parameter of `shape`."""
+def to_ours(array, leaf: str, shape: tuple[int, ...], axes: tuple):
+    """A PyTorch tensor -> our per-layer parameter of `shape` (numpy or jax arrays: array methods only)."""
     if leaf == "kernel" and _is_conv(axes):
-        return np.transpose(array, (2, 3, 1, 0))
+        return array.transpose((2, 3, 1, 0))
     if leaf == "kernel":
-        return np.ascontiguousarray(array.T).reshape(shape)
+        return array.T.reshape(shape)
     return array.reshape(shape)
 
 

@@ -47,25 +47,41 @@ class TensorSource:
             raise SourceError(f"{self.files[key]}: cannot read tensor {key!r}: {e}") from e
 
 
+def _safetensors_header(path: str) -> tuple[dict, int]:
+    """(tensor entries of the JSON header, byte offset where the data starts)."""
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        if length > os.path.getsize(path) - 8:
+            raise ValueError(f"header length {length} runs past the end of the file")
+        header = json.loads(f.read(length))
+    header.pop("__metadata__", None)
+    return header, 8 + length
+
+
 def _safetensors_index(path: str) -> tuple[dict, dict, dict]:
-    from safetensors import safe_open
     files, shapes, dtypes = {}, {}, {}
     try:
-        with safe_open(path, framework="numpy") as f:
-            for key in f.keys():
-                piece = f.get_slice(key)
-                files[key], shapes[key] = path, tuple(piece.get_shape())
-                dtypes[key] = np.dtype(_ST_DTYPES[piece.get_dtype()]).name
+        header, _ = _safetensors_header(path)
+        for key, entry in header.items():
+            files[key], shapes[key] = path, tuple(entry["shape"])
+            dtypes[key] = np.dtype(_ST_DTYPES[entry["dtype"]]).name
     except Exception as e:  # noqa: BLE001
         raise SourceError(f"{path}: not a readable safetensors file: {e}") from e
     return files, shapes, dtypes
 
 
 def _read_safetensors(path: str, key: str) -> np.ndarray:
-    """Maps the file for this one tensor only: pages of a mapping kept open would stay resident."""
-    from safetensors import safe_open
-    with safe_open(path, framework="numpy") as f:
-        return f.get_tensor(key)
+    """A read-only view of one tensor, memory-mapped on its own: the mapping (and the pages it
+    made resident) goes when the view is dropped, and the bytes are copied only by the consumer."""
+    header, start = _safetensors_header(path)
+    entry = header[key]
+    begin, end = entry["data_offsets"]
+    dtype, shape = np.dtype(_ST_DTYPES[entry["dtype"]]), tuple(entry["shape"])
+    if end - begin != int(np.prod(shape, dtype=np.int64)) * dtype.itemsize or start + end > os.path.getsize(path):
+        raise ValueError(f"data offsets {entry['data_offsets']} do not fit shape {list(shape)} {entry['dtype']}")
+    if end == begin:
+        return np.zeros(shape, dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=start + begin, shape=shape)
 
 
 def _torch_state_dict(path: str) -> dict:
