@@ -66,7 +66,7 @@ def main(argv):
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
         task = EmuTask(config)
         model, inputs = task.model, task.example_inputs()
-        abstract, param_shardings = trainer.abstract_model(model, inputs, mesh, config.mesh.rules)
+        abstract, param_shardings = mesh_lib.abstract_model(model, inputs, mesh, config.mesh.rules)
         optimizer = make_optimizer(config.optimizer, abstract, 1000)
         params = trainer.init_params(model, inputs, param_shardings, 0)
         state = TrainState(jnp.int32(0), params, jax.jit(optimizer.tx.init)(params), jnp.int32(0))

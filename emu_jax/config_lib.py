@@ -109,6 +109,18 @@ def decoder_options(**overrides) -> ml_collections.ConfigDict:
                                           sampler_steps=50, guidance=3.0) | overrides)
 
 
+def generation_config(**overrides) -> ml_collections.ConfigDict:
+    """Inference settings (`python -m emu_jax.generate`). Text: strategy "greedy" | "sample" |
+    "beam" and the knobs of `emu_jax.generate.decoding.TextSettings`; `interleave`: a batch of one
+    may answer with images of its own (text that emits [IMG] gets the image regressed and decoded,
+    then goes on). Images: `uncond` "empty_prompt" (the model's regression for `<s> [IMG]`, as the
+    reference) or "zeros"; guidance, sampler and steps 0/"" take the decoder's (`model.decoder`)."""
+    return ml_collections.ConfigDict(dict(
+        strategy="greedy", max_new_tokens=32, min_new_tokens=0, temperature=1.0, top_k=0, top_p=1.0, num_beams=5,
+        length_penalty=-1.0, interleave=True, max_images=4, uncond="empty_prompt", guidance=0.0, sampler="",
+        sampler_steps=0, batch_size=16, seed=0) | overrides)
+
+
 def base_config(*, vit, connector, llm, special_tokens) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
@@ -120,6 +132,7 @@ def base_config(*, vit, connector, llm, special_tokens) -> ml_collections.Config
     config.data = data_config()
     config.optimizer = optimizer_config()
     config.train = train_config()
+    config.generate = generation_config()
     config.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0,
                                                         cpu_collectives=""))
     return config

@@ -50,7 +50,7 @@ def setup_state(config, mesh):
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
         task = make_task(config)
         model, inputs = task.model, task.example_inputs()
-        abstract, param_shardings = trainer.abstract_model(model, inputs, mesh, config.mesh.rules)
+        abstract, param_shardings = mesh_lib.abstract_model(model, inputs, mesh, config.mesh.rules)
         optimizer = make_optimizer(config.optimizer, abstract, config.train.steps)
         _, shardings = trainer.state_shardings(optimizer, abstract, param_shardings, mesh)
         params = trainer.init_params(model, inputs, param_shardings, config.seed)
@@ -188,7 +188,7 @@ def test_checkpoint_restores_onto_a_different_mesh_and_initialises_a_tower(tmp_p
     cube = mesh_lib.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
     with jax.set_mesh(cube), nn.logical_axis_rules(config.mesh.rules):
         inputs = make_task(config).example_inputs()
-        abstract, shardings = trainer.abstract_model(model, inputs, cube, config.mesh.rules)
+        abstract, shardings = mesh_lib.abstract_model(model, inputs, cube, config.mesh.rules)
         abstract_opt, state_shardings = trainer.state_shardings(optimizer, abstract, shardings, cube)
         params, _, _, _ = Checkpointer(str(tmp_path), keep=1, every=1).restore(
             1, abstract_with_shardings(abstract, shardings), abstract_with_shardings(abstract_opt,

@@ -9,12 +9,13 @@ from __future__ import annotations
 import hashlib
 import re
 
+import jax
 import numpy as np
 
 from emu_jax.data import media, pipeline, records
 from emu_jax.data.digits import NAMES
 from emu_jax.data.tokenizer import Tokenizer
-from emu_jax.generate.greedy import greedy_decode
+from emu_jax.generate import decoding
 from emu_jax.models import tokens as tokens_lib
 
 
@@ -46,15 +47,15 @@ def generate_captions(model, params, tokenizer: Tokenizer, special, images: np.n
                       batch_size: int = 64) -> list[str]:
     """Greedy captions for uint8 images [N, S, S, 3]."""
     prompt = [tokenizer.bos_id] + tokens_lib.image_block(special, model.visual_tokens_per_image)
+    settings = decoding.TextSettings(max_new_tokens=max_new_tokens, stop_ids=(tokenizer.eos_id,))
     captions = []
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
-        n = len(chunk)
-        tokens = np.tile(np.asarray(prompt, np.int32), (n, 1))
-        positions = np.tile(np.arange(len(prompt), dtype=np.int32), (n, 1))
-        out = greedy_decode(model, params, tokens, positions, np.ones_like(tokens), media.normalize(chunk[:, None]),
-                            max_new_tokens=max_new_tokens, eos_id=tokenizer.eos_id)
-        captions += [tokenizer.decode(row) for row in np.asarray(out)]
+        tokens = np.tile(np.asarray(prompt, np.int32), (len(chunk), 1))
+        state = decoding.start(model, len(chunk), len(prompt) + max_new_tokens)
+        state = decoding.feed(model, params, state, tokens, np.ones_like(tokens), media.normalize(chunk[:, None]))
+        out, lengths, _ = decoding.decode_text(model, params, state, jax.random.key(0), settings)
+        captions += [tokenizer.decode(row[:n]) for row, n in zip(np.asarray(out), np.asarray(lengths))]
     return captions
 
 

@@ -49,8 +49,13 @@ def mesh_shape(mesh_config, device_count: int) -> tuple[int, ...]:
     return tuple(sizes)
 
 
-def make_mesh(mesh_config, devices=None) -> Mesh:
+def make_mesh(mesh_config, devices=None, allow_subset: bool = False) -> Mesh:
+    """The mesh over `devices` (all by default). `allow_subset` (inference) takes the first
+    devices a mesh with no -1 axis needs instead of insisting it use them all."""
     devices = jax.devices() if devices is None else devices
+    sizes = [int(mesh_config[a]) for a in MESH_AXES]
+    if allow_subset and -1 not in sizes and math.prod(sizes) < len(devices):
+        devices = devices[:math.prod(sizes)]
     shape = mesh_shape(mesh_config, len(devices))
     try:
         from jax.experimental import mesh_utils
@@ -91,3 +96,10 @@ def strip_boxes(boxed_tree):
     (`nn.unbox` constrains, which abstract values outside jit cannot take)."""
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
     return jax.tree.map(lambda x: x.value if is_box(x) else x, boxed_tree, is_leaf=is_box)
+
+
+def abstract_model(model, inputs, mesh: Mesh, rules):
+    """(abstract params as ShapeDtypeStructs, their NamedShardings) without allocating anything;
+    `inputs` are the model's example inputs (ShapeDtypeStructs)."""
+    boxed = jax.eval_shape(lambda kw: model.init(jax.random.key(0), **kw), inputs)["params"]
+    return strip_boxes(boxed), logical_shardings(boxed, mesh, rules)

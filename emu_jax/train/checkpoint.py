@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import os
 
-import grain
 import jax
 import orbax.checkpoint as ocp
 
@@ -41,6 +40,7 @@ class Checkpointer:
         return self.manager.latest_step()
 
     def save(self, step: int, state, data_iterator, meta: dict, force: bool = False) -> bool:
+        import grain  # only runs that stream data need it (inference restores params alone)
         items = dict(params=ocp.args.PyTreeSave(state.params), opt_state=ocp.args.PyTreeSave(state.opt_state),
                      meta=ocp.args.JsonSave(meta), data=grain.checkpoint.CheckpointSave(data_iterator))
         if state.ema is not None:
@@ -49,6 +49,7 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator, abstract_ema=None):
         """(params, opt_state, ema or None, meta); the data iterator is restored in place."""
+        import grain
         items = dict(params=_restore_tree(abstract_params), opt_state=_restore_tree(abstract_opt_state),
                      meta=ocp.args.JsonRestore(), data=grain.checkpoint.CheckpointRestore(data_iterator))
         if abstract_ema is not None:
@@ -63,14 +64,16 @@ class Checkpointer:
         self.manager.close()
 
 
-def restore_params(directory: str, abstract_params, step: int | None = None):
-    """The `params` item of a checkpoint written by the trainer or the converter (latest step by
-    default), placed with the shardings of `abstract_params`, a tree of ShapeDtypeStructs that may
-    name only some towers (e.g. {"llm": ...}): only those are read."""
+def restore_params(directory: str, abstract_params, step: int | None = None, item: str = "params"):
+    """The `params` item (or `item`, e.g. "ema") of a checkpoint written by the trainer or the
+    converter (latest step by default), placed with the shardings of `abstract_params`, a tree of
+    ShapeDtypeStructs that may name only some towers (e.g. {"llm": ...}): only those are read."""
     manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS)
     step = manager.latest_step() if step is None else step
     if step is None:
         raise FileNotFoundError(f"no finished checkpoint in {directory}")
-    restored = manager.restore(step, args=ocp.args.Composite(params=_restore_tree(abstract_params, partial=True)))
+    if not os.path.isdir(os.path.join(os.path.abspath(directory), str(step), item)):
+        raise FileNotFoundError(f"checkpoint {directory}/{step} has no {item!r} item")
+    restored = manager.restore(step, args=ocp.args.Composite(**{item: _restore_tree(abstract_params, partial=True)}))
     manager.close()
-    return restored.params
+    return restored[item]

@@ -40,13 +40,6 @@ class Preemption:
         self.requested = True
 
 
-def abstract_model(model, inputs, mesh, rules):
-    """(abstract params as ShapeDtypeStructs, their NamedShardings) without allocating anything;
-    `inputs` are the model's example inputs (ShapeDtypeStructs)."""
-    boxed = jax.eval_shape(lambda kw: model.init(jax.random.key(0), **kw), inputs)["params"]
-    return mesh_lib.strip_boxes(boxed), mesh_lib.logical_shardings(boxed, mesh, rules)
-
-
 def init_params(model, inputs, shardings, seed: int):
     """Parameters created already sharded: each device computes only its own shards."""
     def init(key):
@@ -110,7 +103,7 @@ def train(config, workdir: str) -> dict:
         # ------------------------------------------------------------ model, optimizer, shardings
         task = make_task(config)
         model, inputs = task.model, task.example_inputs()
-        abstract_params, param_shardings = abstract_model(model, inputs, mesh, rules)
+        abstract_params, param_shardings = mesh_lib.abstract_model(model, inputs, mesh, rules)
         optimizer = make_optimizer(config.optimizer, abstract_params, tc.steps)
         use_ema = tc.ema_decay > 0
         abstract_opt, shardings = state_shardings(optimizer, abstract_params, param_shardings, mesh, use_ema)

@@ -1,0 +1,136 @@
+"""Generation speed, side by side on identical weights in one run.
+
+    python benchmarks/generate_speed.py [--hidden=256 --layers=4 --batch=4]
+
+1. Image embeddings: 64 visual embeddings regressed after a 256-token prompt, through the KV cache
+   (`decoding.regress_image`: one prefill, then one position per step) vs the reference method
+   (the whole sequence re-run for every new embedding, `decoding.regress_image_uncached`).
+   Target: >= 20x. Both are compiled first; the timings are of a second call.
+2. Text: greedy tokens/s of our jitted decoding vs transformers' `LlamaForCausalLM.generate`
+   (KV cache, greedy) on the same LLaMA (its weights imported into ours with the converter), the
+   same prompts, the same number of new tokens. Target: >= 3x. Also prints how many generated
+   tokens agree.
+"""
+import argparse
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from emu_jax import config_lib  # noqa: E402
+from emu_jax.generate import decoding  # noqa: E402
+from emu_jax.models.emu import build_model, example_inputs  # noqa: E402
+
+
+def config_for(args):
+    config = config_lib.load(os.path.join(ROOT, "configs", "tiny.py") + ":emu2")
+    with config.unlocked():
+        config.model.vit.update(image_size=64, patch_size=8)
+        config.model.connector.pool_grid = 8  # 64 visual embeddings per image
+        config.model.llm.update(hidden=args.hidden, num_layers=args.layers, num_heads=args.hidden // 64,
+                                num_kv_heads=args.hidden // 64, mlp_hidden=args.hidden * 3, max_positions=1024)
+    return config
+
+
+def timed(fn, repeats=3):
+    jax.block_until_ready(fn())  # compile
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        jax.block_until_ready(fn())
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def image_embeddings(config, model, params, prompt_len, count):
+    rng = np.random.RandomState(0)
+    tokens = rng.randint(3, 500, size=(1, prompt_len)).astype(np.int32)
+    tokens[0, -1] = config.model.tokens.img  # the prompt asks for an image
+    valid = np.ones_like(tokens)
+    positions = np.arange(prompt_len, dtype=np.int32)[None]
+
+    def cached():
+        state = decoding.feed(model, params, decoding.start(model, 1, prompt_len + count), tokens, valid)
+        return decoding.regress_image(model, params, state, count=count)[0]
+
+    def rerun():
+        return decoding.regress_image_uncached(model, params, tokens, positions, valid, None, count=count)
+
+    a, b = cached(), rerun()
+    error = float(jnp.abs(a - b).max())
+    return timed(cached), timed(rerun, repeats=1), error
+
+
+def text_speed(config, model, params, batch, prompt_len, new_tokens):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+    from emu_jax.convert import importer, tensors
+    llm = config.model.llm
+    torch.manual_seed(0)
+    hf = LlamaForCausalLM(LlamaConfig(
+        vocab_size=llm.vocab_size, hidden_size=llm.hidden, intermediate_size=llm.mlp_hidden,
+        num_hidden_layers=llm.num_layers, num_attention_heads=llm.num_heads, num_key_value_heads=llm.num_kv_heads,
+        rms_norm_eps=llm.norm_eps, rope_theta=llm.rope_theta, max_position_embeddings=llm.max_positions,
+        tie_word_embeddings=False, attn_implementation="sdpa")).eval()
+    params = dict(params, **importer.to_params(tensors.from_state_dict(hf.state_dict()), "llama_hf", config))
+    prompts = np.random.RandomState(1).randint(3, 500, size=(batch, prompt_len)).astype(np.int32)
+    settings = decoding.TextSettings(max_new_tokens=new_tokens)  # no stop tokens: every row runs to the end
+
+    def ours():
+        state = decoding.feed(model, params, decoding.start(model, batch, prompt_len + new_tokens), prompts,
+                              np.ones_like(prompts))
+        return decoding.decode_text(model, params, state, jax.random.key(0), settings)[0]
+
+    def theirs():
+        with torch.no_grad():
+            return hf.generate(torch.from_numpy(prompts.astype(np.int64)), attention_mask=torch.ones(prompts.shape),
+                               max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, num_beams=1,
+                               pad_token_id=0, eos_token_id=None)[:, prompt_len:]
+
+    agree = float((np.asarray(ours()) == theirs().numpy()).mean())
+    ours_s = timed(ours)
+    theirs_s = min(_wall(theirs) for _ in range(3))
+    return batch * new_tokens / ours_s, batch * new_tokens / theirs_s, agree
+
+
+def _wall(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--hidden", type=int, default=256)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--prompt_len", type=int, default=256)
+    parser.add_argument("--count", type=int, default=64)
+    parser.add_argument("--new_tokens", type=int, default=64)
+    args = parser.parse_args()
+    config = config_for(args)
+    model = build_model(config.model)
+    inputs = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example_inputs(model))
+    import flax.linen as nn
+    params = jax.jit(lambda k: nn.unbox(model.init(k, **inputs)["params"]))(jax.random.key(0))
+    print(f"device: {jax.devices()[0].device_kind}; LLaMA hidden {args.hidden}, {args.layers} layers, "
+          f"vocab {config.model.llm.vocab_size}")
+
+    cached, rerun, error = image_embeddings(config, model, params, args.prompt_len, args.count)
+    print(f"image embeddings ({args.count} after a {args.prompt_len}-token prompt): cached {cached * 1e3:.1f} ms, "
+          f"re-run per position {rerun * 1e3:.1f} ms -> speed-up {rerun / cached:.1f}x (target >= 20); "
+          f"max |difference| {error:.1e}")
+    ours, theirs, agree = text_speed(config, model, params, args.batch, 64, args.new_tokens)
+    print(f"greedy text (batch {args.batch}, 64-token prompts, {args.new_tokens} new tokens): ours {ours:.0f} tokens/s, "
+          f"transformers generate {theirs:.0f} tokens/s -> ratio {ours / theirs:.1f}x (target >= 3); "
+          f"{agree:.0%} of generated tokens identical")
+
+
+if __name__ == "__main__":
+    main()
