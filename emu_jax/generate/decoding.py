@@ -153,23 +153,13 @@ def decode_text(model, params, state: State, rng, settings: TextSettings):
     return out, lengths, state
 
 
-def _repeat_rows(tree, k: int):
-    """Each row of every array k times in a row (the cache's batch axis is 1 for keys/values)."""
-    def repeat(path, x):
+def _rows(tree, fn):
+    """fn(array, batch axis) on every array of a State (the cache's keys/values keep batch on axis 1)."""
+    def apply(path, x):
         if x.ndim == 0:
             return x
-        axis = 1 if any(getattr(p, "key", None) == "kv" for p in path) else 0
-        return jnp.repeat(x, k, axis=axis)
-    return jax.tree_util.tree_map_with_path(repeat, tree)
-
-
-def _take_rows(tree, rows):
-    def take(path, x):
-        if x.ndim == 0:
-            return x
-        axis = 1 if any(getattr(p, "key", None) == "kv" for p in path) else 0
-        return jnp.take(x, rows, axis=axis)
-    return jax.tree_util.tree_map_with_path(take, tree)
+        return fn(x, 1 if any(getattr(p, "key", None) == "kv" for p in path) else 0)
+    return jax.tree_util.tree_map_with_path(apply, tree)
 
 
 def _normalised(log_prob_sum, length, penalty: float):
@@ -188,7 +178,7 @@ def beam_search(model, params, state: State, settings: TextSettings):
     k, steps, penalty = settings.num_beams, settings.max_new_tokens, settings.length_penalty
     batch, vocab = state.logits.shape
     stop_ids = jnp.asarray(settings.stop_ids or (-1,))
-    state = _repeat_rows(state, k)
+    state = _rows(state, lambda x, axis: jnp.repeat(x, k, axis=axis))
     alive_seq = jnp.full((batch, k, steps), settings.fill_id, jnp.int32)
     alive_score = jnp.tile(jnp.array([0.0] + [NEG_INF] * (k - 1), jnp.float32), (batch, 1))  # sums of log-probs
     fin_seq, fin_len = alive_seq, jnp.zeros((batch, k), jnp.int32)
@@ -228,7 +218,8 @@ def beam_search(model, params, state: State, settings: TextSettings):
         fin = merge_finished(fin, seq, length, jnp.where(is_stop, _normalised(scores, length, penalty), NEG_INF))
         alive_score, pick = jax.lax.top_k(jnp.where(is_stop, NEG_INF, scores), k)
         alive_seq, chosen = seq[rows, pick], token[rows, pick]
-        state = _take_rows(state, (rows * k + parent[rows, pick]).reshape(-1))
+        parents = (rows * k + parent[rows, pick]).reshape(-1)
+        state = _rows(state, lambda x, axis: jnp.take(x, parents, axis=axis))
         state = _feed_tokens(model, params, state, chosen.reshape(-1))
         return i + 1, state, alive_seq, alive_score, fin
 
