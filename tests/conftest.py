@@ -2,11 +2,6 @@ import os
 
 # Eight fake CPU devices for the mesh tests; set before JAX initialises its backend.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
-# Many tests (and the CLIs they start) compile the same tiny models' steps: a persistent
-# compilation cache shared by the workers compiles each once per run.
-os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.environ.get("TMPDIR", "/tmp"),
-                                                                 "emu_jax_test_compilation_cache"))
-os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "1")
 
 from emu_jax import xla_flags  # noqa: E402
 

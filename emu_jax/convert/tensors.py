@@ -8,6 +8,7 @@ checked whole before it writes anything.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import struct
@@ -48,10 +49,18 @@ class TensorSource:
 
 
 def _safetensors_header(path: str) -> tuple[dict, int]:
-    """(tensor entries of the JSON header, byte offset where the data starts)."""
+    """(tensor entries of the JSON header, byte offset where the data starts), parsed once per
+    version of the file (every tensor read needs it)."""
+    stat = os.stat(path)
+    return _parse_header(path, stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _parse_header(path: str, mtime_ns: int, size: int) -> tuple[dict, int]:
+    del mtime_ns  # part of the cache key only
     with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
-        if length > os.path.getsize(path) - 8:
+        if length > size - 8:
             raise ValueError(f"header length {length} runs past the end of the file")
         header = json.loads(f.read(length))
     header.pop("__metadata__", None)

@@ -1,7 +1,8 @@
 """Autoregressive inference with the KV cache, jitted: text (greedy, sampling, beam search) and
 visual embeddings (regressed one position at a time, each fed back as the next input).
 
-A `State` is the cache plus the model's outputs at the last position fed. `start` makes an empty
+A `State` is the cache plus the final hidden state at the last position fed; each loop turns it
+into what it needs (next-token logits, or the next visual embedding), and only that. `start` makes an empty
 one, `feed` appends a left-padded chunk of tokens (with images spliced in at `<image>`), and each
 decoder returns the next State, so text and images interleave by feeding one another's output:
 
@@ -27,8 +28,7 @@ NEG_INF = -1e30
 
 class State(NamedTuple):
     cache: dict
-    logits: jax.Array  # [B, V] at the last position fed: the next token's
-    regression: jax.Array  # [B, D_target] at the last position fed: the next visual embedding
+    hidden: jax.Array  # [B, 1, D_llm] final-normed hidden state at the last position fed
     position: jax.Array  # [B] rotary position of the next real input
 
 
@@ -72,18 +72,28 @@ class TextSettings:
 def start(model, batch: int, cache_len: int) -> State:
     """An empty state with room for `cache_len` positions."""
     llm = model.llm
-    return State(llm.init_cache(batch, cache_len), jnp.zeros((batch, llm.vocab_size), jnp.float32),
-                 jnp.zeros((batch, model.connector.target_width), jnp.float32), jnp.zeros((batch,), jnp.int32))
+    return State(llm.init_cache(batch, cache_len), jnp.zeros((batch, 1, llm.hidden), jnp.dtype(llm.dtype)),
+                 jnp.zeros((batch,), jnp.int32))
 
 
 def _feed_embeddings(model, params, state: State, embeddings, valid) -> State:
     """Appends input embeddings [B, T, D] (valid [B, T]: 1 real, 0 padding) to the cache."""
     valid = valid.astype(jnp.int32)
     positions = state.position[:, None] + jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-    logits, regression, cache = model.apply({"params": params}, embeddings, positions, valid, state.cache,
-                                            method="decode")
-    return State(cache, logits[:, -1].astype(jnp.float32), regression[:, -1].astype(jnp.float32),
-                 state.position + valid.sum(axis=1))
+    hidden, cache = model.apply({"params": params}, embeddings, positions, valid, state.cache,
+                                method=lambda m, *a: m.llm(*a))
+    return State(cache, hidden[:, -1:], state.position + valid.sum(axis=1))
+
+
+def _logits(model, params, state: State) -> jax.Array:
+    """[B, V] float32: the next token's logits."""
+    return model.apply({"params": params}, state.hidden, method=lambda m, h: m.llm.logits(h))[:, 0].astype(jnp.float32)
+
+
+def _regression(model, params, state: State) -> jax.Array:
+    """[B, D_target] float32: the next visual embedding."""
+    return model.apply({"params": params}, state.hidden, method=lambda m, h: m.connector.regress(h))[:, 0].astype(
+        jnp.float32)
 
 
 @partial(jax.jit, static_argnames=("model",))
@@ -127,7 +137,7 @@ def decode_text(model, params, state: State, rng, settings: TextSettings):
     state after the last token fed). Stops early once every row has stopped."""
     if settings.strategy == "beam":
         raise ValueError("beam search keeps several hypotheses per row: use beam_search")
-    batch = state.logits.shape[0]
+    batch = state.hidden.shape[0]
     stop_ids = jnp.asarray(settings.stop_ids or (-1,))
 
     def cond(carry):
@@ -137,7 +147,7 @@ def decode_text(model, params, state: State, rng, settings: TextSettings):
     def body(carry):
         i, state, out, lengths, done, rng = carry
         rng, key = jax.random.split(rng)
-        logits = _forbid_stops(state.logits, i, settings)
+        logits = _forbid_stops(_logits(model, params, state), i, settings)
         token = (jnp.argmax(logits, axis=-1) if settings.strategy == "greedy"
                  else _sample(logits, key, settings)).astype(jnp.int32)
         token = jnp.where(done, settings.fill_id, token)
@@ -176,7 +186,7 @@ def beam_search(model, params, state: State, settings: TextSettings):
     A row is done when it holds k finished hypotheses that no alive beam can beat any more;
     at max_new_tokens the alive beams count as finished."""
     k, steps, penalty = settings.num_beams, settings.max_new_tokens, settings.length_penalty
-    batch, vocab = state.logits.shape
+    batch, vocab = state.hidden.shape[0], model.llm.vocab_size
     stop_ids = jnp.asarray(settings.stop_ids or (-1,))
     state = _rows(state, lambda x, axis: jnp.repeat(x, k, axis=axis))
     alive_seq = jnp.full((batch, k, steps), settings.fill_id, jnp.int32)
@@ -208,7 +218,7 @@ def beam_search(model, params, state: State, settings: TextSettings):
 
     def body(carry):
         i, state, alive_seq, alive_score, fin = carry
-        log_probs = jax.nn.log_softmax(_forbid_stops(state.logits, i, settings), axis=-1).reshape(batch, k, vocab)
+        log_probs = jax.nn.log_softmax(_forbid_stops(_logits(model, params, state), i, settings), axis=-1).reshape(batch, k, vocab)
         candidates = (alive_score[..., None] + log_probs).reshape(batch, k * vocab)
         scores, flat = jax.lax.top_k(candidates, 2 * k)
         parent, token = flat // vocab, (flat % vocab).astype(jnp.int32)
@@ -238,12 +248,13 @@ def regress_image(model, params, state: State, *, count: int):
     """The `count` visual embeddings of an image whose `[IMG]` was the last input: each regressed
     embedding is fed back (Emu1 as is, Emu2 through project_up) as the next input, through the
     cache. -> (embeddings [B, count, D_target], state after all `count` inputs)."""
-    out = jnp.zeros(state.regression.shape[:1] + (count,) + state.regression.shape[1:], jnp.float32)
+    out = jnp.zeros((state.hidden.shape[0], count, model.connector.target_width), jnp.float32)
 
     def body(k, carry):
         state, out = carry
-        out = out.at[:, k].set(state.regression)
-        inputs = model.apply({"params": params}, state.regression[:, None], method="feed_back")
+        regressed = _regression(model, params, state)
+        out = out.at[:, k].set(regressed)
+        inputs = model.apply({"params": params}, regressed[:, None], method="feed_back")
         return _feed_embeddings(model, params, state, inputs, jnp.ones(inputs.shape[:2], jnp.int32)), out
 
     state, out = jax.lax.fori_loop(0, count, body, (state, out))
