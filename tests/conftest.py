@@ -1,7 +1,9 @@
 import os
 
-# Eight fake CPU devices for the mesh tests; set before JAX initialises its backend.
+# Eight fake CPU devices for the mesh tests; set before JAX initialises its backend. CPU only:
+# libtpu (installed for the ahead-of-time TPU compiles) would otherwise look for a TPU.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 from emu_jax import xla_flags  # noqa: E402
 
@@ -12,7 +14,45 @@ import pathlib
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def init_key(seed: int = 0):
+    """A key for drawing test parameters: XLA compiles threefry separately per parameter shape, which
+    made initialisers the slowest compiles of the suite; RngBitGenerator keys compile in a fraction
+    (the trainer's config.init_prng does the same)."""
+    import jax
+    return jax.random.key(seed, impl="unsafe_rbg")
+
+
 def load_config(name: str, arg: str | None = None):
     """configs/<name>.py[:arg], loaded as `--config=` would."""
     from emu_jax import config_lib
     return config_lib.load(str(ROOT / "configs" / f"{name}.py") + (f":{arg}" if arg else ""))
+
+
+# A smaller decoder than configs/tiny_decoder.py for tests that only check plumbing, not quality:
+# the UNet/VAE steps compile in a fraction of the time. As `--config.` overrides for CLI tests.
+SMALL_DECODER = {"model.unet.block_out_channels": (8, 16), "model.unet.num_heads": (2, 2),
+                 "model.vae.block_out_channels": (8, 8, 8), "model.decoder.sampler_steps": 2}
+
+
+def small_decoder_config(stage: str = "decoder"):
+    from emu_jax import config_lib
+    return config_lib.with_overrides(load_config("tiny_decoder", stage), SMALL_DECODER)
+
+
+def as_flags(overrides: dict) -> list[str]:
+    """`--config.a.b=value` arguments for a dict of overrides (tuples comma-joined)."""
+    return [f"--config.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in overrides.items()]
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tmp_path_factory):
+    """A sentencepiece model trained in a second on a few digits-world sentences (the real one
+    needs the whole digits world built first)."""
+    from emu_jax.data.tokenizer import Tokenizer, train_sentencepiece
+    sentences = ["a handwritten three", "this is a dax.", "question: what digit is this? answer: four",
+                 "this is a wug.", "a handwritten seven moving left"] * 20
+    path = train_sentencepiece(sentences, str(tmp_path_factory.mktemp("sp") / "sp.model"), 64)
+    return Tokenizer(path, load_config("tiny").model.tokens)

@@ -3,7 +3,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from conftest import load_config
+from conftest import init_key, load_config
 
 from emu_jax.models import tokens as tokens_lib
 from emu_jax.models.emu import build_model, example_inputs
@@ -55,5 +55,14 @@ def init_params(model, batch=None, seed=0):
     if key not in _PARAMS:
         inputs = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example_inputs(model))
         init = jax.jit(lambda k, b: model.init(k, **b))
-        _PARAMS[key] = nn.unbox(init(jax.random.key(seed), inputs)["params"])
+        _PARAMS[key] = nn.unbox(init(init_key(seed), inputs)["params"])
     return _PARAMS[key]
+
+
+def save_params(directory, params, item="params"):
+    """A checkpoint directory as the trainer writes it, holding only `item`."""
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(str(directory), item_names=(item,))
+    manager.save(0, args=ocp.args.Composite(**{item: ocp.args.PyTreeSave(params)}))
+    manager.wait_until_finished()
+    manager.close()

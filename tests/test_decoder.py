@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import ROOT, load_config
+from conftest import init_key, small_decoder_config
 
 from emu_jax import config_lib
 from emu_jax.models import diffusion
@@ -41,7 +41,7 @@ def test_tiny_unet_shapes_and_conditioning(shape):
     latents = jnp.asarray(rng.randn(2, 8, 8, 4), jnp.float32)
     context = jnp.asarray(rng.randn(2, 5, 24), jnp.float32)
     extra = dict(pooled=context.mean(1), time_ids=jnp.ones((2, 6))) if shape == "sdxl" else {}
-    params = jax.jit(lambda: unet.init(jax.random.key(0), latents, jnp.zeros((2,)), context, **extra))()
+    params = jax.jit(lambda: unet.init(init_key(0), latents, jnp.zeros((2,)), context, **extra))()
     eps = jax.jit(unet.apply)(params, latents, jnp.array([10, 900]), context, **extra)
     assert eps.shape == latents.shape and bool(jnp.isfinite(eps).all())
     other = jax.jit(unet.apply)(params, latents, jnp.array([10, 900]), context[::-1], **extra)
@@ -57,7 +57,7 @@ def test_vae_round_trip_on_a_real_photo_and_training_reduces_the_loss():
     photo = np.asarray(Image.fromarray(photos.astronaut()).resize((32, 32), Image.BICUBIC))[None]
     vae = AutoencoderKL(block_out_channels=(16, 32), layers_per_block=1, groups=8)
     images = to_signed(jnp.asarray(photo))
-    params = jax.jit(vae.init)(jax.random.key(0), images)
+    params = jax.jit(vae.init)(init_key(0), images)
     mean, logvar = vae.apply(params, images, method=vae.encode)
     assert mean.shape == logvar.shape == (1, 16, 16, 4)
     tx = optax.adam(3e-3)
@@ -139,14 +139,14 @@ def data_dir(tmp_path_factory):
 def test_diffusion_training_step_reduces_the_loss_on_a_fixed_batch(data_dir):
     from emu_jax.data import pipeline
     from emu_jax.train.tasks import make_task
-    config = load_config("tiny_decoder", "decoder")
+    config = small_decoder_config()
     with config.unlocked():
         config.data.data_dir = data_dir
         config.data.global_batch_size = 8
     task = make_task(config)
     batch = next(iter(pipeline.make_image_dataset(config.data, 32, worker_count=0)))
     inputs = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), task.example_inputs())
-    params = jax.jit(lambda k: task.model.init(k, **inputs)["params"])(jax.random.key(0))
+    params = jax.jit(lambda k: task.model.init(k, **inputs)["params"])(init_key(0))
     params = jax.tree.map(lambda x: x.unbox() if hasattr(x, "unbox") else x, params,
                           is_leaf=lambda x: hasattr(x, "unbox"))
     tx = optax.masked(optax.adam(2e-3), {k: k == "unet" for k in params})
@@ -175,7 +175,7 @@ def test_decoder_stages_run_resume_with_ema_and_log_sample_grids(data_dir, tmp_p
     flags.FLAGS.mark_as_parsed()
 
     def stage(name, workdir, steps, **overrides):
-        config = load_config("tiny_decoder", name)
+        config = small_decoder_config(name)
         with config.unlocked():
             config.data.data_dir = data_dir
             config.data.global_batch_size = 8
@@ -186,7 +186,6 @@ def test_decoder_stages_run_resume_with_ema_and_log_sample_grids(data_dir, tmp_p
             config.train.sample_every = steps
             config.train.sample_count = 8  # the samples batch spans the 8 fake devices
             config.train.final_eval_count = 8
-            config.model.decoder.sampler_steps = 2
             for key, value in overrides.items():
                 config.train.init_from[key] = value
         return trainer.train(config, str(workdir))

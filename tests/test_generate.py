@@ -9,15 +9,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, load_config
-from model_helpers import init_params, random_images, row, tiny
+from conftest import ROOT, SMALL_DECODER, as_flags, init_key, load_config, small_decoder_config
+from model_helpers import init_params, random_images, row, save_params, tiny
 
 from emu_jax.data import media
-from emu_jax.data.tokenizer import Tokenizer, train_sentencepiece
 from emu_jax.generate import decoding, prompts
 from emu_jax.generate.decoding import TextSettings
 from emu_jax.models import tokens as tokens_lib
-from emu_jax.parallel import mesh as mesh_lib
 
 STEPS = 6
 
@@ -191,15 +189,6 @@ def test_sampling_rules(emu2):
 
 # ----------------------------------------------------------------------------- prompts
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory):
-    config = load_config("tiny")
-    sentences = ["a handwritten three", "this is a dax.", "question: what digit is this? answer: four",
-                 "this is a wug.", "a handwritten seven moving left"] * 20
-    path = train_sentencepiece(sentences, str(tmp_path_factory.mktemp("sp") / "sp.model"), 64)
-    return Tokenizer(path, config.model.tokens)
-
-
 def test_prompt_syntax_places_inputs_and_requests(tmp_path, tokenizer):
     a = np.full((32, 32, 3), 10, np.uint8)
     path = str(tmp_path / "a.png")
@@ -237,37 +226,22 @@ def test_few_shot_prompt_layout(tokenizer):
 
 # ----------------------------------------------------------------------------- generator
 
-def save_params(directory, params, item="params"):
-    import orbax.checkpoint as ocp
-    manager = ocp.CheckpointManager(str(directory), item_names=(item,))
-    manager.save(0, args=ocp.args.Composite(**{item: ocp.args.PyTreeSave(params)}))
-    manager.wait_until_finished()
-    manager.close()
-
-
 # a decoder small enough to compile in seconds (the CLI gets the same overrides)
-DECODER = {"model.unet.block_out_channels": (8, 16), "model.unet.num_heads": (2, 2),
-           "model.vae.block_out_channels": (8, 8, 8), "model.decoder.sampler_steps": 2}
-
-
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory, tokenizer):
     """Random tiny Emu and decoder checkpoints, with the config naming the test tokenizer."""
     from emu_jax.models.visual_decoder import build_decoder, example_inputs
     import flax.linen as nn
     root = tmp_path_factory.mktemp("gen")
-    config = load_config("tiny_decoder", "decoder")
+    config = small_decoder_config()
     with config.unlocked():
         config.data.tokenizer = tokenizer.model_path
         config.generate.max_new_tokens = 5
-        for key, value in DECODER.items():
-            parent, _, leaf = key.rpartition(".")
-            config[parent][leaf] = value
     _, model = tiny("emu2")
     save_params(root / "emu", init_params(model))
     decoder = build_decoder(config.model)
     inputs = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example_inputs(decoder))
-    params = jax.jit(lambda k: nn.unbox(decoder.init(k, **inputs)["params"]))(jax.random.key(1))
+    params = jax.jit(lambda k: nn.unbox(decoder.init(k, **inputs)["params"]))(init_key(1))
     save_params(root / "decoder", params, item="ema")
     return config, str(root / "emu"), str(root / "decoder")
 
@@ -302,7 +276,7 @@ def test_generate_cli_answers_with_text_and_an_image(checkpoints, tmp_path):
             f"--config.data.tokenizer={config.data.tokenizer}", f"--checkpoint={emu}", f"--decoder={decoder}",
             "--prompt=<image> this is a [IMG] and", f"--image={image}", f"--out={tmp_path / 'out'}",
             "--config.generate.strategy=beam", "--config.generate.num_beams=3", "--config.generate.max_new_tokens=4"]
-    args += [f"--config.{k}={','.join(map(str, v)) if isinstance(v, tuple) else v}" for k, v in DECODER.items()]
+    args += as_flags(SMALL_DECODER)
     done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert done.returncode == 0, done.stderr[-3000:]
     assert "[0] " in done.stdout and "tokens/s" in done.stdout

@@ -1,4 +1,5 @@
 """Model-family tests on tiny random towers: masking, splicing, caching, layouts, gradients."""
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,3 +220,82 @@ def test_bfloat16_compute_stays_close_to_float32():
     assert out16.regression.dtype == jnp.bfloat16 and out16.logits.dtype == jnp.float32
     assert np.isfinite(np.asarray(out16.logits)).all()
     np.testing.assert_allclose(out16.logits, out32.logits, atol=0.1)
+
+
+def naive_attention(q, k, v, mask):
+    """Softmax attention written out, grouped kv heads repeated: the reference for every kernel."""
+    k, v = (jnp.repeat(x, q.shape[2] // x.shape[2], axis=2) for x in (k, v))
+    logits = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    weights = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1)
+    return jnp.einsum("bhts,bshd->bthd", weights, v)
+
+
+def packed_qkv(seed=0, B=2, T=256, H=4, K=2, D=128):
+    rng = np.random.RandomState(seed)
+    q, k, v = (jnp.asarray(rng.randn(B, T, heads, D), jnp.float32) for heads in (H, K, K))
+    segment_ids = np.ones((B, T), np.int32)
+    segment_ids[0, 100:] = 2  # two packed documents
+    segment_ids[1, 200:] = 0  # padding
+    return q, k, v, jnp.asarray(segment_ids)
+
+
+def test_attention_on_cpu_is_xla_and_equals_the_written_out_softmax():
+    q, k, v, segment_ids = packed_qkv()
+    mask = layers.SegmentMask(segment_ids)
+    assert layers.choose_attention("auto", q, k, mask, None) == "xla"
+    out = layers.dot_product_attention(q, k, v, mask=mask)
+    np.testing.assert_allclose(out, naive_attention(q, k, v, mask.dense()), atol=2e-5)
+
+
+def test_splash_kernel_equals_xla_on_packed_causal_documents_alone_and_sharded():
+    """The TPU kernel's own code, interpreted on CPU: packed documents, padding, grouped kv heads;
+    then under a data x tensor mesh, where it runs per device under shard_map."""
+    from emu_jax import config_lib
+    from emu_jax.parallel import mesh as mesh_lib
+    q, k, v, segment_ids = packed_qkv()
+    mask = layers.SegmentMask(segment_ids)
+    reference = layers.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+    np.testing.assert_allclose(layers.dot_product_attention(q, k, v, mask=mask, implementation="splash"),
+                               reference, atol=2e-5)
+    mesh = mesh_lib.make_mesh({"data": 2, "fsdp": 1, "tensor": 2}, jax.devices()[:4])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config_lib.LOGICAL_AXIS_RULES):
+        sharded = jax.jit(lambda q, k, v, ids: layers.dot_product_attention(
+            q, k, v, mask=layers.SegmentMask(ids), implementation="splash"))(q, k, v, segment_ids)
+    np.testing.assert_allclose(sharded, reference, atol=2e-5)
+
+
+@pytest.mark.parametrize("platform, dtype, masking, expected", [
+    ("gpu", jnp.bfloat16, "segments", "cudnn"), ("gpu", jnp.bfloat16, "dense", "cudnn"),
+    ("gpu", jnp.float32, "segments", "xla"),  # cuDNN flash attention is bf16/fp16 only
+    ("tpu", jnp.bfloat16, "segments", "splash"), ("tpu", jnp.float32, "none", "splash"),
+    ("tpu", jnp.bfloat16, "dense", "xla"),  # a dense mask (cached decoding) is not splash's form
+    ("cpu", jnp.bfloat16, "segments", "xla")])
+def test_auto_attention_follows_the_mesh_platform(platform, dtype, masking, expected):
+    q, k, _, segment_ids = packed_qkv(T=128)
+    q, k = q.astype(dtype), k.astype(dtype)
+    mask = {"segments": layers.SegmentMask(segment_ids), "dense": layers.attention_mask(segment_ids, segment_ids),
+            "none": None}[masking]
+    device = jax.sharding.AbstractDevice(device_kind=f"fake {platform}", num_cores=None, platform=platform)
+    mesh = jax.sharding.AbstractMesh((1,), ("data",), abstract_device=device)
+    with jax.sharding.use_abstract_mesh(mesh):
+        assert layers.choose_attention("auto", q, k, mask, None) == expected
+    with pytest.raises(ValueError, match="attention implementation 'flash'"):
+        layers.choose_attention("flash", q, k, mask, None)
+
+
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+def test_cudnn_attention_equals_xla_on_gpu():
+    """On a GPU "auto" picks cuDNN for bf16 packed causal attention; it must agree with XLA's
+    (bf16 tolerance), gradients included."""
+    q, k, v, segment_ids = (x.astype(jnp.bfloat16) if x.dtype == jnp.float32 else x for x in packed_qkv())
+    mask = layers.SegmentMask(segment_ids)
+    assert layers.choose_attention("auto", q, k, mask, None) == "cudnn"
+
+    def loss(implementation):
+        return jax.jit(jax.value_and_grad(lambda q, k, v: layers.dot_product_attention(
+            q, k, v, mask=mask, implementation=implementation).astype(jnp.float32).sum(), argnums=(0, 1, 2)))
+
+    (value, grads), (ref_value, ref_grads) = loss("cudnn")(q, k, v), loss("xla")(q, k, v)
+    np.testing.assert_allclose(value, ref_value, rtol=2e-2)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), atol=5e-2, rtol=5e-2)

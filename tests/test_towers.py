@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, load_config
+from conftest import ROOT, init_key, load_config
 from scipy.special import erf
 
 from emu_jax.models.causal_former import relative_position_buckets
@@ -48,7 +48,7 @@ def numpy_eva_block(x, p, post_norm, heads, eps=1e-6):
 def test_eva_vit_matches_numpy_reference(post_norm):
     vit = EvaVit(image_size=32, patch_size=8, width=32, depth=2, num_heads=4, mlp_hidden=64, post_norm=post_norm)
     images = np.random.RandomState(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
-    params = nn.unbox(jax.jit(vit.init)(jax.random.key(1), images)["params"])
+    params = nn.unbox(jax.jit(vit.init)(init_key(1), images)["params"])
     # randomise biases and norms so that a swapped or missing one shows
     rng = np.random.RandomState(2)
     params = jax.tree.map(lambda a: np.asarray(a, np.float64) + 0.1 * rng.normal(size=a.shape), params)
@@ -100,7 +100,7 @@ def test_position_embedding_is_interpolated_for_a_larger_image():
     small_grid = EvaVit(image_size=64, pos_embed_grid=4, **kw)
     full_grid = EvaVit(image_size=64, **kw)
     images = np.random.RandomState(3).normal(size=(1, 64, 64, 3)).astype(np.float32)
-    params = nn.unbox(jax.jit(small_grid.init)(jax.random.key(0), images)["params"])
+    params = nn.unbox(jax.jit(small_grid.init)(init_key(0), images)["params"])
     assert params["pos_embed"].shape == (1, 17, 16)
     pos = np.asarray(params["pos_embed"][0], np.float64)
     resized = loop_bicubic_2d(pos[1:].reshape(4, 4, 16), 8).reshape(64, 16)

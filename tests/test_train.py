@@ -10,7 +10,6 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 from absl import flags
 from conftest import ROOT, load_config
@@ -19,8 +18,7 @@ from emu_jax.data import digits, pipeline
 from emu_jax.parallel import mesh as mesh_lib
 from emu_jax.train import trainer
 from emu_jax.train.checkpoint import Checkpointer, abstract_with_shardings
-from emu_jax.train.optimizer import make_optimizer
-from emu_jax.train.step import TrainState, make_train_step
+from emu_jax.train.step import TrainState
 from emu_jax.train.tasks import make_task
 
 flags.FLAGS.mark_as_parsed()
@@ -46,20 +44,15 @@ def config_for(data_dir, **train):
 
 
 def setup_state(config, mesh):
-    """What the trainer builds before its loop, on `mesh`."""
+    """What the trainer builds before its loop, on `mesh` (its own build and jitted step)."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
-        task = make_task(config)
-        model, inputs = task.model, task.example_inputs()
-        abstract, param_shardings = mesh_lib.abstract_model(model, inputs, mesh, config.mesh.rules)
-        optimizer = make_optimizer(config.optimizer, abstract, config.train.steps)
-        _, shardings = trainer.state_shardings(optimizer, abstract, param_shardings, mesh)
-        params = trainer.init_params(model, inputs, param_shardings, config.seed)
-        opt_state = jax.jit(optimizer.tx.init, out_shardings=shardings.opt_state)(params)
+        setup = trainer.build(config, mesh)
+        params = trainer.init_params(setup.task.model, setup.task.example_inputs(), setup.param_shardings,
+                                     config.seed)
+        opt_state = jax.jit(setup.optimizer.tx.init, out_shardings=setup.shardings.opt_state)(params)
         state = TrainState(jnp.int32(0), params, opt_state, jnp.int32(0))
-        step = jax.jit(make_train_step(task, optimizer, config.train.grad_accum_steps),
-                       in_shardings=(shardings, mesh_lib.batch_sharding(mesh)),
-                       out_shardings=(shardings, mesh_lib.replicated(mesh)))
-    return model, optimizer, state, step
+        step = trainer.jit_train_step(config, setup)
+    return setup.task.model, setup.optimizer, state, step
 
 
 def batches(config, count):
@@ -75,6 +68,16 @@ def run_steps(config, mesh, data):
             state, metrics = step(state, pipeline.to_global(batch, mesh))
             losses.append(float(metrics["loss"]))
     return losses, jax.device_get(state), optimizer
+
+
+def test_batch_spec_matches_what_the_pipeline_yields(data_dir):
+    """The ahead-of-time compile lowers the step on `batch_spec`; it must be the pipeline's batch."""
+    config = config_for(data_dir)
+    (batch,) = batches(config, 1)
+    spec = make_task(config).batch_spec()
+    assert sorted(spec) == sorted(batch)
+    for key, value in batch.items():
+        assert (spec[key].shape, spec[key].dtype) == (value.shape, value.dtype), key
 
 
 def test_sharded_step_on_eight_devices_equals_one_device(data_dir):
@@ -266,3 +269,16 @@ def test_two_processes_on_loopback_match_one_process(tmp_path, data_dir):
     single_losses, multi_losses = read(tmp_path / "single"), read(tmp_path / "multi")
     assert len(single_losses) == 4
     np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
+
+
+def test_restoring_a_parameter_the_checkpoint_lacks_names_it(tmp_path):
+    """A checkpoint of another model version must not come back with holes (abstract leaves)."""
+    from model_helpers import save_params
+
+    from emu_jax.train.checkpoint import restore_params
+    save_params(tmp_path, {"vae": {"to_q": jnp.ones(3)}})
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    wanted = {"vae": {name: jax.ShapeDtypeStruct((3,), jnp.float32, sharding=sharding) for name in ("to_q", "query")}}
+    with pytest.raises(KeyError, match=r"lacks 1 parameter.*\['vae'\]\['query'\]"):
+        restore_params(str(tmp_path), wanted)
+    assert float(restore_params(str(tmp_path), {"vae": {"to_q": wanted["vae"]["to_q"]}})["vae"]["to_q"].sum()) == 3

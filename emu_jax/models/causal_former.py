@@ -42,7 +42,7 @@ class T5AttentionLayer(nn.Module):
     num_heads: int
     head_dim: int
     norm_eps: float
-    attention_impl: str | None = None
+    attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -74,7 +74,7 @@ class CausalFormerBlock(nn.Module):
     head_dim: int
     d_ff: int
     norm_eps: float = 1e-6
-    attention_impl: str | None = None
+    attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -103,7 +103,7 @@ class T5DecoderStack(nn.Module):
     norm_eps: float = 1e-6
     scan_layers: bool = False
     remat: str = "none"
-    attention_impl: str | None = None
+    attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -160,7 +160,7 @@ class CausalFormerConnector(nn.Module):
     norm_eps: float = 1e-6
     scan_layers: bool = False
     remat: str = "none"
-    attention_impl: str | None = None
+    attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 

@@ -97,7 +97,7 @@ def _fields_of(cls, values: dict) -> dict:
 def build_model(model_config) -> Emu:
     """The Emu model described by `config.model` (see configs/); the config alone decides it."""
     common = dict(dtype=jnp.dtype(model_config.dtype), param_dtype=jnp.dtype(model_config.param_dtype),
-                  attention_impl=model_config.get("attention_impl") or None)
+                  attention_impl=model_config.get("attention_impl") or "auto")
     vit = EvaVit(**model_config.vit.to_dict(), **common, parent=None)
     connector_config = model_config.connector.to_dict()
     connector_cls = CONNECTORS[connector_config.pop("kind")]

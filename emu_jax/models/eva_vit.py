@@ -79,7 +79,7 @@ class EvaBlock(nn.Module):
     mlp_hidden: int
     post_norm: bool = False
     norm_eps: float = 1e-6
-    attention_impl: str | None = None
+    attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -114,7 +114,7 @@ class EvaVit(nn.Module):
     pos_embed_grid: int = 0  # the checkpoint's patch grid; 0: image_size // patch_size
     scan_layers: bool = False
     remat: str = "none"
-    attention_impl: str | None = None
+    attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 

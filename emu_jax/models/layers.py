@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
+import flax.struct
 import jax
 import jax.numpy as jnp
 
@@ -172,16 +173,92 @@ def attention_mask(q_segment_ids, kv_segment_ids, q_index=None, kv_index=None, c
     return same[:, None]
 
 
-def dot_product_attention(q, k, v, *, mask=None, bias=None, scale=None, implementation=None):
+@flax.struct.dataclass
+class SegmentMask:
+    """Self-attention within packed documents (segment id 0 = padding, which sees only padding),
+    causal by default: the same rule as `attention_mask(segment_ids, segment_ids)`, kept as segment
+    ids so a kernel that takes them (TPU splash) never needs the dense [B, 1, T, T] mask."""
+    segment_ids: jax.Array  # [B, T]
+    causal: bool = flax.struct.field(pytree_node=False, default=True)
+
+    def dense(self) -> jax.Array:
+        return attention_mask(self.segment_ids, self.segment_ids, causal=self.causal)
+
+
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "splash")
+
+
+def target_platform() -> str:
+    """The platform the traced computation is for: the context mesh's devices (abstract TPU devices
+    of an ahead-of-time compile included), else the default backend."""
+    device = getattr(jax.sharding.get_abstract_mesh(), "abstract_device", None)
+    return device.platform if device is not None else jax.default_backend()
+
+
+def choose_attention(implementation: str, q, k, mask, bias) -> str:
+    """Resolves "auto": cuDNN flash attention on GPU for bf16/fp16 with head_dim <= 128 (multiple of
+    8) and even lengths; the Pallas splash kernel on TPU for segment masks (or none) without bias at
+    128-multiple lengths and head_dim; XLA otherwise (always on CPU)."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        raise ValueError(f"attention implementation {implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
+    if implementation != "auto":
+        return implementation
+    platform = target_platform()
+    (_, T, _, D), S = q.shape, k.shape[1]
+    if (platform == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16) and D <= 128 and D % 8 == 0
+            and T % 2 == 0 and S % 2 == 0):
+        return "cudnn"
+    if (platform == "tpu" and (mask is None or isinstance(mask, SegmentMask)) and bias is None
+            and T % 128 == 0 and S % 128 == 0 and D % 128 == 0):
+        return "splash"
+    return "xla"
+
+
+def _splash_attention(q, k, v, mask: SegmentMask | None, scale: float):
+    """The TPU splash kernel (interpreted off TPU, for tests), per device under shard_map: batch and
+    heads stay sharded as the logical rules say; each device runs the kernel on its own rows."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    B, T = q.shape[:2]
+    segment_ids = jnp.ones((B, T), jnp.int32) if mask is None else mask.segment_ids.astype(jnp.int32)
+    causal = mask is not None and mask.causal
+    interpret = target_platform() != "tpu"
+
+    def local(q, k, v, segment_ids):
+        t, h, s = q.shape[1], q.shape[2], k.shape[1]
+        head_mask = splash.CausalMask((t, s)) if causal else splash.FullMask((t, s))
+        kernel = splash.make_splash_mha(splash.MultiHeadMask([head_mask] * h), head_shards=1, q_seq_shards=1,
+                                        interpret=interpret)
+        heads_first = lambda x: x.transpose(1, 0, 2)  # noqa: E731  (the kernel takes [heads, len, dim])
+        one = lambda q, k, v, ids: heads_first(kernel(heads_first(q * scale), heads_first(k), heads_first(v),  # noqa: E731
+                                                      segment_ids=splash.SegmentIds(ids, ids)))
+        return jax.vmap(one)(q, k, v, segment_ids)
+
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return local(q, k, v, segment_ids)
+    qkv_spec = nn.logical_to_mesh_axes(("act_batch", None, "act_heads", None))
+    ids_spec = nn.logical_to_mesh_axes(("act_batch", None))
+    return jax.shard_map(local, in_specs=(qkv_spec, qkv_spec, qkv_spec, ids_spec), out_specs=qkv_spec,
+                         check_vma=False)(q, k.astype(q.dtype), v.astype(q.dtype), segment_ids)
+
+
+def dot_product_attention(q, k, v, *, mask=None, bias=None, scale=None, implementation="auto"):
     """The project's one attention kernel. q: [B, T, H, D]; k, v: [B, S, K, D] with H % K == 0
-    (grouped-query attention needs no repeat); mask: bool broadcastable to [B, H, T, S]; bias:
-    float broadcastable to [B, H, T, S]. Softmax runs in float32 whatever the inputs' dtype."""
-    if implementation is None and jax.default_backend() == "cpu":
-        implementation = "xla"
+    (grouped-query attention needs no repeat); mask: bool broadcastable to [B, H, T, S], or a
+    SegmentMask; bias: float broadcastable to [B, H, T, S]. Softmax runs in float32 whatever the
+    inputs' dtype. `implementation` ("auto", "xla", "cudnn", "splash"): see `choose_attention`."""
+    implementation = choose_attention(implementation, q, k, mask, bias)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if implementation == "splash":
+        if bias is not None or not (mask is None or isinstance(mask, SegmentMask)):
+            raise ValueError("splash attention takes a SegmentMask (or no mask) and no bias")
+        return _splash_attention(q, k, v, mask, scale)
+    if isinstance(mask, SegmentMask):
+        mask = mask.dense()
     if bias is not None:
         bias = bias.astype(q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale,
-                                        implementation=implementation)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
 
 
 class Attention(nn.Module):
@@ -200,7 +277,7 @@ class Attention(nn.Module):
     out_bias: bool = False
     names: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")  # fused: ("qkv", "proj")
     scale: float | None = None  # None: 1/sqrt(head_dim)
-    implementation: str | None = None
+    implementation: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
 

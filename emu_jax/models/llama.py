@@ -26,7 +26,7 @@ class DecoderLayer(nn.Module):
     head_dim: int
     mlp_hidden: int
     norm_eps: float = 1e-6
-    attention_impl: str | None = None
+    attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -61,7 +61,7 @@ class Llama(nn.Module):
     max_positions: int = 2048
     scan_layers: bool = False
     remat: str = "none"
-    attention_impl: str | None = None
+    attention_impl: str = "auto"
     logits_dtype: jnp.dtype = jnp.float32
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -98,7 +98,7 @@ class Llama(nn.Module):
         padding); segment_ids: [B, T], 0 for padding, tokens attend only within their segment."""
         rope = layers.rotary_tables(positions, self.dim_per_head, self.rope_theta)
         if cache is None:
-            mask = layers.attention_mask(segment_ids, segment_ids)
+            mask = layers.SegmentMask(segment_ids)
             x, _ = layers.apply_stack(self.layers, embeddings, None, (rope, mask, None))
             return self.norm(x), None
         index = cache["index"]

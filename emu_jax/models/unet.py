@@ -24,7 +24,6 @@ import math
 from typing import Callable, Sequence
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from emu_jax.models.layers import Attention, Mlp, conv, dense, group_norm, layer_norm

@@ -20,15 +20,16 @@ BATCH_AXES = ("data", "fsdp")
 def maybe_initialize_distributed(config) -> None:
     """Joins a multi-process run when the config or the environment asks for one.
 
-    config.distributed: coordinator ("host:port"), num_processes, process_id; left empty, JAX's own
-    cluster detection (TPU pods, SLURM, ...) runs when JAX_COORDINATOR_ADDRESS or a known cluster
-    environment is present."""
+    config.distributed: coordinator ("host:port"), num_processes, process_id; or `auto`, or (left
+    empty) a known cluster environment (JAX_COORDINATOR_ADDRESS, SLURM, TPU worker hostnames): then
+    JAX's own cluster detection fills in the coordinator and this process's place."""
     d = config.get("distributed")
     if d is not None and d.coordinator:
         if d.get("cpu_collectives"):
             jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
         jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
-    elif any(k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES")):
+    elif (d is not None and d.get("auto")) or any(
+            k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES")):
         jax.distributed.initialize()
 
 

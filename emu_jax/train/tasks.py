@@ -8,13 +8,14 @@ shared by every task.
   decoder  the diffusion UNet, conditioned on Emu's visual encoder output for the same image
            (Emu2's autoencoding recipe); the VAE and the encoder are frozen by the config
 
-A task provides: `model`, `example_inputs()`, `loss(params, batch, rng, norms, step)`,
+A task provides: `model`, `example_inputs()`, `batch_spec()`, `loss(params, batch, rng, norms, step)`,
 `loss_norms(batch)`, `counters(batch)`, `dataset(split, worker_count)`, `metric_keys`,
 `step_flops(abstract_params, frozen)`, `samples(step, params, workdir, writer)` and
 `final_eval(params, writer)`.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import jax
@@ -41,6 +42,16 @@ class EmuTask:
     def example_inputs(self) -> dict:
         from emu_jax.models.emu import example_inputs
         return example_inputs(self.model)
+
+    def batch_spec(self) -> dict:
+        """The global batch the pipeline yields, as ShapeDtypeStructs (for ahead-of-time compiles)."""
+        data, size = self.config.data, self.config.model.vit.image_size
+        b, t, n = data.global_batch_size, data.seq_len, data.max_images
+        spec = {"tokens": ((b, t), np.int32), "positions": ((b, t), np.int32), "segment_ids": ((b, t), np.int32),
+                "images": ((b, n, size, size, 3), np.uint8), "image_mask": ((b, n), np.bool_),
+                "text_mask": ((b, t), np.float32), "regression_mask": ((b, t), np.float32),
+                "events": ((b, len(pipeline.EVENTS)), np.int32)}
+        return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items()}
 
     def loss(self, params, batch, rng, norms, step=None):
         """`loss.regression_from_step` > 0 turns regression on part-way (None `step`: on)."""
@@ -113,6 +124,12 @@ class _DecoderTask:
         from emu_jax.models.visual_decoder import example_inputs
         return example_inputs(self.model)
 
+    def batch_spec(self) -> dict:
+        b, size = self.config.data.global_batch_size, self.model.image_size
+        return {"images": jax.ShapeDtypeStruct((b, size, size, 3), np.uint8),
+                "valid": jax.ShapeDtypeStruct((b,), np.bool_),
+                "events": jax.ShapeDtypeStruct((b, len(pipeline.EVENTS)), np.int32)}
+
     def loss_norms(self, batch):
         return batch["valid"].sum()
 
@@ -178,9 +195,16 @@ class VaeTask(_DecoderTask):
         return total, {"loss": total, "reconstruction_loss": reconstruction_loss, "kl_loss": kl}
 
     def reconstruct(self, params, images):
+        return np.asarray(self._reconstruct(params, jnp.asarray(images)))
+
+    @functools.cached_property
+    def _reconstruct(self):
         from emu_jax.models.visual_decoder import to_signed, to_uint8
-        out, _ = self.model.apply({"params": params}, to_signed(jnp.asarray(images)), method=lambda m, x: m.vae(x))
-        return np.asarray(to_uint8(out))
+
+        def run(params, images):
+            out, _ = self.model.apply({"params": params}, to_signed(images), method=lambda m, x: m.vae(x))
+            return to_uint8(out)
+        return jax.jit(run)
 
     def step_flops(self, abstract_params, frozen) -> float:
         return 0.0  # convolutional; not counted
@@ -229,8 +253,12 @@ class DiffusionTask(_DecoderTask):
 
     def reconstruct(self, params, images):
         """Autoencoding through diffusion: encoder embedding -> sampled latents -> pixels."""
-        context = self._apply(params, lambda m, x: m.condition(x), jnp.asarray(images))
+        context = self._condition(params, jnp.asarray(images))
         return np.asarray(self.generate(params, context, jax.random.key(self.config.seed)))
+
+    @functools.cached_property
+    def _condition(self):
+        return jax.jit(lambda params, images: self._apply(params, lambda m, x: m.condition(x), images))
 
     def step_flops(self, abstract_params, frozen) -> float:
         return 0.0  # convolutional; not counted

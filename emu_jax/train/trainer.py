@@ -8,9 +8,11 @@ state, data-iterator position), so a preempted or killed run continues exactly.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import signal
 import time
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -40,13 +42,14 @@ class Preemption:
         self.requested = True
 
 
-def init_params(model, inputs, shardings, seed: int):
-    """Parameters created already sharded: each device computes only its own shards."""
+def init_params(model, inputs, shardings, seed: int, prng: str = "threefry2x32"):
+    """Parameters created already sharded: each device computes only its own shards; `prng` names
+    the key implementation (config.init_prng)."""
     def init(key):
         zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), inputs)
         return nn.unbox(model.init(key, **zeros)["params"])
 
-    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed))
+    return jax.jit(init, out_shardings=shardings)(jax.random.key(seed, impl=prng))
 
 
 def load_towers(params, init_from, abstract, shardings):
@@ -65,7 +68,10 @@ def load_towers(params, init_from, abstract, shardings):
 def state_shardings(optimizer, abstract_params, param_shardings, mesh, ema: bool = False):
     abstract_opt = jax.eval_shape(optimizer.tx.init, abstract_params)
     masked = lambda x: isinstance(x, optax.MaskedNode)  # noqa: E731  (a frozen parameter's empty state)
-    opt_shardings = optax.tree_map_params(optimizer.tx, lambda p, s: p if masked(p) else s, abstract_opt,
+    # optax finds the parameter-shaped parts by calling init on a placeholder; abstractly, since
+    # eager ops under a mesh of abstract (ahead-of-time) devices cannot run.
+    init = lambda placeholder: jax.eval_shape(optimizer.tx.init, placeholder)  # noqa: E731
+    opt_shardings = optax.tree_map_params(init, lambda p, s: p if masked(p) else s, abstract_opt,
                                           param_shardings, transform_non_params=lambda _: mesh_lib.replicated(mesh),
                                           is_leaf=masked)
     scalar = mesh_lib.replicated(mesh)
@@ -82,6 +88,51 @@ def held_out_loss(eval_step, params, task, mesh, batches: int) -> dict:
             totals[key] = totals.get(key, 0.0) + float(metrics[key])
         count += 1
     return {f"eval/{k}": v / max(count, 1) for k, v in totals.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """What the train step is built from, for one config on one mesh: the task, the optimizer, and
+    the abstract parameters / optimizer state with their shardings. Training and the ahead-of-time
+    compile (`emu_jax.train.aot`) both start here, so they compile the same step."""
+    task: Any
+    optimizer: Any
+    abstract_params: Any
+    param_shardings: Any
+    abstract_opt: Any
+    shardings: TrainState  # of NamedShardings
+    batch_sharding: jax.sharding.NamedSharding
+    replicated: jax.sharding.NamedSharding
+
+
+def build(config, mesh) -> Setup:
+    """Call under `jax.set_mesh(mesh)` and the config's logical axis rules."""
+    task = make_task(config)
+    abstract_params, param_shardings = mesh_lib.abstract_model(task.model, task.example_inputs(), mesh,
+                                                               config.mesh.rules)
+    optimizer = make_optimizer(config.optimizer, abstract_params, config.train.steps)
+    abstract_opt, shardings = state_shardings(optimizer, abstract_params, param_shardings, mesh,
+                                              config.train.ema_decay > 0)
+    return Setup(task, optimizer, abstract_params, param_shardings, abstract_opt, shardings,
+                 mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh))
+
+
+def jit_train_step(config, setup: Setup):
+    """The train step jitted with the state's and batch's shardings; the state is donated."""
+    tc = config.train
+    step = make_train_step(setup.task, setup.optimizer, tc.grad_accum_steps, seed=config.seed,
+                           ema_decay=tc.ema_decay)
+    return jax.jit(step, in_shardings=(setup.shardings, setup.batch_sharding),
+                   out_shardings=(setup.shardings, setup.replicated), donate_argnums=0)
+
+
+def abstract_state(setup: Setup) -> TrainState:
+    """The train state as ShapeDtypeStructs carrying their shardings (nothing allocated)."""
+    scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=setup.replicated)
+    params = abstract_with_shardings(setup.abstract_params, setup.param_shardings)
+    opt_state = abstract_with_shardings(setup.abstract_opt, setup.shardings.opt_state)
+    return TrainState(step=scalar, params=params, opt_state=opt_state, skipped_updates=scalar,
+                      ema=params if setup.shardings.ema is not None else None)
 
 
 def train(config, workdir: str) -> dict:
@@ -101,12 +152,11 @@ def train(config, workdir: str) -> dict:
 
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         # ------------------------------------------------------------ model, optimizer, shardings
-        task = make_task(config)
+        setup = build(config, mesh)
+        task, optimizer, shardings = setup.task, setup.optimizer, setup.shardings
+        param_shardings = setup.param_shardings
         model, inputs = task.model, task.example_inputs()
-        abstract_params, param_shardings = mesh_lib.abstract_model(model, inputs, mesh, rules)
-        optimizer = make_optimizer(config.optimizer, abstract_params, tc.steps)
         use_ema = tc.ema_decay > 0
-        abstract_opt, shardings = state_shardings(optimizer, abstract_params, param_shardings, mesh, use_ema)
 
         # ------------------------------------------------------------ input pipeline
         train_iter = iter(task.dataset("train"))
@@ -115,29 +165,26 @@ def train(config, workdir: str) -> dict:
         checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
                                     every=tc.checkpoint_every, async_save=tc.async_checkpoints)
         latest = checkpointer.latest_step()
-        abstract_sharded = abstract_with_shardings(abstract_params, param_shardings)
         if latest is not None:
-            params, opt_state, ema, meta = checkpointer.restore(
-                latest, abstract_sharded, abstract_with_shardings(abstract_opt, shardings.opt_state), train_iter,
-                abstract_sharded if use_ema else None)
+            target = abstract_state(setup)
+            params, opt_state, ema, meta = checkpointer.restore(latest, target.params, target.opt_state, train_iter,
+                                                                target.ema)
             skipped = meta["skipped_updates"]
         else:
-            params = load_towers(init_params(model, inputs, param_shardings, config.seed), tc.init_from,
-                                 abstract_params, param_shardings)
+            params = init_params(model, inputs, param_shardings, config.seed, config.init_prng)
+            params = load_towers(params, tc.init_from, setup.abstract_params, param_shardings)
             opt_state = jax.jit(optimizer.tx.init, out_shardings=shardings.opt_state)(params)
-            ema = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)(params) if use_ema else None
+            copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)
+            ema = copy(params) if use_ema else None
             latest, skipped = 0, 0
         state = TrainState(step=jax.device_put(jnp.int32(latest), replicated), params=params, opt_state=opt_state,
                            skipped_updates=jax.device_put(jnp.int32(skipped), replicated), ema=ema)
 
         # ------------------------------------------------------------ steps
-        train_step = jax.jit(make_train_step(task, optimizer, tc.grad_accum_steps, seed=config.seed,
-                                             ema_decay=tc.ema_decay),
-                             in_shardings=(shardings, batch_sharding), out_shardings=(shardings, replicated),
-                             donate_argnums=0)
+        train_step = jit_train_step(config, setup)
         eval_step = jax.jit(make_eval_step(task, config.seed), in_shardings=(param_shardings, batch_sharding),
                             out_shardings=replicated)
-        step_flops = task.step_flops(abstract_params, optimizer.frozen)
+        step_flops = task.step_flops(setup.abstract_params, optimizer.frozen)
         peak = flops_lib.peak_flops_per_device() * jax.device_count() if step_flops else 0.0
         eval_params = lambda: state.ema if use_ema else state.params  # noqa: E731  (sampling uses the EMA)
 

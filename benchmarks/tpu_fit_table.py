@@ -1,0 +1,85 @@
+"""The README's TPU table: each released config on a few slices, fitted and estimated by the
+ahead-of-time compile entry, run as a user would run it (one subprocess per cell):
+
+    python benchmarks/tpu_fit_table.py --jobs=2
+
+Each cell runs `python -m emu_jax.train_compile --config=configs/<config>.py --topology=<slice>
+--fit --json=...` (libtpu, no TPU needed; step-time estimates on the ESTIMATED slices); finished cells are kept under --out, so a re-run only
+compiles the missing ones. Prints the markdown table and writes it between the README's
+`<!-- tpu-table:begin -->` / `<!-- tpu-table:end -->` markers.
+"""
+import argparse
+import concurrent.futures
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+CONFIGS = ("emu2_37b", "emu1_14b")
+SLICES = ("v5p-128", "v5p-64", "v5p-256", "v5e-256", "v6e-256")
+ESTIMATED = ("v5p-128",)  # step-time estimates recompile per scanned tower (minutes each): here only
+BEGIN, END = "<!-- tpu-table:begin -->", "<!-- tpu-table:end -->"
+
+
+def run_cell(config: str, tpu_slice: str, out: pathlib.Path) -> dict:
+    path = out / f"{config}_{tpu_slice}.json"
+    if not path.exists():
+        log = out / f"{config}_{tpu_slice}.log"
+        with open(log, "w") as stream:
+            estimate = "--estimate" if tpu_slice in ESTIMATED else "--noestimate"
+            done = subprocess.run([sys.executable, "-m", "emu_jax.train_compile", f"--config=configs/{config}.py",
+                                   f"--topology={tpu_slice}", "--fit", estimate, f"--json={path}.tmp"], cwd=ROOT,
+                                  stdout=stream, stderr=subprocess.STDOUT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                                  check=False)
+        if done.returncode:
+            raise RuntimeError(f"{config} on {tpu_slice} failed; see {log}")
+        os.replace(f"{path}.tmp", path)
+    return dict(json.loads(path.read_text()), config=config, slice=tpu_slice)
+
+
+def row(cell: dict) -> str:
+    gib = 2 ** 30
+    mesh = "x".join(f"{cell['mesh'][a]}" for a in ("data", "fsdp", "tensor"))
+    remat = "/".join(sorted(set(cell["remat"].values())))
+    micro = cell["global_batch"] // cell["grad_accum_steps"] // max(cell["mesh"]["data"] * cell["mesh"]["fsdp"], 1)
+    if not cell["fits"]:
+        return (f"| {cell['config']} | {cell['slice']} | {cell['devices']} | does not fit | | | | | | |")
+    memory = f"{cell['total_bytes'] / gib:.1f} / {cell['hbm_bytes'] / gib:.0f} GiB"
+    speed = (f"{cell['estimated_seconds']:.2f} s | {cell['tokens_per_second']:,.0f} | {cell['mfu']:.0%}"
+             if cell["estimated_seconds"] else "not estimated | | ")
+    return (f"| {cell['config']} | {cell['slice']} | {cell['devices']} | {mesh} | {remat} | "
+            f"{micro} x {cell['grad_accum_steps']} | {memory} | {speed} |")
+
+
+def table(cells: list[dict]) -> str:
+    head = ("| config | slice | chips | mesh (data x fsdp x tensor) | remat | rows/device x accum. | memory/device "
+            "(of HBM) | est. step | tokens/s | est. MFU |\n|---|---|---|---|---|---|---|---|---|---|")
+    return "\n".join([head] + [row(c) for c in cells])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "tpu_fit"))
+    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    parser.add_argument("--slices", default=",".join(SLICES), help="Comma-separated subset to compile now.")
+    args = parser.parse_args()
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    cells = [(c, s) for s in args.slices.split(",") for c in CONFIGS]
+    with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+        results = list(pool.map(lambda cell: run_cell(*cell, out), cells))
+    results.sort(key=lambda r: (CONFIGS.index(r["config"]), SLICES.index(r["slice"])))
+    markdown = table(results)
+    print(markdown)
+    readme = pathlib.Path(args.readme)
+    text = readme.read_text()
+    if BEGIN in text and END in text:
+        before, rest = text.split(BEGIN, 1)
+        readme.write_text(before + BEGIN + "\n" + markdown + "\n" + END + rest.split(END, 1)[1])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,103 @@
+"""Ahead-of-time compiles of the trainer's own step for TPU slices we do not have (libtpu describes
+them; nothing runs) and for this machine's fake 8-device CPU mesh."""
+import json
+import os
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import ROOT, load_config
+
+from emu_jax import config_lib
+from emu_jax.models import layers
+from emu_jax.parallel import mesh as mesh_lib
+from emu_jax.parallel import topology
+from emu_jax.train import aot
+from emu_jax.train.tasks import make_task
+
+
+def test_slice_names_resolve_to_chip_grids_and_bad_names_say_why():
+    v5p = topology.parse("v5p-128")
+    assert (v5p.grid, v5p.chips, v5p.libtpu_topology) == ((4, 4, 4), 64, "v5:4x4x4")
+    assert topology.parse("v5e-256").grid == (16, 16) and topology.parse("v4-64").chips == 32
+    assert topology.parse("v6e:4x8").chips == 32
+    with pytest.raises(ValueError, match="not a standard shape"):
+        topology.parse("v5p-100")
+    with pytest.raises(ValueError, match="unknown TPU slice"):
+        topology.parse("v9z-8")
+    with pytest.raises(ValueError, match="2 dimensions"):
+        topology.parse("v5e:2x2x2")
+
+
+def state_bytes(config) -> int:
+    """Parameters + AdamW's two moments, float32, for the whole model."""
+    with nn.logical_axis_rules(config.mesh.rules):
+        task = make_task(config)
+        abstract = jax.eval_shape(lambda kw: task.model.init(jax.random.key(0), **kw), task.example_inputs())
+    return 3 * 4 * sum(x.size for x in jax.tree.leaves(mesh_lib.strip_boxes(abstract["params"])))
+
+
+def test_tiny_step_compiles_for_a_v5p_slice_and_fsdp_divides_the_state():
+    config = config_lib.with_overrides(load_config("tiny"), {"mesh.data": 1, "mesh.fsdp": -1})
+    report = aot.compile_report(config, "v5p:2x2x2", extrapolate=False)
+    assert (report.devices, report.mesh) == (8, {"data": 1, "fsdp": 8, "tensor": 1})
+    assert report.fits is True and report.hbm_bytes == 95 * 2**30
+    assert 0 < report.total_bytes < report.hbm_bytes
+    # the sharded state (params + moments) is an argument; replicated it would be 8x larger
+    full = state_bytes(config)
+    assert full / 8 <= report.memory["arguments"] < full / 2
+    assert report.memory["aliased"] > 0  # the donated state is updated in place
+    assert report.compiler_flops > 0 and report.analytic_flops > 0
+    assert "fits" in aot.format_report(report)
+
+
+def test_extrapolated_flops_of_a_scanned_stack_equal_the_unrolled_compile():
+    """cost_analysis counts a scanned body once; the 1- and 2-layer extrapolation must recover the
+    whole stack (checked on the fake CPU mesh, whose cost model counts FLOPs the same way)."""
+    config = config_lib.with_overrides(load_config("tiny"), {"model.llm.scan_layers": True, "model.llm.num_layers": 3,
+                                                             "model.vit.depth": 1})
+    devices = jax.devices()
+    lowered, _, _ = aot.lower_train_step(config, devices)
+    scanned = aot._cost(lowered.compile())
+    extrapolated = aot.extrapolated_cost(config, devices, scanned)["flops"]
+    lowered, _, _ = aot.lower_train_step(config_lib.with_overrides(config, {"model.llm.scan_layers": False}), devices)
+    unrolled = aot._cost(lowered.compile())["flops"]
+    assert extrapolated == pytest.approx(unrolled, rel=0.01)
+    assert scanned["flops"] < 0.9 * unrolled  # what the extrapolation corrects
+
+
+def test_a_config_that_cannot_fit_reports_so_with_suggestions(tmp_path):
+    """Emu2-37B on four v5e chips: the compiler runs out of HBM; the CLI says so, lists what would
+    lower memory as --config overrides, and exits cleanly."""
+    out = tmp_path / "report.json"
+    done = subprocess.run([sys.executable, "-m", "emu_jax.train_compile", "--config=configs/emu2_37b.py",
+                           "--topology=v5e:2x2", "--noestimate", f"--json={out}"], cwd=ROOT, capture_output=True,
+                          text=True, env=dict(os.environ, JAX_PLATFORMS="cpu"), check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "does NOT fit" in done.stdout and "--config.mesh.fsdp=-1" in done.stdout
+    report = json.loads(out.read_text())
+    assert report["fits"] is False and report["devices"] == 4 and report["hbm_bytes"] == 16 * 2**30
+
+
+def test_splash_attention_compiles_for_tpu_with_its_gradients():
+    """On a TPU mesh "auto" picks the Pallas splash kernel for packed causal self-attention; the
+    forward and backward kernels lower through Mosaic (tpu_custom_call), sharded over batch and heads."""
+    mesh = mesh_lib.make_mesh({"data": 4, "fsdp": 1, "tensor": 2}, topology.devices(topology.parse("v5p:2x2x2")))
+    spec = lambda *axes: jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(*axes))  # noqa: E731
+    qkv = jax.ShapeDtypeStruct((8, 512, 4, 128), jnp.bfloat16, sharding=spec(("data", "fsdp"), None, "tensor"))
+    ids = jax.ShapeDtypeStruct((8, 512), jnp.int32, sharding=spec(("data", "fsdp")))
+    chosen = []
+
+    def loss(q, k, v, segment_ids):
+        mask = layers.SegmentMask(segment_ids)
+        chosen.append(layers.choose_attention("auto", q, k, mask, None))
+        return layers.dot_product_attention(q, k, v, mask=mask).astype(jnp.float32).sum()
+
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config_lib.LOGICAL_AXIS_RULES):
+        compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv, ids).compile()
+    assert chosen == ["splash"]
+    assert np.char.count(compiled.as_text(), "tpu_custom_call") >= 2
