@@ -1,0 +1,226 @@
+"""Evaluation sweeps: checkpoints x tasks x shots x decoding settings, run unattended and resumable.
+
+Each cell writes, under `<out>/cells/<checkpoint>/<task>/<shots>shot-<decoding>/`, its predictions as
+the official result JSON (`results.json`; text-to-image cells also their PNGs) and then
+`score.json`; both atomically, so a cell with a `score.json` is finished and a re-run (or a killed
+sweep started again) skips it. Demonstrations come from the task's train pool, chosen by RICES
+(visual-encoder features cached under `<out>/features/`) or seeded random picks. At the end:
+`results.csv`, `results.md` (one row per cell) and plots (metric vs shots per checkpoint and task;
+sample grids for text-to-image cells).
+
+A checkpoint entry names its model config, its checkpoint (and decoder checkpoint) and optional
+config overrides as a nested dict, e.g. {"mesh": {"fsdp": 8}} to shard a checkpoint that does not fit one device over
+the same mesh code as training.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+
+import numpy as np
+from absl import logging
+from PIL import Image
+from tqdm import tqdm
+
+from emu_jax import config_lib
+from emu_jax.data import media
+from emu_jax.eval import fid, rices
+from emu_jax.eval.tasks import make_task, write_json
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    checkpoint: str
+    task: str
+    shots: int
+    decoding: str
+
+    @property
+    def path(self) -> str:
+        return os.path.join(self.checkpoint, self.task, f"{self.shots}shot-{self.decoding}")
+
+
+def cells(sweep) -> list[Cell]:
+    """The grid (a task entry's own "shots" replaces the sweep's); text-to-image runs zero-shot."""
+    out = []
+    for checkpoint in sweep.checkpoints:
+        for task, spec in sweep.tasks.items():
+            image_task = make_task_cls(spec).kind == "image"
+            for shots in spec.get("shots", sweep.shots):
+                if image_task and shots:
+                    continue
+                for decoding in sweep.decodings:
+                    out.append(Cell(checkpoint, task, int(shots), decoding))
+    return out
+
+
+def make_task_cls(spec):
+    from emu_jax.eval.tasks import TASKS
+    if spec["kind"] not in TASKS:
+        raise ValueError(f"unknown evaluation task {spec['kind']!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[spec["kind"]]
+
+
+class Runner:
+    """Loads each checkpoint once, when its first unfinished cell needs it."""
+
+    def __init__(self, sweep):
+        self.sweep, self.out = sweep, sweep.out
+        self._generator, self._generator_name, self._tasks = None, None, {}
+
+    def generator(self, name: str):
+        if self._generator_name != name:
+            from emu_jax.generate.generator import Generator
+            entry = self.sweep.checkpoints[name]
+            overrides = dict(flatten(entry.get("overrides", {})))
+            config = config_lib.with_overrides(config_lib.load(entry.config), overrides)
+            logging.info("loading checkpoint %s from %s", name, entry.checkpoint)
+            self._generator = Generator.from_checkpoints(config, entry.checkpoint, entry.get("decoder", ""))
+            self._generator.base_config, self._generator_name = config, name
+        return self._generator
+
+    def task(self, name: str):
+        if name not in self._tasks:
+            spec = dict(self.sweep.tasks[name])
+            spec.pop("shots", None)
+            if "image_size" not in spec and self._generator is not None and spec["kind"] != "digits_t2i":
+                spec["image_size"] = self._generator.image_size
+            self._tasks[name] = make_task(spec)
+        return self._tasks[name]
+
+    def features(self, generator):
+        return fid.encoder_features(generator.model, generator.params)
+
+    def demonstrations(self, cell: Cell, task, queries, pool) -> list[list]:
+        if cell.shots == 0:
+            return [[] for _ in queries]
+        strategy, seed = self.sweep.demonstrations, self.sweep.seed
+        generator = self.generator(cell.checkpoint)
+        if strategy == "rices":
+            feature_dir = os.path.join(self.out, "features", cell.checkpoint)
+            encode = self.features(generator)
+            pool_features = rices.cached_features(os.path.join(feature_dir, f"{cell.task}_pool.npz"),
+                                                  lambda: np.stack([e.images[0] for e in pool]), encode, len(pool))
+            query_features = rices.cached_features(os.path.join(feature_dir, f"{cell.task}_queries.npz"),
+                                                   lambda: np.stack([q.images[0] for q in queries]), encode,
+                                                   len(queries))
+        else:
+            pool_features, query_features = np.zeros((len(pool), 1)), np.zeros((len(queries), 1))
+        chosen = []
+        for i, query in enumerate(queries):
+            allowed = task.demonstration_pool(query)
+            allowed = np.arange(len(pool)) if allowed is None else allowed
+            picks = rices.demonstrations(strategy, cell.shots, query_features[i:i + 1], pool_features[allowed],
+                                         seed=seed * 100003 + i)[0]
+            chosen.append([task.demonstration(pool[allowed[j]], query) for j in picks])
+        return chosen
+
+    def run_cell(self, cell: Cell) -> dict:
+        cell_dir = os.path.join(self.out, "cells", cell.path)
+        score_path = os.path.join(cell_dir, "score.json")
+        if os.path.exists(score_path):
+            return read_json(score_path)
+        generator = self.generator(cell.checkpoint)
+        generator.config = config_lib.with_overrides(
+            generator.base_config, {f"generate.{k}": v for k, v in self.sweep.decodings[cell.decoding].items()})
+        task = self.task(cell.task)
+        queries = task.queries()
+        pool = task.pool() if cell.shots else []
+        demos = self.demonstrations(cell, task, queries, pool)
+        os.makedirs(cell_dir, exist_ok=True)
+        results, batch = [], generator.config.generate.batch_size
+        for start in tqdm(range(0, len(queries), batch), desc=cell.path, unit="batch", leave=False):
+            rows = queries[start:start + batch]
+            outputs = generator.generate([task.prompt(d, q) for d, q in zip(demos[start:start + batch], rows)])
+            for query, output in zip(rows, outputs):
+                entry = task.result(query, output.text)
+                if task.kind == "image":
+                    entry = {task.result_key: query.key, "caption": query.question, "file": f"{query.key}.png"}
+                    with open(os.path.join(cell_dir, entry["file"]), "wb") as f:
+                        f.write(media.encode_png(output.images[0]))
+                results.append(entry)
+        write_json(os.path.join(cell_dir, "results.json"), results)
+        if task.kind == "image":
+            score = task.score(results, cell_dir, features=self.features(generator))
+        else:
+            score = task.score(results, cell_dir)
+        score = dict(score, examples=len(results))
+        write_json(score_path, score)
+        return score
+
+
+def flatten(tree, prefix: str = ""):
+    """{"mesh": {"fsdp": 8}} -> ("mesh.fsdp", 8) pairs (config overrides as a nested dict)."""
+    for key, value in tree.items():
+        if hasattr(value, "items"):
+            yield from flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def read_json(path: str) -> dict:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def run(sweep) -> list[dict]:
+    """Every cell of the grid (finished ones read back), then the tables and plots."""
+    grid = cells(sweep)
+    runner = Runner(sweep)
+    rows = []
+    for cell in tqdm(grid, desc="cells", unit="cell"):
+        score = runner.run_cell(cell)
+        rows.append(dict(dataclasses.asdict(cell), **score))
+    write_tables(rows, sweep.out)
+    plot(rows, sweep.out)
+    return rows
+
+
+def write_tables(rows: list[dict], out: str) -> None:
+    keys = ["checkpoint", "task", "shots", "decoding"]
+    metrics = sorted({k for r in rows for k in r} - set(keys) - {"examples"}) + ["examples"]
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, keys + metrics)
+        writer.writeheader()
+        writer.writerows(rows)
+    fmt = lambda v: f"{v:.2f}" if isinstance(v, float) else ("" if v is None else str(v))  # noqa: E731
+    lines = ["| " + " | ".join(keys + metrics) + " |", "|" + "---|" * (len(keys) + len(metrics))]
+    lines += ["| " + " | ".join(fmt(r.get(k)) for k in keys + metrics) + " |" for r in rows]
+    with open(os.path.join(out, "results.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def plot(rows: list[dict], out: str) -> None:
+    """metric vs shots (one line per checkpoint and decoding) per task and metric; a sample grid per
+    text-to-image cell."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from emu_jax.eval.image_grid import grid, save_png
+    plot_dir = os.path.join(out, "plots")
+    os.makedirs(plot_dir, exist_ok=True)
+    for task in sorted({r["task"] for r in rows}):
+        task_rows = [r for r in rows if r["task"] == task]
+        for metric in sorted({k for r in task_rows for k in r} - {"checkpoint", "task", "shots", "decoding",
+                                                                   "examples"}):
+            fig, ax = plt.subplots(figsize=(4.5, 3.2))
+            for line in sorted({(r["checkpoint"], r["decoding"]) for r in task_rows}):
+                points = sorted((r["shots"], r[metric]) for r in task_rows
+                                if (r["checkpoint"], r["decoding"]) == line and metric in r)
+                ax.plot(*zip(*points), marker="o", label=" / ".join(line))
+            ax.set(xlabel="shots", ylabel=metric, title=task)
+            ax.legend(fontsize=7)
+            fig.tight_layout()
+            fig.savefig(os.path.join(plot_dir, f"{task}_{metric}.png"), dpi=100)
+            plt.close(fig)
+    for r in rows:
+        cell_dir = os.path.join(out, "cells", Cell(r["checkpoint"], r["task"], r["shots"], r["decoding"]).path)
+        files = sorted(f for f in os.listdir(cell_dir) if f.endswith(".png"))[:16] if os.path.isdir(cell_dir) else []
+        if files:
+            images = np.stack([np.asarray(Image.open(os.path.join(cell_dir, f)).convert("RGB")) for f in files])
+            per_row = min(8, len(images))
+            save_png(grid([images[i:i + per_row] for i in range(0, len(images) // per_row * per_row, per_row)]),
+                     os.path.join(plot_dir, f"{r['checkpoint']}_{r['task']}_samples.png"))

@@ -1,0 +1,336 @@
+"""Evaluation tasks: what is asked (queries), what demonstrations are drawn from (the train pool),
+how a prompt is laid out, the official result entry each answer becomes, and the score.
+
+A few-shot prompt is the reference's interleaved layout: per demonstration its image(s) then its
+text (question and answer), then the query's image(s) and question; the model continues with the
+answer. Task families: the digits world (`digits_caption`, `digits_vqa`, `digits_labelling`,
+`digits_t2i`, built from sklearn's digits, nothing to download) and the released benchmarks in their
+official files (`coco_caption`, `vqa` for VQAv2 / OKVQA / VizWiz, `videoqa` for MSVD-QA /
+MSRVTT-QA, `coco_t2i`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from typing import Any
+
+import numpy as np
+
+from emu_jax.data import digits, media
+from emu_jax.eval import caption_metrics, vqa
+from emu_jax.eval.vqa import FormatError
+from emu_jax.generate import prompts
+
+
+@dataclasses.dataclass
+class Example:
+    key: Any  # the official id (image_id / question_id)
+    images: list  # uint8 [S, S, 3] each; a video's sampled frames
+    question: str = ""  # text between the image(s) and the answer
+    target: str = ""  # the answer a demonstration shows
+    meta: dict = dataclasses.field(default_factory=dict)
+
+
+class Task:
+    """Base: text answers to image queries, demonstrations from the whole pool."""
+    name = ""
+    kind = "text"  # "text" (answers) or "image" (text-to-image)
+    result_key, answer_field = "question_id", "answer"
+
+    def queries(self) -> list[Example]:
+        raise NotImplementedError
+
+    def pool(self) -> list[Example]:
+        raise NotImplementedError
+
+    def demonstration_pool(self, query: Example) -> np.ndarray | None:
+        """Indices into `pool()` this query's demonstrations may come from (None: all)."""
+        return None
+
+    def demonstration(self, example: Example, query: Example) -> Example:
+        """A pool example as shown before `query` (digits_labelling relabels it)."""
+        return example
+
+    def prompt(self, demonstrations: list[Example], query: Example) -> list:
+        segments = []
+        for demo in demonstrations:
+            segments += [prompts.ImageInput(image) for image in demo.images]
+            segments.append(f"{demo.question} {demo.target}".strip())
+        segments += [prompts.ImageInput(image) for image in query.images]
+        return segments + ([query.question] if query.question else [])
+
+    def answer(self, text: str) -> str:
+        """The model's continuation -> the answer recorded (first line, trimmed)."""
+        return text.strip().split("\n")[0].strip()
+
+    def result(self, query: Example, text: str) -> dict:
+        return {self.result_key: query.key, self.answer_field: self.answer(text)}
+
+    def score(self, results: list[dict], out_dir: str) -> dict:
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- the digits world
+
+class _Digits(Task):
+    def __init__(self, limit: int = 200, image_size: int = digits.IMAGE_SIZE, seed: int = 0):
+        self.image_size, self.seed = image_size, seed
+        images, labels = digits.load_digits()
+        self._images, self._labels = images, labels
+        self._test = digits.split_indices(len(images), "test")[:limit]
+        self._train = digits.split_indices(len(images), "train")
+
+    def _pixels(self, i: int) -> np.ndarray:
+        return media.decode_image(media.encode_png(self._images[i]), self.image_size)
+
+    def _examples(self, indices) -> list[Example]:
+        return [self._example(int(i), int(self._labels[i])) for i in indices]
+
+    def queries(self):
+        return self._examples(self._test)
+
+    def pool(self):
+        return self._examples(self._train)
+
+
+class DigitsCaption(_Digits):
+    """Held-out captions; right when the caption names the digit and no other."""
+    name, result_key, answer_field = "digits_caption", "image_id", "caption"
+
+    def _example(self, i, d):
+        return Example(i, [self._pixels(i)], "", digits.caption_text(d), {"digit": d})
+
+    def score(self, results, out_dir):
+        from emu_jax.eval.captioning import names_digit
+        truth = {q.key: q.meta["digit"] for q in self.queries()}
+        return {"accuracy": 100.0 * float(np.mean([names_digit(r["caption"], truth[r["image_id"]]) for r in results]))}
+
+
+class DigitsVqa(_Digits):
+    """"what digit is this?" scored by the official VQA accuracy (ten identical human answers)."""
+    name = "digits_vqa"
+
+    def _example(self, i, d):
+        return Example(i, [self._pixels(i)], digits.VQA_QUESTION, digits.NAMES[d], {"digit": d})
+
+    def score(self, results, out_dir):
+        truth = {q.key: q.target for q in self.queries()}
+        scores = [vqa.question_accuracy(r["answer"], [truth[r["question_id"]]] * 10) for r in results]
+        return {"accuracy": 100.0 * float(np.mean(scores))}
+
+
+class DigitsLabelling(_Digits):
+    """In-context arbitrary labelling: per query, its digit and one other get nonce words (seeded
+    per query); demonstrations are train images of those two digits shown as "this is a <word>.";
+    the answer is right when the model names the query's word. Only the context can tell it, so
+    accuracy should rise with the number of demonstrations."""
+    name = "digits_labelling"
+
+    def _words(self, query: Example) -> dict:
+        rng = np.random.RandomState([self.seed, query.key])
+        other = int(rng.choice([d for d in range(10) if d != query.meta["digit"]]))
+        words = rng.choice(digits.NONCE_WORDS, size=2, replace=False)
+        return {query.meta["digit"]: str(words[0]), other: str(words[1])}
+
+    def _example(self, i, d):
+        return Example(i, [self._pixels(i)], "this is a", "", {"digit": d})
+
+    def queries(self):
+        return [dataclasses.replace(q, target=self._words(q)[q.meta["digit"]]) for q in super().queries()]
+
+    def demonstration_pool(self, query):
+        labels = self._labels[self._train]
+        return np.flatnonzero(np.isin(labels, list(self._words(query))))
+
+    def demonstration(self, example, query):
+        return dataclasses.replace(example, question="this is a", target=f"{self._words(query)[example.meta['digit']]}.")
+
+    def answer(self, text):
+        words = re.findall(r"[a-z]+", text.lower())
+        return words[0] if words else ""
+
+    def score(self, results, out_dir):
+        truth = {q.key: q.target for q in self.queries()}
+        return {"accuracy": 100.0 * float(np.mean([r["answer"] == truth[r["question_id"]] for r in results]))}
+
+
+class DigitsT2I(_Digits):
+    """"a handwritten <digit>" -> an image; the independent digit classifier's accuracy on them,
+    and the Fréchet distance to the real held-out digits in the visual encoder's features."""
+    name, kind, result_key, answer_field = "digits_t2i", "image", "image_id", "caption"
+
+    def _example(self, i, d):
+        return Example(i, [], digits.caption_text(d), "", {"digit": d})
+
+    def prompt(self, demonstrations, query):
+        return [query.question, prompts.ImageRequest()]
+
+    def score(self, results, out_dir, features=None):
+        from emu_jax.eval import fid, recognisability
+        truth = {q.key: q.meta["digit"] for q in self.queries()}
+        images = np.stack([media.decode_image(open(os.path.join(out_dir, r["file"]), "rb").read(), self.image_size)
+                           for r in results])
+        labels = np.asarray([truth[r["image_id"]] for r in results])
+        out = {"accuracy": 100.0 * recognisability.digit_accuracy(images, list(labels))}
+        if features is not None and len(results) > 1:
+            real = np.stack([self._pixels(int(i)) for i in self._test[:len(results)]])
+            out["FID"] = fid.fid(images, real, features)
+        return out
+
+
+# ----------------------------------------------------------------------------- released benchmarks
+
+def _image_path(image_dir: str, pattern: str, entry: dict) -> str:
+    return os.path.join(image_dir, pattern.format(**entry))
+
+
+class _FileTask(Task):
+    """A benchmark read from its official files: `limit` queries (0: all) from the test files and up
+    to `pool_limit` demonstrations from the train files, decoded into memory."""
+    limit, pool_limit = 0, 2000
+
+    def _load(self, split: str) -> list[Example]:
+        raise NotImplementedError
+
+    def _count(self, split: str) -> int | None:
+        return (self.limit if split == "test" else self.pool_limit) or None
+
+    def queries(self):
+        return self._load("test")
+
+    def pool(self):
+        return self._load("train")
+
+
+class CocoCaption(_FileTask):
+    """COCO caption files (e.g. Karpathy test): {"images": [{"id", "file_name"}], "annotations":
+    [{"image_id", "caption"}]}; CIDEr-D, BLEU-4, METEOR, ROUGE-L via pycocoevalcap."""
+    name, result_key, answer_field = "coco_caption", "image_id", "caption"
+
+    def __init__(self, annotations, images, train_annotations="", train_images="", image_size=224, limit=0,
+                 prompt=""):
+        self.files = dict(test=(annotations, images), train=(train_annotations or annotations,
+                                                             train_images or images))
+        self.image_size, self.limit, self.question = image_size, limit, prompt
+
+    def _load(self, split):
+        path, image_dir = self.files[split]
+        data = vqa.read_json(path)
+        if not isinstance(data, dict) or not isinstance(data.get("images"), list):
+            raise FormatError(f'{path}: expected a COCO caption file with an "images" list')
+        refs = caption_metrics.load_references(path)
+        out = []
+        for i, entry in enumerate(data["images"][:self._count(split)]):
+            if not isinstance(entry, dict) or "id" not in entry or "file_name" not in entry:
+                raise FormatError(f"{path}: image {i} ({str(entry)[:80]}) needs id and file_name")
+            file = os.path.join(image_dir, entry["file_name"])
+            out.append(Example(entry["id"], [prompts.load_image(file, self.image_size)], self.question,
+                               (refs.get(entry["id"]) or [""])[0]))
+        return out
+
+    def score(self, results, out_dir):
+        refs = caption_metrics.load_references(self.files["test"][0])
+        predictions = {r["image_id"]: r["caption"] for r in results}
+        return caption_metrics.score_captions(predictions, {k: refs[k] for k in predictions})
+
+
+class Vqa(_FileTask):
+    """VQAv2 / OKVQA / VizWiz official question + annotation files and an image folder; images
+    named by `image_pattern` over the question entry (VizWiz questions carry an "image" name)."""
+    name = "vqa"
+
+    def __init__(self, questions, annotations, images, train_questions="", train_annotations="", train_images="",
+                 image_pattern="COCO_val2014_{image_id:012d}.jpg", train_image_pattern="", image_size=224, limit=0,
+                 prompt="question: {question} answer:"):
+        self.files = dict(test=(questions, annotations, images, image_pattern),
+                          train=(train_questions or questions, train_annotations or annotations,
+                                 train_images or images, train_image_pattern or image_pattern))
+        self.image_size, self.limit, self.template = image_size, limit, prompt
+
+    def _load(self, split):
+        questions_path, annotations_path, image_dir, pattern = self.files[split]
+        questions = list(vqa.load_questions(questions_path).values())[:self._count(split)]
+        answers = vqa.load_annotations(annotations_path)
+        out = []
+        for q in questions:
+            file = os.path.join(image_dir, q["image"]) if "image" in q else _image_path(image_dir, pattern, q)
+            human = answers.get(q["question_id"], [""])
+            out.append(Example(q["question_id"], [prompts.load_image(file, self.image_size)],
+                               self.template.format(question=q["question"]), max(set(human), key=human.count),
+                               {"answers": human}))
+        return out
+
+    def score(self, results, out_dir):
+        answers = vqa.load_annotations(self.files["test"][1])
+        scores = [vqa.question_accuracy(r["answer"], answers[r["question_id"]]) for r in results]
+        return {"accuracy": 100.0 * float(np.mean(scores))}
+
+
+class VideoQa(_FileTask):
+    """MSVD-QA / MSRVTT-QA: [{"id", "question", "answer", "video_id"}] and a video folder (files
+    named by `video_pattern`); exact match after VQA normalisation."""
+    name = "videoqa"
+
+    def __init__(self, annotations, videos, train_annotations="", train_videos="", video_pattern="vid{video_id}.avi",
+                 image_size=224, frames=8, limit=0, prompt="question: {question} answer:"):
+        self.files = dict(test=(annotations, videos), train=(train_annotations or annotations, train_videos or videos))
+        self.pattern, self.image_size, self.frames, self.limit, self.template = (video_pattern, image_size, frames,
+                                                                                 limit, prompt)
+
+    def _load(self, split):
+        path, video_dir = self.files[split]
+        vqa.load_video_annotations(path)  # validates
+        out = []
+        for entry in vqa.read_json(path)[:self._count(split)]:
+            key = entry.get("question_id", entry.get("id"))
+            frames = prompts.load_video(_image_path(video_dir, self.pattern, entry), self.image_size, self.frames)
+            out.append(Example(key, frames, self.template.format(question=entry["question"]), entry["answer"]))
+        return out
+
+    def score(self, results, out_dir):
+        truth = vqa.load_video_annotations(self.files["test"][0])
+        return {"accuracy": 100.0 * float(np.mean([vqa.exact_match(r["answer"], truth[r["question_id"]])
+                                                   for r in results]))}
+
+
+class CocoT2I(CocoCaption):
+    """COCO captions -> images; FID against the captions' real images."""
+    name, kind = "coco_t2i", "image"
+
+    def queries(self):
+        return [dataclasses.replace(q, images=[], question=q.target, meta={"real": q.images[0]})
+                for q in self._load("test")]
+
+    def prompt(self, demonstrations, query):
+        return [query.question, prompts.ImageRequest()]
+
+    def score(self, results, out_dir, features=None):
+        from emu_jax.eval import fid
+        if features is None:
+            raise ValueError("coco_t2i needs a feature network (sweep.fid_features)")
+        real = {q.key: q.meta["real"] for q in self.queries()}
+        images = np.stack([media.decode_image(open(os.path.join(out_dir, r["file"]), "rb").read(), self.image_size)
+                           for r in results])
+        return {"FID": fid.fid(images, np.stack([real[r["image_id"]] for r in results]), features)}
+
+
+TASKS = {cls.name: cls for cls in (DigitsCaption, DigitsVqa, DigitsLabelling, DigitsT2I, CocoCaption, Vqa, VideoQa,
+                                   CocoT2I)}
+
+
+def make_task(spec) -> Task:
+    """A task from its sweep entry: {"kind": name, ...its keyword arguments}."""
+    options = dict(spec)
+    kind = options.pop("kind")
+    if kind not in TASKS:
+        raise ValueError(f"unknown evaluation task {kind!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[kind](**options)
+
+
+def write_json(path: str, value) -> None:
+    """Atomically: a killed sweep never leaves a half-written file that looks finished."""
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(value, f)
+    os.replace(path + ".tmp", path)

@@ -1,0 +1,228 @@
+"""Evaluation: the official VQA rule and normalisation on hand-worked cases, caption metrics against
+pycocoevalcap itself, RICES neighbours, the Fréchet distance, malformed files, the score CLI, and a
+sweep that resumes without recomputing finished cells."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from conftest import ROOT
+
+from emu_jax.eval import caption_metrics, fid, rices, vqa
+from emu_jax.eval.vqa import FormatError
+
+
+@pytest.mark.parametrize("agreeing, expected", [(0, 0.0), (1, 0.3), (2, 0.6), (3, 0.9), (4, 1.0), (10, 1.0)])
+def test_vqa_accuracy_is_the_mean_over_leave_one_out_subsets(agreeing, expected):
+    """k of 10 annotators say the predicted answer: leaving out one of them leaves k-1 matches
+    (k of 10 subsets), leaving out another leaves k: e.g. 2 agreeing -> (2 x 1/3 + 8 x 2/3) / 10 = 0.6."""
+    humans = ["red"] * agreeing + ["blue"] * (10 - agreeing)
+    assert vqa.question_accuracy("red", humans) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize("prediction, humans, expected", [
+    ("Two", ["2"] * 2 + ["3"] * 8, 0.6),  # number words become digits, lower case
+    ("two", ["two"] * 2 + ["3"] * 8, 0.0),  # ... in the prediction only, as the official tool does
+    ("the cat.", ["cat"] * 3 + ["dog"] * 7, 0.9),  # articles and the final period go
+    ("isnt", ["isn't"] * 4 + ["no"] * 6, 1.0),  # contractions restored
+    ("1,000", ["1000"] * 4 + ["many"] * 6, 1.0),  # digit,digit commas removed
+    ("3.5", ["3.5"] * 4 + ["4"] * 6, 1.0),  # a decimal point stays
+    ("yes!", ["yes"] * 10, 1.0),
+    ("yes", ["Yes."] * 10, 0.0),  # the official quirk: unanimous human answers are not normalised
+    ("red white", ["red, white"] * 3 + ["blue"] * 7, 0.9),  # disagreeing human answers lose punctuation
+])
+def test_vqa_normalisation_matches_the_official_rules(prediction, humans, expected):
+    assert vqa.question_accuracy(prediction, humans) == pytest.approx(expected)
+
+
+def write(path, value):
+    path.write_text(json.dumps(value))
+    return str(path)
+
+
+def test_caption_metrics_equal_pycocoevalcap_called_directly(tmp_path):
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+    refs = {1: ["A man rides a horse on the beach.", "a person riding a horse"],
+            2: ["Two dogs play in the snow.", "dogs playing in snow"],
+            3: ["A red bus on a city street.", "a bus driving down the road"]}
+    predictions = {1: "a man riding a horse", 2: "two dogs in the snow", 3: "a red car on the street"}
+    annotations = write(tmp_path / "ann.json", {"images": [{"id": i} for i in refs],
+                                                "annotations": [{"image_id": i, "caption": c}
+                                                                for i, cs in refs.items() for c in cs]})
+    results = write(tmp_path / "res.json", [{"image_id": i, "caption": c} for i, c in predictions.items()])
+    ours = caption_metrics.score_caption_files(results, annotations)
+
+    tokenizer = PTBTokenizer()
+    gts = tokenizer.tokenize({i: [{"caption": c} for c in cs] for i, cs in refs.items()})
+    res = tokenizer.tokenize({i: [{"caption": c}] for i, c in predictions.items()})
+    assert ours["BLEU-4"] == Bleu(4).compute_score(gts, res)[0][3]
+    assert ours["CIDEr"] == Cider().compute_score(gts, res)[0]
+    assert 0 < ours["METEOR"] < 1 and 0 < ours["ROUGE-L"] < 1
+
+
+def test_malformed_files_name_the_file_and_the_entry(tmp_path):
+    annotations = write(tmp_path / "ann.json", {"annotations": [{"question_id": 1, "answers": [{"answer": "a"}]},
+                                                                {"question_id": 2, "answers": []}]})
+    with pytest.raises(FormatError, match=r"ann\.json: entry 1 \(question_id 2\) needs a non-empty"):
+        vqa.load_annotations(annotations)
+    results = write(tmp_path / "res.json", [{"question_id": 1, "answer": "a"}, {"question_id": 2}])
+    with pytest.raises(FormatError, match=r"res\.json: entry 1 .* lacks answer"):
+        vqa.load_results(results)
+    (tmp_path / "bad.json").write_text("[{")
+    with pytest.raises(FormatError, match=r"bad\.json: not valid JSON"):
+        vqa.load_results(str(tmp_path / "bad.json"))
+    captions = write(tmp_path / "cap.json", [{"image_id": 1, "caption": "x"}, {"image_id": 1, "caption": "y"}])
+    with pytest.raises(FormatError, match=r"cap\.json: entry 1 repeats image_id 1"):
+        caption_metrics.load_captions(captions)
+    good = write(tmp_path / "ann2.json", {"annotations": [{"question_id": 1, "answers": [{"answer": "a"}] * 10},
+                                                          {"question_id": 2, "answers": [{"answer": "b"}] * 10}]})
+    partial = write(tmp_path / "partial.json", [{"question_id": 1, "answer": "a"}])
+    with pytest.raises(FormatError, match=r"partial\.json: no answer for question_id 2"):
+        vqa.score_vqa(partial, good)
+
+
+def test_score_cli_prints_the_official_percentage(tmp_path):
+    annotations = write(tmp_path / "ann.json", {"annotations": [
+        {"question_id": 7, "answers": [{"answer": a} for a in ["2"] * 2 + ["3"] * 8]},
+        {"question_id": 8, "answers": [{"answer": "yes"}] * 10}]})
+    questions = write(tmp_path / "q.json", {"questions": [{"question_id": 7, "image_id": 1, "question": "how many?"},
+                                                          {"question_id": 8, "image_id": 1, "question": "is it?"}]})
+    results = write(tmp_path / "res.json", [{"question_id": 7, "answer": "Two"}, {"question_id": 8, "answer": "yes"}])
+    run = lambda *args: subprocess.run([sys.executable, "-m", "emu_jax.evaluate", "score", *args],  # noqa: E731
+                                       cwd=ROOT, capture_output=True, text=True, check=False)
+    done = run("--task=vqa", f"--predictions={results}", f"--annotations={annotations}", f"--questions={questions}")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "accuracy: 80.00"  # (0.6 + 1.0) / 2
+    done = run("--task=vqa", f"--predictions={annotations}", f"--annotations={annotations}")
+    assert done.returncode != 0 and "ann.json: expected a list of entries" in done.stderr
+
+
+def test_rices_returns_the_true_nearest_neighbours_nearest_last():
+    rng = np.random.RandomState(0)
+    pool, queries = rng.randn(200, 16), rng.randn(5, 16)
+    chosen = rices.demonstrations("rices", 4, queries, pool)
+    unit = lambda x: x / np.linalg.norm(x, axis=1, keepdims=True)  # noqa: E731
+    similarity = unit(queries) @ unit(pool).T
+    for q in range(5):
+        assert list(chosen[q][::-1]) == list(np.argsort(-similarity[q])[:4])
+    # a scaled copy of a pool vector is its own nearest neighbour (cosine ignores the norm)
+    assert rices.demonstrations("rices", 1, 3.0 * pool[[42]], pool)[0, 0] == 42
+    random_picks = rices.demonstrations("random", 4, queries, pool, seed=1)
+    assert random_picks.shape == (5, 4) and all(len(set(row)) == 4 for row in random_picks)
+    np.testing.assert_array_equal(random_picks, rices.demonstrations("random", 4, queries, pool, seed=1))
+
+
+def test_frechet_distance_matches_closed_forms():
+    rng = np.random.RandomState(0)
+    x = rng.randn(4000, 3) * [1.0, 2.0, 0.5] + [1.0, 0.0, -1.0]
+    mu, sigma = fid.statistics(x)
+    assert fid.frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-6)
+    # diagonal covariances: |mu1 - mu2|^2 + sum (s1 + s2 - 2 sqrt(s1 s2))
+    s1, s2 = np.array([1.0, 4.0, 0.25]), np.array([2.0, 1.0, 1.0])
+    expected = 9.0 + np.sum(s1 + s2 - 2 * np.sqrt(s1 * s2))
+    assert fid.frechet_distance(np.zeros(3), np.diag(s1), np.array([3.0, 0, 0]), np.diag(s2)) == pytest.approx(expected)
+
+
+def test_a_user_supplied_torchscript_feature_network_is_called_as_inception(tmp_path):
+    torch = pytest.importorskip("torch")
+
+    class Pool(torch.nn.Module):
+        def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
+            assert return_features
+            return x.float().mean(dim=(2, 3))  # [N, 3]: uint8 NCHW in, as the Inception file takes
+
+    torch.jit.script(Pool()).save(str(tmp_path / "inception.pt"))
+    features = fid.torchscript_features(str(tmp_path / "inception.pt"))
+    images = np.random.RandomState(0).randint(0, 255, (4, 8, 8, 3)).astype(np.uint8)
+    np.testing.assert_allclose(features(images), images.reshape(4, -1, 3).mean(1), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the sweep
+
+def test_sweep_resumes_without_recomputing_finished_cells(tmp_path, tokenizer):
+    """Random tiny checkpoint, digits tasks: a first sweep with k=0; then the full grid (captions
+    stay zero-shot by their own "shots"), where finished cells are read back (not regenerated) and
+    only the new ones run; a cell killed before its score was written is recomputed."""
+    import ml_collections
+    from model_helpers import init_params, save_params, tiny
+
+    from emu_jax.eval import sweep as sweep_lib
+    from emu_jax.generate.generator import Generator
+    _, model = tiny("emu2")
+    save_params(tmp_path / "emu", init_params(model))
+    sweep = ml_collections.ConfigDict({
+        "out": str(tmp_path / "out"), "seed": 0, "demonstrations": "rices", "shots": (0,),
+        "checkpoints": {"rand": {"config": str(ROOT / "configs" / "tiny.py"), "checkpoint": str(tmp_path / "emu"),
+                                 "overrides": {"data": {"tokenizer": tokenizer.model_path}}}},
+        "tasks": {"caption": {"kind": "digits_caption", "limit": 3, "shots": (0,)},
+                  "labels": {"kind": "digits_labelling", "limit": 3}},
+        "decodings": {"greedy": {"strategy": "greedy", "max_new_tokens": 3, "batch_size": 4}}})
+    prompts_seen = []
+    original = Generator.generate
+    Generator.generate = lambda self, batch, rng=None: prompts_seen.append(len(batch)) or original(self, batch, rng)
+    try:
+        first = sweep_lib.run(sweep)
+        assert [(r["task"], r["shots"]) for r in first] == [("caption", 0), ("labels", 0)]
+        finished = os.path.join(sweep.out, "cells", "rand", "caption", "0shot-greedy")
+        stamp = os.stat(os.path.join(finished, "score.json")).st_mtime_ns
+        results = json.load(open(os.path.join(finished, "results.json")))
+        assert sorted(results[0]) == ["caption", "image_id"] and len(results) == 3
+        # a cell killed mid-way: predictions half written, no score
+        killed = os.path.join(sweep.out, "cells", "rand", "labels", "0shot-greedy")
+        os.remove(os.path.join(killed, "score.json"))
+        prompts_seen.clear()
+        with sweep.unlocked():
+            sweep.shots = (0, 2)
+        second = sweep_lib.run(sweep)
+    finally:
+        Generator.generate = original
+    assert prompts_seen == [3, 3]  # the killed cell and the new 2-shot cell, nothing else
+    assert os.stat(os.path.join(finished, "score.json")).st_mtime_ns == stamp
+    assert [(r["task"], r["shots"]) for r in second] == [("caption", 0), ("labels", 0), ("labels", 2)]
+    assert all(r["examples"] == 3 and 0 <= r["accuracy"] <= 100 for r in second)
+    assert os.path.exists(os.path.join(sweep.out, "features", "rand", "labels_pool.npz"))
+    table = open(os.path.join(sweep.out, "results.md")).read().splitlines()
+    assert table[0].startswith("| checkpoint | task | shots | decoding | accuracy") and len(table) == 5
+    assert sorted(os.listdir(os.path.join(sweep.out, "plots"))) == ["caption_accuracy.png", "labels_accuracy.png"]
+
+
+def test_benchmark_files_become_prompts_and_official_scores(tmp_path):
+    """COCO caption and VQA files (real photos from skimage) read into few-shot prompts; crafted
+    results score as the metrics say; an image entry without a file name is named in the error."""
+    from skimage import data as photos
+
+    from emu_jax.data import media
+    from emu_jax.eval import tasks
+    from emu_jax.generate import prompts
+    for name in ("astronaut", "coffee", "chelsea"):
+        (tmp_path / f"{name}.png").write_bytes(media.encode_png(getattr(photos, name)()))
+    captions = write(tmp_path / "captions.json", {
+        "images": [{"id": i, "file_name": f"{n}.png"} for i, n in enumerate(("astronaut", "coffee", "chelsea"))],
+        "annotations": [{"image_id": 0, "caption": "an astronaut in a suit"}, {"image_id": 1, "caption": "a cup of coffee"},
+                        {"image_id": 2, "caption": "a cat lying down"}]})
+    task = tasks.make_task({"kind": "coco_caption", "annotations": captions, "images": str(tmp_path), "image_size": 32})
+    queries, pool = task.queries(), task.pool()
+    assert [q.key for q in queries] == [0, 1, 2] and queries[0].images[0].shape == (32, 32, 3)
+    segments = task.prompt([pool[1]], queries[2])
+    assert [type(s).__name__ for s in segments] == ["ImageInput", "str", "ImageInput"]
+    assert segments[1] == "a cup of coffee" and isinstance(segments[2], prompts.ImageInput)
+
+    questions = write(tmp_path / "q.json", {"questions": [{"question_id": 10, "image_id": 0, "question": "who is it?",
+                                                            "image": "astronaut.png"}]})
+    annotations = write(tmp_path / "a.json", {"annotations": [{"question_id": 10, "answers": [{"answer": "astronaut"}] * 10}]})
+    vqa_task = tasks.make_task({"kind": "vqa", "questions": questions, "annotations": annotations,
+                                "images": str(tmp_path), "image_size": 32})
+    (query,) = vqa_task.queries()
+    assert query.question == "question: who is it? answer:" and query.target == "astronaut"
+    assert vqa_task.result(query, " The astronaut.\nmore") == {"question_id": 10, "answer": "The astronaut."}
+    assert vqa_task.score([vqa_task.result(query, "The astronaut.")], str(tmp_path)) == {"accuracy": 100.0}
+
+    broken = write(tmp_path / "broken.json", {"images": [{"id": 0}], "annotations": []})
+    with pytest.raises(FormatError, match=r"broken\.json: image 0 .* needs id and file_name"):
+        tasks.make_task({"kind": "coco_caption", "annotations": broken, "images": str(tmp_path)}).queries()
+    with pytest.raises(ValueError, match="unknown evaluation task 'coco'"):
+        tasks.make_task({"kind": "coco"})
