@@ -186,7 +186,8 @@ def test_sweep_resumes_without_recomputing_finished_cells(tmp_path, tokenizer):
     assert all(r["examples"] == 3 and 0 <= r["accuracy"] <= 100 for r in second)
     assert os.path.exists(os.path.join(sweep.out, "features", "rand", "labels_pool.npz"))
     table = open(os.path.join(sweep.out, "results.md")).read().splitlines()
-    assert table[0].startswith("| checkpoint | task | shots | decoding | accuracy") and len(table) == 5
+    assert table[0].startswith("| checkpoint | task | shots | demonstrations | decoding | accuracy") and len(table) == 5
+    assert os.path.exists(os.path.join(sweep.out, "cells", "rand", "labels", "2shot-rices-greedy", "results.json"))
     assert sorted(os.listdir(os.path.join(sweep.out, "plots"))) == ["caption_accuracy.png", "labels_accuracy.png"]
 
 
@@ -226,3 +227,13 @@ def test_benchmark_files_become_prompts_and_official_scores(tmp_path):
         tasks.make_task({"kind": "coco_caption", "annotations": broken, "images": str(tmp_path)}).queries()
     with pytest.raises(ValueError, match="unknown evaluation task 'coco'"):
         tasks.make_task({"kind": "coco"})
+
+
+def test_digits_vqa_answers_in_words_score_against_digit_annotations():
+    """The official normaliser turns the model's "seven" into "7", as VQAv2 annotators wrote it."""
+    from emu_jax.data.digits import NAMES
+    from emu_jax.eval import tasks
+    task = tasks.DigitsVqa(limit=2)
+    first, second = task.queries()
+    results = [task.result(first, f" {NAMES[first.meta['digit']]}\n"), task.result(second, "a dog")]
+    assert task.score(results, "") == {"accuracy": 50.0}

@@ -27,7 +27,8 @@ def get_config():
                     "labelling": {"kind": "digits_labelling", "limit": 200},
                     "t2i": {"kind": "digits_t2i", "limit": 64}}
     config.shots = (0, 1, 2, 4, 8)
-    config.demonstrations = "random"  # or "rices": nearest train images by visual-encoder features
+    # seeded random picks, and RICES (nearest train images by visual-encoder features): both in the grid
+    config.demonstrations = ("random", "rices")
     config.decodings = {"greedy": {"strategy": "greedy", "max_new_tokens": 8, "batch_size": 32}}
     config.seed = 0
     return config

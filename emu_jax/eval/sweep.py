@@ -1,6 +1,7 @@
-"""Evaluation sweeps: checkpoints x tasks x shots x decoding settings, run unattended and resumable.
+"""Evaluation sweeps: checkpoints x tasks x shots x demonstration choice x decoding settings, run
+unattended and resumable.
 
-Each cell writes, under `<out>/cells/<checkpoint>/<task>/<shots>shot-<decoding>/`, its predictions as
+Each cell writes, under `<out>/cells/<checkpoint>/<task>/<shots>shot[-<choice>]-<decoding>/`, its predictions as
 the official result JSON (`results.json`; text-to-image cells also their PNGs) and then
 `score.json`; both atomically, so a cell with a `score.json` is finished and a re-run (or a killed
 sweep started again) skips it. Demonstrations come from the task's train pool, chosen by RICES
@@ -36,10 +37,12 @@ class Cell:
     task: str
     shots: int
     decoding: str
+    demonstrations: str = "none"  # "rices" | "random"; "none" for zero-shot cells
 
     @property
     def path(self) -> str:
-        return os.path.join(self.checkpoint, self.task, f"{self.shots}shot-{self.decoding}")
+        shots = f"{self.shots}shot" + (f"-{self.demonstrations}" if self.shots else "")
+        return os.path.join(self.checkpoint, self.task, f"{shots}-{self.decoding}")
 
 
 def cells(sweep) -> list[Cell]:
@@ -51,9 +54,17 @@ def cells(sweep) -> list[Cell]:
             for shots in spec.get("shots", sweep.shots):
                 if image_task and shots:
                     continue
-                for decoding in sweep.decodings:
-                    out.append(Cell(checkpoint, task, int(shots), decoding))
+                choices = ("none",) if not shots else demonstration_choices(sweep)
+                for choice in choices:
+                    for decoding in sweep.decodings:
+                        out.append(Cell(checkpoint, task, int(shots), decoding, choice))
     return out
+
+
+def demonstration_choices(sweep) -> tuple[str, ...]:
+    """sweep.demonstrations: "rices", "random", or several (comma-separated or a tuple)."""
+    choices = sweep.demonstrations
+    return tuple(c.strip() for c in choices.split(",")) if isinstance(choices, str) else tuple(choices)
 
 
 def make_task_cls(spec):
@@ -96,7 +107,7 @@ class Runner:
     def demonstrations(self, cell: Cell, task, queries, pool) -> list[list]:
         if cell.shots == 0:
             return [[] for _ in queries]
-        strategy, seed = self.sweep.demonstrations, self.sweep.seed
+        strategy, seed = cell.demonstrations, self.sweep.seed
         generator = self.generator(cell.checkpoint)
         if strategy == "rices":
             feature_dir = os.path.join(self.out, "features", cell.checkpoint)
@@ -179,7 +190,7 @@ def run(sweep) -> list[dict]:
 
 
 def write_tables(rows: list[dict], out: str) -> None:
-    keys = ["checkpoint", "task", "shots", "decoding"]
+    keys = ["checkpoint", "task", "shots", "demonstrations", "decoding"]
     metrics = sorted({k for r in rows for k in r} - set(keys) - {"examples"}) + ["examples"]
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, keys + metrics)
@@ -193,7 +204,8 @@ def write_tables(rows: list[dict], out: str) -> None:
 
 
 def plot(rows: list[dict], out: str) -> None:
-    """metric vs shots (one line per checkpoint and decoding) per task and metric; a sample grid per
+    """metric vs shots (a line per checkpoint, demonstration choice and decoding; zero-shot cells start
+    every line) per task and metric; a sample grid per
     text-to-image cell."""
     import matplotlib
     matplotlib.use("Agg")
@@ -205,19 +217,23 @@ def plot(rows: list[dict], out: str) -> None:
     for task in sorted({r["task"] for r in rows}):
         task_rows = [r for r in rows if r["task"] == task]
         for metric in sorted({k for r in task_rows for k in r} - {"checkpoint", "task", "shots", "decoding",
-                                                                   "examples"}):
+                                                                   "demonstrations", "examples"}):
             fig, ax = plt.subplots(figsize=(4.5, 3.2))
-            for line in sorted({(r["checkpoint"], r["decoding"]) for r in task_rows}):
-                points = sorted((r["shots"], r[metric]) for r in task_rows
-                                if (r["checkpoint"], r["decoding"]) == line and metric in r)
-                ax.plot(*zip(*points), marker="o", label=" / ".join(line))
+            choices = sorted({r["demonstrations"] for r in task_rows if r["shots"]}) or ["none"]
+            for checkpoint, decoding in sorted({(r["checkpoint"], r["decoding"]) for r in task_rows}):
+                for choice in choices:
+                    points = sorted((r["shots"], r[metric]) for r in task_rows
+                                    if (r["checkpoint"], r["decoding"]) == (checkpoint, decoding) and metric in r
+                                    and r["demonstrations"] in (choice, "none"))
+                    ax.plot(*zip(*points), marker="o", label=" / ".join((checkpoint, choice, decoding)))
             ax.set(xlabel="shots", ylabel=metric, title=task)
             ax.legend(fontsize=7)
             fig.tight_layout()
             fig.savefig(os.path.join(plot_dir, f"{task}_{metric}.png"), dpi=100)
             plt.close(fig)
     for r in rows:
-        cell_dir = os.path.join(out, "cells", Cell(r["checkpoint"], r["task"], r["shots"], r["decoding"]).path)
+        cell_dir = os.path.join(out, "cells", Cell(r["checkpoint"], r["task"], r["shots"], r["decoding"],
+                                                   r["demonstrations"]).path)
         files = sorted(f for f in os.listdir(cell_dir) if f.endswith(".png"))[:16] if os.path.isdir(cell_dir) else []
         if files:
             images = np.stack([np.asarray(Image.open(os.path.join(cell_dir, f)).convert("RGB")) for f in files])

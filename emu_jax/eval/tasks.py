@@ -116,7 +116,8 @@ class DigitsVqa(_Digits):
         return Example(i, [self._pixels(i)], digits.VQA_QUESTION, digits.NAMES[d], {"digit": d})
 
     def score(self, results, out_dir):
-        truth = {q.key: q.target for q in self.queries()}
+        # ten annotators who wrote the digit as VQAv2's do ("7"); the prediction's "seven" normalises to it
+        truth = {q.key: str(q.meta["digit"]) for q in self.queries()}
         scores = [vqa.question_accuracy(r["answer"], [truth[r["question_id"]]] * 10) for r in results]
         return {"accuracy": 100.0 * float(np.mean(scores))}
 
