@@ -62,10 +62,10 @@ def test_extrapolated_flops_of_a_scanned_stack_equal_the_unrolled_compile():
                                                              "model.vit.depth": 1})
     devices = jax.devices()
     lowered, _, _ = aot.lower_train_step(config, devices)
-    scanned = aot._cost(lowered.compile())
+    scanned = aot.compiled_cost(lowered.compile())
     extrapolated = aot.extrapolated_cost(config, devices, scanned)["flops"]
     lowered, _, _ = aot.lower_train_step(config_lib.with_overrides(config, {"model.llm.scan_layers": False}), devices)
-    unrolled = aot._cost(lowered.compile())["flops"]
+    unrolled = aot.compiled_cost(lowered.compile())["flops"]
     assert extrapolated == pytest.approx(unrolled, rel=0.01)
     assert scanned["flops"] < 0.9 * unrolled  # what the extrapolation corrects
 

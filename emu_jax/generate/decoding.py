@@ -181,8 +181,9 @@ def beam_search(model, params, state: State, settings: TextSettings):
     """Beam search -> (tokens [B, max_new_tokens], lengths [B], normalised scores [B]) of each
     row's best hypothesis.
 
-    Each step scores the alive beams' continuations, keeps the best 2k; those ending in a stop
-    token join the row's k finished hypotheses (length-normalised), the best k others stay alive.
+    Each step scores the alive beams' continuations, keeps the best 2k; those among the best k that
+    end in a stop token join the row's k finished hypotheses (length-normalised), the best k
+    non-stop ones stay alive.
     A row is done when it holds k finished hypotheses that no alive beam can beat any more;
     at max_new_tokens the alive beams count as finished."""
     k, steps, penalty = settings.num_beams, settings.max_new_tokens, settings.length_penalty
@@ -225,7 +226,10 @@ def beam_search(model, params, state: State, settings: TextSettings):
         seq = alive_seq[rows, parent].at[:, :, i].set(token)
         is_stop = jnp.isin(token, stop_ids)
         length = jnp.full(token.shape, i + 1, jnp.int32)
-        fin = merge_finished(fin, seq, length, jnp.where(is_stop, _normalised(scores, length, penalty), NEG_INF))
+        # only stops ranked among the best k finish a hypothesis (as transformers does): with k=1 a
+        # runner-up stop token must not end the answer when greedy would go on
+        finishes = is_stop & (jnp.arange(2 * k) < k)
+        fin = merge_finished(fin, seq, length, jnp.where(finishes, _normalised(scores, length, penalty), NEG_INF))
         alive_score, pick = jax.lax.top_k(jnp.where(is_stop, NEG_INF, scores), k)
         alive_seq, chosen = seq[rows, pick], token[rows, pick]
         parents = (rows * k + parent[rows, pick]).reshape(-1)

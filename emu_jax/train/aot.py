@@ -73,8 +73,8 @@ def target_devices(target: str) -> tuple[list, topology_lib.Chip | None]:
 
 
 def lower_train_step(config, devices):
-    """The trainer's train step lowered for `devices` with abstract state and batch; also returns
-    the task (for FLOPs and the batch shape)."""
+    """(lowered step, Setup, mesh): the trainer's train step lowered for `devices` with abstract
+    state and batch."""
     mesh = mesh_lib.make_mesh(config.mesh, devices)
     mesh_lib.check_batch(config.data.global_batch_size, mesh, config.train.grad_accum_steps)
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
@@ -92,7 +92,8 @@ def _memory(compiled) -> dict:
             "code": m.generated_code_size_in_bytes}
 
 
-def _cost(compiled) -> dict:
+def compiled_cost(compiled) -> dict:
+    """Per-device FLOPs and the compiler's estimated seconds, as cost_analysis() reports them."""
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
     return {"flops": float(cost.get("flops", 0.0)), "seconds": float(cost.get("optimal_seconds", 0.0))}
@@ -118,7 +119,7 @@ def extrapolated_cost(config, devices, scanned_cost: dict) -> dict:
         two_layers = config_lib.with_overrides(config, {f"model.{tower}.scan_layers": False,
                                                         f"model.{tower}.{_depth_key(config.model[tower])}": 2})
         lowered, _, _ = lower_train_step(two_layers, devices)
-        layer = {k: v - scanned_cost[k] for k, v in _cost(lowered.compile()).items()}
+        layer = {k: v - scanned_cost[k] for k, v in compiled_cost(lowered.compile()).items()}
         for key in total:
             total[key] += (depth - 1) * layer[key]
     return total
@@ -150,11 +151,11 @@ def compile_report(config, target: str, *, extrapolate: bool = True) -> Report:
     report.memory = _memory(compiled)
     if chip:
         report.fits = report.total_bytes <= chip.hbm_bytes
-    report.compiler_flops = _cost(compiled)["flops"]
+    report.compiler_flops = compiled_cost(compiled)["flops"]
     report.analytic_flops = setup.task.step_flops(setup.abstract_params, setup.optimizer.frozen) / len(devices)
     report.tokens_per_step = config.data.global_batch_size * config.data.get("seq_len", 0)
     if extrapolate:
-        estimate = extrapolated_cost(config, devices, _cost(compiled))
+        estimate = extrapolated_cost(config, devices, compiled_cost(compiled))
         report.estimated_flops, report.estimated_seconds = estimate["flops"], estimate["seconds"]
     return report
 
