@@ -101,3 +101,17 @@ def test_splash_attention_compiles_for_tpu_with_its_gradients():
         compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(qkv, qkv, qkv, ids).compile()
     assert chosen == ["splash"]
     assert np.char.count(compiled.as_text(), "tpu_custom_call") >= 2
+
+
+def test_a_mesh_the_parameters_do_not_divide_over_is_reported_and_fitted_around():
+    """Tiny ViT width 64 over a 128-way FSDP axis (v5p-256): the sharding cannot split it; the
+    report says so instead of raising, and the fit search halves FSDP (data 2 x fsdp 64), never
+    going back to a mesh it tried."""
+    config = config_lib.with_overrides(load_config("tiny"), {"mesh.data": 1, "mesh.fsdp": -1,
+                                                             "data.global_batch_size": 128})
+    report = aot.compile_report(config, "v5p-256", extrapolate=False)
+    assert report.fits is False and report.unshardable and report.mesh == {"data": 1, "fsdp": 128, "tensor": 1}
+    assert "parameters do not split" in aot.format_report(report)
+    report, applied = aot.fit(config, "v5p-256", extrapolate=False)
+    assert report.fits is True and applied == {"mesh.data": 2, "mesh.fsdp": -1}
+    assert report.mesh == {"data": 2, "fsdp": 64, "tensor": 1}

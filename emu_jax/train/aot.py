@@ -41,7 +41,8 @@ class Report:
     fits: bool | None  # None: no HBM size known (CPU)
     hbm_bytes: int | None
     memory: dict = dataclasses.field(default_factory=dict)  # per device: arguments/outputs/aliased/temporaries/code
-    error: str = ""  # the compiler's out-of-memory message, when it refused
+    error: str = ""  # the compiler's out-of-memory message (or the sharding error), when it refused
+    unshardable: bool = False  # a parameter dimension does not divide over its mesh axes
     compiler_flops: float = 0.0  # per device, as cost_analysis reports it (scanned bodies once)
     estimated_flops: float = 0.0  # per device, extrapolated over the scanned layers
     estimated_seconds: float = 0.0
@@ -127,7 +128,8 @@ def extrapolated_cost(config, devices, scanned_cost: dict) -> dict:
 
 def compile_report(config, target: str, *, extrapolate: bool = True) -> Report:
     """Compiles the train step of `config` for `target` and reports memory, fit and speed; a step
-    the compiler refuses for lack of memory gives fits=False and its message instead of raising."""
+    the compiler refuses for lack of memory, or whose parameters do not split over the mesh (a
+    dimension the FSDP axis does not divide), gives fits=False and the message instead of raising."""
     devices, chip = target_devices(target)
     tc = config.train
     report = Report(target=target, devices=len(devices), mesh={}, global_batch=config.data.global_batch_size,
@@ -137,7 +139,15 @@ def compile_report(config, target: str, *, extrapolate: bool = True) -> Report:
                     peak_flops=chip.peak_bf16_flops if chip else 0.0)
     start = time.perf_counter()
     logging.info("compiling the train step for %s (%d devices)", target, len(devices))
-    lowered, setup, mesh = lower_train_step(config, devices)
+    try:
+        lowered, setup, mesh = lower_train_step(config, devices)
+    except ValueError as e:  # jax's IndivisibleError (not public): a dimension the mesh axes do not divide
+        if type(e).__name__ != "IndivisibleError":
+            raise
+        report.fits, report.unshardable = False, True
+        report.error = "cannot shard: " + str(e).strip().splitlines()[0][:500]
+        report.mesh = dict(zip(mesh_lib.MESH_AXES, mesh_lib.mesh_shape(config.mesh, len(devices))))
+        return report
     report.mesh = dict(mesh.shape)
     try:
         compiled = lowered.compile()
@@ -163,9 +173,14 @@ def compile_report(config, target: str, *, extrapolate: bool = True) -> Report:
 def suggestions(config, report: Report) -> list[tuple[str, dict]]:
     """What would lower per-device memory, most effective first, as (reason, overrides) pairs:
     shard parameters and optimizer state over every device, rematerialise whole layers, halve the
-    micro-batch (gradient accumulation keeps the global batch)."""
+    micro-batch (gradient accumulation keeps the global batch). A mesh the parameters do not divide
+    over first gets half the FSDP axis (twice the data axis)."""
     out = []
     mesh = config.mesh
+    if report.unshardable and report.mesh.get("fsdp", 1) > 1:
+        data = report.mesh["data"] * 2
+        return [(f"halve the FSDP axis ({report.mesh['fsdp']} does not divide every sharded dimension)",
+                 {"mesh.data": data, "mesh.fsdp": -1})]
     if not (mesh.fsdp == -1 and mesh.data == 1 and mesh.tensor == 1) and mesh.fsdp != report.devices:
         out.append(("shard parameters and optimizer state over all devices (FSDP)",
                     {"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1}))
@@ -184,12 +199,16 @@ def fit(config, target: str, *, extrapolate: bool = True) -> tuple[Report, dict]
     """Compiles as given, then applies `suggestions` one at a time (cumulatively) until the step
     fits; returns the last report and the overrides that produced it."""
     applied: dict = {}
+    tried = {()}
     report = compile_report(config, target, extrapolate=extrapolate)
     while report.fits is False:
-        options = suggestions(config_lib.with_overrides(config, applied), report)
+        options = [dict(applied, **overrides) for _, overrides in
+                   suggestions(config_lib.with_overrides(config, applied), report)]
+        options = [o for o in options if tuple(sorted(o.items())) not in tried]  # never go back
         if not options:
             break
-        applied.update(options[0][1])
+        applied = options[0]
+        tried.add(tuple(sorted(applied.items())))
         report = compile_report(config_lib.with_overrides(config, applied), target, extrapolate=extrapolate)
     return report, applied
 
@@ -200,7 +219,8 @@ def format_report(report: Report) -> str:
              f"{report.global_batch} ({report.grad_accum_steps} accumulation step(s)), remat {report.remat}",
              f"compile: {report.compile_seconds:.1f} s"]
     if report.error:
-        lines.append(f"does NOT fit: the compiler ran out of memory: {report.error}")
+        why = "the parameters do not split over this mesh" if report.unshardable else "the compiler ran out of memory"
+        lines.append(f"does NOT fit: {why}: {report.error}")
         return "\n".join(lines)
     m = report.memory
     lines.append(f"per-device memory: arguments {gib(m['arguments'])}, outputs {gib(m['outputs'])} "
