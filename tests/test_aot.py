@@ -115,3 +115,12 @@ def test_a_mesh_the_parameters_do_not_divide_over_is_reported_and_fitted_around(
     report, applied = aot.fit(config, "v5p-256", extrapolate=False)
     assert report.fits is True and applied == {"mesh.data": 2, "mesh.fsdp": -1}
     assert report.mesh == {"data": 2, "fsdp": 64, "tensor": 1}
+
+
+def test_compile_entry_on_this_machines_fake_cpu_mesh_reports_memory():
+    config = config_lib.with_overrides(load_config("tiny"), {"mesh.data": 2, "mesh.fsdp": 4})
+    report = aot.compile_report(config, "cpu", extrapolate=False)
+    assert report.devices == 8 and report.mesh == {"data": 2, "fsdp": 4, "tensor": 1}
+    assert report.fits is None and report.hbm_bytes is None  # no HBM to compare with on a CPU
+    assert report.memory["arguments"] > 0 and report.total_bytes > 0 and report.compiler_flops > 0
+    assert "per-device memory" in aot.format_report(report)
