@@ -283,7 +283,8 @@ def test_auto_attention_follows_the_mesh_platform(platform, dtype, masking, expe
         layers.choose_attention("flash", q, k, mask, None)
 
 
-@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN flash attention needs a GPU")
+@pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN kernels exist only on a GPU; the choice of "
+                    "cuDNN for a GPU mesh is tested on CPU by test_auto_attention_follows_the_mesh_platform")
 def test_cudnn_attention_equals_xla_on_gpu():
     """On a GPU "auto" picks cuDNN for bf16 packed causal attention; it must agree with XLA's
     (bf16 tolerance), gradients included."""

@@ -26,9 +26,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from emu_jax import config_lib
-from emu_jax.data import media
 from emu_jax.eval import fid, rices
-from emu_jax.eval.tasks import make_task, write_json
+from emu_jax.eval.tasks import make_task, task_class, write_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,7 +49,7 @@ def cells(sweep) -> list[Cell]:
     out = []
     for checkpoint in sweep.checkpoints:
         for task, spec in sweep.tasks.items():
-            image_task = make_task_cls(spec).kind == "image"
+            image_task = task_class(spec["kind"]).kind == "image"
             for shots in spec.get("shots", sweep.shots):
                 if image_task and shots:
                     continue
@@ -65,13 +64,6 @@ def demonstration_choices(sweep) -> tuple[str, ...]:
     """sweep.demonstrations: "rices", "random", or several (comma-separated or a tuple)."""
     choices = sweep.demonstrations
     return tuple(c.strip() for c in choices.split(",")) if isinstance(choices, str) else tuple(choices)
-
-
-def make_task_cls(spec):
-    from emu_jax.eval.tasks import TASKS
-    if spec["kind"] not in TASKS:
-        raise ValueError(f"unknown evaluation task {spec['kind']!r}; known: {', '.join(sorted(TASKS))}")
-    return TASKS[spec["kind"]]
 
 
 class Runner:
@@ -96,7 +88,7 @@ class Runner:
         if name not in self._tasks:
             spec = dict(self.sweep.tasks[name])
             spec.pop("shots", None)
-            if "image_size" not in spec and self._generator is not None and spec["kind"] != "digits_t2i":
+            if "image_size" not in spec and self._generator is not None:  # the encoder's input size
                 spec["image_size"] = self._generator.image_size
             self._tasks[name] = make_task(spec)
         return self._tasks[name]
@@ -142,22 +134,14 @@ class Runner:
         demos = self.demonstrations(cell, task, queries, pool)
         os.makedirs(cell_dir, exist_ok=True)
         results, batch = [], generator.config.generate.batch_size
-        for start in tqdm(range(0, len(queries), batch), desc=cell.path, unit="batch", leave=False):
+        for start in tqdm(range(0, len(queries), batch), desc=f"{cell.path} ({len(queries)} examples)", unit="batch",
+                          leave=False):
             rows = queries[start:start + batch]
             outputs = generator.generate([task.prompt(d, q) for d, q in zip(demos[start:start + batch], rows)])
-            for query, output in zip(rows, outputs):
-                entry = task.result(query, output.text)
-                if task.kind == "image":
-                    entry = {task.result_key: query.key, "caption": query.question, "file": f"{query.key}.png"}
-                    with open(os.path.join(cell_dir, entry["file"]), "wb") as f:
-                        f.write(media.encode_png(output.images[0]))
-                results.append(entry)
+            results += [task.image_result(query, output.images[0], cell_dir) if task.kind == "image"
+                        else task.result(query, output.text) for query, output in zip(rows, outputs)]
         write_json(os.path.join(cell_dir, "results.json"), results)
-        if task.kind == "image":
-            score = task.score(results, cell_dir, features=self.features(generator))
-        else:
-            score = task.score(results, cell_dir)
-        score = dict(score, examples=len(results))
+        score = dict(task.score(results, cell_dir, features=self.features(generator)), examples=len(results))
         write_json(score_path, score)
         return score
 

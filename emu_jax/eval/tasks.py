@@ -68,7 +68,15 @@ class Task:
     def result(self, query: Example, text: str) -> dict:
         return {self.result_key: query.key, self.answer_field: self.answer(text)}
 
-    def score(self, results: list[dict], out_dir: str) -> dict:
+    def image_result(self, query: Example, image, out_dir: str) -> dict:
+        """Text-to-image: the image is written next to the results, which name its file."""
+        file = f"{query.key}.png"
+        with open(os.path.join(out_dir, file), "wb") as f:
+            f.write(media.encode_png(image))
+        return {self.result_key: query.key, "caption": query.question, "file": file}
+
+    def score(self, results: list[dict], out_dir: str, features=None) -> dict:
+        """`features` (images -> vectors) serves the Fréchet distance of text-to-image tasks."""
         raise NotImplementedError
 
 
@@ -102,7 +110,7 @@ class DigitsCaption(_Digits):
     def _example(self, i, d):
         return Example(i, [self._pixels(i)], "", digits.caption_text(d), {"digit": d})
 
-    def score(self, results, out_dir):
+    def score(self, results, out_dir, features=None):
         from emu_jax.eval.captioning import names_digit
         truth = {q.key: q.meta["digit"] for q in self.queries()}
         return {"accuracy": 100.0 * float(np.mean([names_digit(r["caption"], truth[r["image_id"]]) for r in results]))}
@@ -115,7 +123,7 @@ class DigitsVqa(_Digits):
     def _example(self, i, d):
         return Example(i, [self._pixels(i)], digits.VQA_QUESTION, digits.NAMES[d], {"digit": d})
 
-    def score(self, results, out_dir):
+    def score(self, results, out_dir, features=None):
         # ten annotators who wrote the digit as VQAv2's do ("7"); the prediction's "seven" normalises to it
         truth = {q.key: str(q.meta["digit"]) for q in self.queries()}
         scores = [vqa.question_accuracy(r["answer"], [truth[r["question_id"]]] * 10) for r in results]
@@ -152,7 +160,7 @@ class DigitsLabelling(_Digits):
         words = re.findall(r"[a-z]+", text.lower())
         return words[0] if words else ""
 
-    def score(self, results, out_dir):
+    def score(self, results, out_dir, features=None):
         truth = {q.key: q.target for q in self.queries()}
         return {"accuracy": 100.0 * float(np.mean([r["answer"] == truth[r["question_id"]] for r in results]))}
 
@@ -231,7 +239,7 @@ class CocoCaption(_FileTask):
                                (refs.get(entry["id"]) or [""])[0]))
         return out
 
-    def score(self, results, out_dir):
+    def score(self, results, out_dir, features=None):
         refs = caption_metrics.load_references(self.files["test"][0])
         predictions = {r["image_id"]: r["caption"] for r in results}
         return caption_metrics.score_captions(predictions, {k: refs[k] for k in predictions})
@@ -263,7 +271,7 @@ class Vqa(_FileTask):
                                {"answers": human}))
         return out
 
-    def score(self, results, out_dir):
+    def score(self, results, out_dir, features=None):
         answers = vqa.load_annotations(self.files["test"][1])
         scores = [vqa.question_accuracy(r["answer"], answers[r["question_id"]]) for r in results]
         return {"accuracy": 100.0 * float(np.mean(scores))}
@@ -290,7 +298,7 @@ class VideoQa(_FileTask):
             out.append(Example(key, frames, self.template.format(question=entry["question"]), entry["answer"]))
         return out
 
-    def score(self, results, out_dir):
+    def score(self, results, out_dir, features=None):
         truth = vqa.load_video_annotations(self.files["test"][0])
         return {"accuracy": 100.0 * float(np.mean([vqa.exact_match(r["answer"], truth[r["question_id"]])
                                                    for r in results]))}
@@ -321,13 +329,16 @@ TASKS = {cls.name: cls for cls in (DigitsCaption, DigitsVqa, DigitsLabelling, Di
                                    CocoT2I)}
 
 
+def task_class(kind: str) -> type:
+    if kind not in TASKS:
+        raise ValueError(f"unknown evaluation task {kind!r}; known: {', '.join(sorted(TASKS))}")
+    return TASKS[kind]
+
+
 def make_task(spec) -> Task:
     """A task from its sweep entry: {"kind": name, ...its keyword arguments}."""
     options = dict(spec)
-    kind = options.pop("kind")
-    if kind not in TASKS:
-        raise ValueError(f"unknown evaluation task {kind!r}; known: {', '.join(sorted(TASKS))}")
-    return TASKS[kind](**options)
+    return task_class(options.pop("kind"))(**options)
 
 
 def write_json(path: str, value) -> None:
