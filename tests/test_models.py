@@ -134,7 +134,7 @@ def test_kv_cache_decoding_equals_full_forward_with_left_padding(variant, scan):
     for b, ids in enumerate([long, short]):
         alone = apply(model, params, batch_of([ids], images[b:b + 1]))
         np.testing.assert_allclose(cached[b, -len(ids):], alone.logits[0], atol=2e-5, rtol=1e-5)
-    assert int(cache["index"]) == len(long)
+    assert int(cache.index) == len(long)
 
 
 def test_grouped_query_attention_equals_mha_with_repeated_kv_heads():

@@ -163,13 +163,9 @@ def decode_text(model, params, state: State, rng, settings: TextSettings):
     return out, lengths, state
 
 
-def _rows(tree, fn):
-    """fn(array, batch axis) on every array of a State (the cache's keys/values keep batch on axis 1)."""
-    def apply(path, x):
-        if x.ndim == 0:
-            return x
-        return fn(x, 1 if any(getattr(p, "key", None) == "kv" for p in path) else 0)
-    return jax.tree_util.tree_map_with_path(apply, tree)
+def _rows(state: State, fn) -> State:
+    """fn(array, batch axis) on every per-row array of a State."""
+    return State(state.cache.map_rows(fn), fn(state.hidden, 0), fn(state.position, 0))
 
 
 def _normalised(log_prob_sum, length, penalty: float):

@@ -84,7 +84,7 @@ class CausalFormerBlock(nn.Module):
         self.layer = [T5AttentionLayer("SelfAttention", **kw), T5AttentionLayer("EncDecAttention", **kw),
                       T5FeedForwardLayer(self.d_ff, self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)]
 
-    def __call__(self, x, unused_per_layer, shared):
+    def __call__(self, x, unused_cache, shared):
         vision, position_bias, causal_mask = shared
         x = self.layer[0](x, mask=causal_mask, bias=position_bias)
         x = self.layer[1](x, vision)
@@ -123,7 +123,7 @@ class T5DecoderStack(nn.Module):
         buckets = relative_position_buckets(length, self.num_buckets, self.max_distance)
         bias = jnp.transpose(self.relative_attention_bias(jnp.asarray(buckets)), (2, 0, 1))[None]
         causal = jnp.tril(jnp.ones((length, length), bool))[None, None]
-        x, _ = layers.apply_stack(self.block, queries, None, (vision, bias, causal))
+        x, _ = layers.apply_stack(self.block, self.num_layers, queries, None, (vision, bias, causal))
         return self.final_layer_norm(x)
 
 

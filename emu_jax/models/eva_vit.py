@@ -91,7 +91,7 @@ class EvaBlock(nn.Module):
         self.norm2 = layers.layer_norm(self.norm_eps, name=None, **kw)
         self.mlp = Mlp(self.mlp_hidden, activation="gelu", use_bias=True, names=("fc1", "fc2"), **kw)
 
-    def __call__(self, x, unused_per_layer, unused_shared):
+    def __call__(self, x, unused_cache, unused_shared):
         attend = lambda h: self.attn(h)[0]  # noqa: E731
         if self.post_norm:
             x = x + self.norm1(attend(x))
@@ -143,5 +143,5 @@ class EvaVit(nn.Module):
         cls = jnp.broadcast_to(self.cls_token.astype(self.dtype), (x.shape[0], 1, self.width))
         x = jnp.concatenate([cls, x], axis=1) + resize_pos_embed(self.pos_embed, grid).astype(self.dtype)
         x = constrain(x, ("act_batch", "act_len", "act_embed"))
-        x, _ = layers.apply_stack(self.blocks, x, None)
+        x, _ = layers.apply_stack(self.blocks, self.depth, x)
         return x

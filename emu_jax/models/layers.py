@@ -155,6 +155,60 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+# ----------------------------------------------------------------------------- KV cache
+
+@flax.struct.dataclass
+class KVCache:
+    """Keys and values of every layer of a decoder stack, for decoding one chunk at a time.
+
+    k, v: [L, B, K, S, D], heads-major: the attention's score matmul reads a head's S keys as one
+    contiguous operand (a [B, S, K, D] buffer would be transposed in full at every step on CPU).
+    segment_ids [B, S]: each slot's document (0 = empty or left padding); index: the next slot to
+    write; layer: the layer `write` addresses (`apply_stack` sets it). Writes go straight into the
+    stacked buffers, which XLA updates in place inside a decoding loop (returning per-layer slices
+    to be stacked again copied the whole cache twice per step)."""
+    k: jax.Array
+    v: jax.Array
+    segment_ids: jax.Array
+    index: jax.Array
+    layer: Any = 0
+
+    @classmethod
+    def empty(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
+        zeros = jnp.zeros((num_layers, batch, kv_heads, max_len, head_dim), dtype)
+        return cls(zeros, zeros, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def at_layer(self, layer) -> "KVCache":
+        return self.replace(layer=layer)
+
+    def append_segments(self, segment_ids: jax.Array) -> "KVCache":
+        """Records the next chunk's segment ids [B, T] at the write index (before the layers run)."""
+        return self.replace(segment_ids=jax.lax.dynamic_update_slice(
+            self.segment_ids, segment_ids.astype(jnp.int32), (0, self.index)))
+
+    def advance(self, length: int) -> "KVCache":
+        """Moves the write index past a chunk of `length` (after the layers ran)."""
+        return self.replace(index=self.index + length)
+
+    def write(self, k: jax.Array, v: jax.Array):
+        """Writes this layer's keys and values [B, T, K, D] of the chunk at the write index ->
+        (cache, the layer's whole keys and values as [B, S, K, D] views)."""
+        start = (self.layer, 0, 0, self.index, 0)
+        heads_major = lambda x, buf: x.transpose(0, 2, 1, 3)[None].astype(buf.dtype)  # noqa: E731
+        k_all = jax.lax.dynamic_update_slice(self.k, heads_major(k, self.k), start)
+        v_all = jax.lax.dynamic_update_slice(self.v, heads_major(v, self.v), start)
+        view = lambda buf: jax.lax.dynamic_index_in_dim(buf, self.layer, keepdims=False).transpose(0, 2, 1, 3)  # noqa: E731
+        return self.replace(k=k_all, v=v_all), view(k_all), view(v_all)
+
+    def map_rows(self, fn) -> "KVCache":
+        """fn(array, batch axis) on the per-row arrays (beam search repeats and reorders rows)."""
+        return self.replace(k=fn(self.k, 1), v=fn(self.v, 1), segment_ids=fn(self.segment_ids, 0))
+
+
 # ----------------------------------------------------------------------------- attention
 
 def attention_mask(q_segment_ids, kv_segment_ids, q_index=None, kv_index=None, causal=True):
@@ -258,7 +312,38 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, scale=None, implemen
         mask = mask.dense()
     if bias is not None:
         bias = bias.astype(q.dtype)
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation=implementation)
+    if implementation == "cudnn":
+        return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, scale=scale, implementation="cudnn")
+    return _xla_attention(q, k, v, mask, bias, scale)
+
+
+def _by_kv_group(x: jax.Array, kv_heads: int) -> jax.Array:
+    """A mask or bias broadcastable to [B, H, T, S] -> broadcastable to [B, K, H/K, T, S]."""
+    x = x.reshape((1,) * (4 - x.ndim) + x.shape)
+    heads = x.shape[1]
+    return x.reshape(x.shape[0], kv_heads, heads // kv_heads, *x.shape[2:]) if heads > 1 else x[:, :, None]
+
+
+def _xla_attention(q, k, v, mask, bias, scale):
+    """Softmax attention written out, scores and softmax in float32. Query heads are grouped by
+    their kv head (no repeat), and batch and kv heads merge into one matmul batch axis with the keys
+    as the left operand: a heads-major KV cache (`KVCache`) is then read as it lies, and XLA's CPU
+    backend does not transpose it at every decoding step (it does when a size-1 batch axis
+    degenerates, as in single-row decoding)."""
+    B, T, H, D = q.shape
+    S, K = k.shape[1:3]
+    G = H // K
+    rows = lambda x: x.transpose(0, 2, 1, 3).reshape(B * K, S, D)  # noqa: E731  [B, S, K, D] -> [BK, S, D]
+    q = q.reshape(B, T, K, G, D).transpose(0, 2, 3, 1, 4).reshape(B * K, G * T, D)
+    scores = jax.lax.dot_general(rows(k), q, (((2,), (2,)), ((0,), (0,))), preferred_element_type=jnp.float32)
+    scores = scores.transpose(0, 2, 1).reshape(B, K, G, T, S) * scale
+    if bias is not None:
+        scores = scores + _by_kv_group(bias, K).astype(jnp.float32)
+    if mask is not None:
+        scores = jnp.where(_by_kv_group(mask, K), scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(B * K, G * T, S)
+    out = jax.lax.dot_general(probs, rows(v), (((2,), (1,)), ((0,), (0,))))
+    return out.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
 
 
 class Attention(nn.Module):
@@ -301,19 +386,16 @@ class Attention(nn.Module):
         return q, k, v
 
     @nn.compact
-    def __call__(self, x, kv_input=None, *, mask=None, bias=None, rope=None, cache=None, cache_index=None):
-        """Returns (output, updated cache). `cache` is {"k", "v"} of shape [B, S_max, K, D]; the
-        new keys and values are written at `cache_index` and the query attends over the buffer."""
+    def __call__(self, x, kv_input=None, *, mask=None, bias=None, rope=None, cache: KVCache | None = None):
+        """Returns (output, updated cache). With a cache (pointed at this layer), the new keys and
+        values are written at its index and the query attends over the layer's whole buffer."""
         if self.fused_qkv and kv_input is not None:
             raise ValueError("a fused qkv projection cannot cross-attend")
         q, k, v = self._project_qkv(x, x if kv_input is None else kv_input)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
-            start = (0, cache_index, 0, 0)
-            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), start)
-            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), start)
-            cache = {"k": k, "v": v}
+            cache, k, v = cache.write(k, v)
         q = constrain(q, ("act_batch", "act_len", "act_heads", "act_head_dim"))
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, bias=bias,
                                     scale=self.scale, implementation=self.implementation)
@@ -333,30 +415,37 @@ REMAT_POLICIES: dict[str, Any] = {
 
 
 def make_stack(block_cls, num_layers, *, scan=False, remat="none", **block_kwargs):
-    """`num_layers` copies of `block_cls`, to assign to a module attribute in `setup`.
+    """`num_layers` copies of `block_cls`, to assign to a module attribute in `setup` and run with
+    `apply_stack`.
 
     Unscanned, the attribute becomes named children `{attr}_{i}` (the released checkpoints'
-    layout); scanned, one `nn.scan` module `{attr}` with a leading "layers" axis on every
-    parameter (40-64 layer towers compile in seconds). Blocks are called
-    `block(x, per_layer, shared) -> (x, per_layer_out)`, where `per_layer` (a KV cache, or None)
-    has a leading layer axis and `shared` is a tuple given to every layer."""
+    layout); scanned, one block `{attr}` whose parameters `apply_stack` gives a leading "layers"
+    axis (40-64 layer towers compile in seconds). Blocks are called
+    `block(x, cache, shared) -> (x, cache)`, where `cache` is the whole stack's `KVCache` (or None)
+    pointed at the block's layer, and `shared` is a tuple given to every layer."""
     if remat != "none":
         block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat], prevent_cse=not scan)
     if scan:
-        return nn.scan(block_cls, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                       in_axes=(0, nn.broadcast), length=num_layers,
-                       metadata_params={nn.PARTITION_NAME: "layers"})(**block_kwargs)
+        return block_cls(**block_kwargs)
     return [block_cls(**block_kwargs) for _ in range(num_layers)]
 
 
-def apply_stack(stack, x, per_layer, shared=()):
-    if not isinstance(stack, (list, tuple)):
-        return stack(x, per_layer, shared)
-    outs = []
-    for i, block in enumerate(stack):
-        x, out = block(x, jax.tree.map(lambda a: a[i], per_layer), shared)
-        outs.append(out)
-    return x, (None if per_layer is None else jax.tree.map(lambda *a: jnp.stack(a), *outs))
+def _scan_body(block, carry, layer, shared):
+    x, cache = carry
+    return block(x, None if cache is None else cache.at_layer(layer), shared), None
+
+
+def apply_stack(stack, num_layers: int, x, cache=None, shared=()):
+    """Runs a `make_stack` stack -> (x, cache). The cache is threaded through the layers (a scan
+    carries it), so each layer's writes land in the stacked buffers in place."""
+    if isinstance(stack, (list, tuple)):
+        for i, block in enumerate(stack):
+            x, cache = block(x, None if cache is None else cache.at_layer(i), shared)
+        return x, cache
+    scan = nn.scan(_scan_body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   in_axes=(0, nn.broadcast), length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    (x, cache), _ = scan(stack, (x, cache), jnp.arange(num_layers), shared)
+    return x, cache
 
 
 def stack_layer_params(tree: dict, prefix: str) -> dict:

@@ -6,8 +6,8 @@
 
 Parameter names follow the Hugging Face checkpoints (`model.layers.{n}.self_attn.q_proj` ->
 `layers_{n}/self_attn/q_proj/kernel`, or `layers/...` with a leading layer axis when scanned).
-Decoding uses an explicit KV cache: a dict holding per-layer keys and values, the segment id of
-every cache slot (0 = empty or left padding) and the next write index.
+Decoding uses an explicit `layers.KVCache`: every layer's keys and values, the segment id of every
+cache slot (0 = empty or left padding) and the next write index.
 """
 from __future__ import annotations
 
@@ -39,13 +39,12 @@ class DecoderLayer(nn.Module):
         self.mlp = Mlp(self.mlp_hidden, activation="silu", gated=True,
                        names=("gate_proj", "up_proj", "down_proj"), **kw)
 
-    def __call__(self, x, layer_cache, shared):
-        rope, mask, cache_index = shared
-        h, layer_cache = self.self_attn(self.input_layernorm(x), mask=mask, rope=rope, cache=layer_cache,
-                                        cache_index=cache_index)
+    def __call__(self, x, cache, shared):
+        rope, mask = shared
+        h, cache = self.self_attn(self.input_layernorm(x), mask=mask, rope=rope, cache=cache)
         x = x + h
         x = x + self.mlp(self.post_attention_layernorm(x))
-        return constrain(x, ("act_batch", "act_len", "act_embed")), layer_cache
+        return constrain(x, ("act_batch", "act_len", "act_embed")), cache
 
 
 class Llama(nn.Module):
@@ -99,24 +98,19 @@ class Llama(nn.Module):
         rope = layers.rotary_tables(positions, self.dim_per_head, self.rope_theta)
         if cache is None:
             mask = layers.SegmentMask(segment_ids)
-            x, _ = layers.apply_stack(self.layers, embeddings, None, (rope, mask, None))
+            x, _ = layers.apply_stack(self.layers, self.num_layers, embeddings, None, (rope, mask))
             return self.norm(x), None
-        index = cache["index"]
-        kv_segments = jax.lax.dynamic_update_slice(cache["segment_ids"], segment_ids.astype(jnp.int32),
-                                                   (0, index))
-        q_index = index + jnp.arange(embeddings.shape[1])[None]
-        mask = layers.attention_mask(segment_ids, kv_segments, q_index=q_index,
-                                     kv_index=jnp.arange(kv_segments.shape[1])[None])
-        x, kv = layers.apply_stack(self.layers, embeddings, cache["kv"], (rope, mask, index))
-        new_cache = {"kv": kv, "segment_ids": kv_segments, "index": index + embeddings.shape[1]}
-        return self.norm(x), new_cache
+        cache = cache.append_segments(segment_ids)
+        q_index = cache.index + jnp.arange(embeddings.shape[1])[None]
+        mask = layers.attention_mask(segment_ids, cache.segment_ids, q_index=q_index,
+                                     kv_index=jnp.arange(cache.max_len)[None])
+        x, cache = layers.apply_stack(self.layers, self.num_layers, embeddings, cache, (rope, mask))
+        return self.norm(x), cache.advance(embeddings.shape[1])
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         return constrain(self.lm_head(hidden), ("act_batch", "act_len", "act_vocab"))
 
-    def init_cache(self, batch: int, max_len: int, dtype=None) -> dict:
-        """An empty cache with room for `max_len` positions (keys/values [L, B, S, K, D])."""
-        shape = (self.num_layers, batch, max_len, self.kv_heads, self.dim_per_head)
-        zeros = jnp.zeros(shape, dtype or self.dtype)
-        return {"kv": {"k": zeros, "v": zeros}, "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
-                "index": jnp.zeros((), jnp.int32)}
+    def init_cache(self, batch: int, max_len: int, dtype=None) -> layers.KVCache:
+        """An empty cache with room for `max_len` positions."""
+        return layers.KVCache.empty(self.num_layers, batch, max_len, self.kv_heads, self.dim_per_head,
+                                    dtype or self.dtype)
