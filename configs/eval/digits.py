@@ -1,5 +1,6 @@
 """The digits sweep on the tiny checkpoints: held-out captions, "what digit is this?" VQA, in-context
-arbitrary labelling at k demonstrations, and text-to-image digits judged by an independent classifier.
+arbitrary labelling at k demonstrations, captions of moving-digit videos (digit and direction), and
+text-to-image digits judged by an independent classifier.
 
     python -m emu_jax.train --config=configs/tiny.py --workdir=/tmp/emu_tiny
     python -m emu_jax.train --config=configs/tiny_decoder.py:vae --workdir=/tmp/emu_vae
@@ -21,10 +22,12 @@ def get_config():
                                    "checkpoint": "/tmp/emu_tiny/checkpoints",
                                    "decoder": "/tmp/emu_decoder/checkpoints"}}
     # The tiny model learned in-context prompts only in the "this is a <word>." form of the few-shot
-    # documents, so captions and VQA run zero-shot and the labelling task carries the k sweep.
+    # documents, so captions, VQA and video run zero-shot and the labelling task carries the k sweep.
+    # Videos show as many frames as the model was trained on (configs/tiny.py: data.video_frames).
     config.tasks = {"caption": {"kind": "digits_caption", "limit": 200, "shots": (0,)},
                     "vqa": {"kind": "digits_vqa", "limit": 200, "shots": (0,)},
                     "labelling": {"kind": "digits_labelling", "limit": 200},
+                    "video": {"kind": "digits_video", "limit": 200, "shots": (0,), "frames": 4},
                     "t2i": {"kind": "digits_t2i", "limit": 64}}
     config.shots = (0, 1, 2, 4, 8)
     # seeded random picks, and RICES (nearest train images by visual-encoder features): both in the grid

@@ -4,7 +4,7 @@ how a prompt is laid out, the official result entry each answer becomes, and the
 A few-shot prompt is the reference's interleaved layout: per demonstration its image(s) then its
 text (question and answer), then the query's image(s) and question; the model continues with the
 answer. Task families: the digits world (`digits_caption`, `digits_vqa`, `digits_labelling`,
-`digits_t2i`, built from sklearn's digits, nothing to download) and the released benchmarks in their
+`digits_video`, `digits_t2i`, built from sklearn's digits, nothing to download) and the released benchmarks in their
 official files (`coco_caption`, `vqa` for VQAv2 / OKVQA / VizWiz, `videoqa` for MSVD-QA /
 MSRVTT-QA, `coco_t2i`).
 """
@@ -163,6 +163,33 @@ class DigitsLabelling(_Digits):
     def score(self, results, out_dir, features=None):
         truth = {q.key: q.target for q in self.queries()}
         return {"accuracy": 100.0 * float(np.mean([r["answer"] == truth[r["question_id"]] for r in results]))}
+
+
+class DigitsVideo(_Digits):
+    """Held-out digits sliding across the frame (the training videos' renderer; a direction seeded
+    per digit), captioned by the model as "a handwritten <digit> moving <direction>". Right when
+    the caption names the digit and the direction and no other; each part is also scored alone."""
+    name, result_key, answer_field = "digits_video", "video_id", "caption"
+
+    def __init__(self, limit: int = 200, image_size: int = digits.IMAGE_SIZE, seed: int = 0, frames: int = 4):
+        super().__init__(limit, image_size, seed)
+        self.frames = frames  # as many as the model was trained on (config.data.video_frames)
+
+    def _example(self, i, d):
+        direction = digits.DIRECTIONS[np.random.RandomState([self.seed, i]).randint(len(digits.DIRECTIONS))]
+        frames = media.decode_frames(digits.moving_frames(self._images[i], direction), self.image_size, self.frames)
+        return Example(i, list(frames), "", f"{digits.caption_text(d)} moving {direction}",
+                       {"digit": d, "direction": direction})
+
+    def score(self, results, out_dir, features=None):
+        from emu_jax.eval.captioning import names_digit
+        truth = {q.key: q.meta for q in self.queries()}
+        digit = [names_digit(r["caption"], truth[r["video_id"]]["digit"]) for r in results]
+        direction = [set(re.findall(r"[a-z]+", r["caption"].lower())) & set(digits.DIRECTIONS)
+                     == {truth[r["video_id"]]["direction"]} for r in results]
+        return {"accuracy": 100.0 * float(np.mean(np.logical_and(digit, direction))),
+                "digit_accuracy": 100.0 * float(np.mean(digit)),
+                "direction_accuracy": 100.0 * float(np.mean(direction))}
 
 
 class DigitsT2I(_Digits):
@@ -325,7 +352,7 @@ class CocoT2I(CocoCaption):
         return {"FID": fid.fid(images, np.stack([real[r["image_id"]] for r in results]), features)}
 
 
-TASKS = {cls.name: cls for cls in (DigitsCaption, DigitsVqa, DigitsLabelling, DigitsT2I, CocoCaption, Vqa, VideoQa,
+TASKS = {cls.name: cls for cls in (DigitsCaption, DigitsVqa, DigitsLabelling, DigitsVideo, DigitsT2I, CocoCaption, Vqa, VideoQa,
                                    CocoT2I)}
 
 
