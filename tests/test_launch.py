@@ -38,7 +38,9 @@ def test_slurm_script_starts_one_process_per_gpu_joined_at_the_first_node(tmp_pa
 while [[ $1 == --* ]]; do shift; done
 for rank in 0 1 2 3; do SLURM_PROCID=$rank SLURM_LOCALID=$((rank % 2)) SLURM_NTASKS=4 "$@"; done
 """
-    scontrol = "#!/usr/bin/env bash\nprintf 'node7\\nnode8\\n'\n"
+    # a long node list, as a large allocation prints: a reader that stops after the first line would
+    # make this writer die of SIGPIPE, which fails the script under pipefail
+    scontrol = "#!/usr/bin/env bash\nprintf 'node7\\nnode8\\n'\nseq -f 'spare%g' 1 200000\n"
     env = stand_ins(tmp_path, ["python"], {"srun": srun, "scontrol": scontrol})
     env.update(CONFIG="configs/tiny.py", WORKDIR="/shared/run", SLURM_JOB_ID="123", SLURM_JOB_NODELIST="node[7-8]")
     subprocess.run(["bash", str(ROOT / "launch" / "slurm.sbatch"), "--config.train.steps=5"], env=env, check=True)
