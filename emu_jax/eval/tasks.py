@@ -4,9 +4,9 @@ how a prompt is laid out, the official result entry each answer becomes, and the
 A few-shot prompt is the reference's interleaved layout: per demonstration its image(s) then its
 text (question and answer), then the query's image(s) and question; the model continues with the
 answer. Task families: the digits world (`digits_caption`, `digits_vqa`, `digits_labelling`,
-`digits_video`, `digits_t2i`, built from sklearn's digits, nothing to download) and the released benchmarks in their
-official files (`coco_caption`, `vqa` for VQAv2 / OKVQA / VizWiz, `videoqa` for MSVD-QA /
-MSRVTT-QA, `coco_t2i`).
+`digits_video`, `digits_t2i`, built from sklearn's digits, nothing to download) and the released
+benchmarks in their official files (`coco_caption`, `vqa` for VQAv2 / OKVQA / VizWiz, `videoqa` for
+MSVD-QA / MSRVTT-QA, `coco_t2i`).
 """
 from __future__ import annotations
 
@@ -352,8 +352,8 @@ class CocoT2I(CocoCaption):
         return {"FID": fid.fid(images, np.stack([real[r["image_id"]] for r in results]), features)}
 
 
-TASKS = {cls.name: cls for cls in (DigitsCaption, DigitsVqa, DigitsLabelling, DigitsVideo, DigitsT2I, CocoCaption, Vqa, VideoQa,
-                                   CocoT2I)}
+TASKS = {cls.name: cls for cls in (DigitsCaption, DigitsVqa, DigitsLabelling, DigitsVideo, DigitsT2I, CocoCaption,
+                                   Vqa, VideoQa, CocoT2I)}
 
 
 def task_class(kind: str) -> type:

@@ -327,9 +327,9 @@ def _by_kv_group(x: jax.Array, kv_heads: int) -> jax.Array:
 def _xla_attention(q, k, v, mask, bias, scale):
     """Softmax attention written out, scores and softmax in float32. Query heads are grouped by
     their kv head (no repeat), and batch and kv heads merge into one matmul batch axis with the keys
-    as the left operand: a heads-major KV cache (`KVCache`) is then read as it lies, and XLA's CPU
-    backend does not transpose it at every decoding step (it does when a size-1 batch axis
-    degenerates, as in single-row decoding)."""
+    as the left operand: a heads-major KV cache (`KVCache`) is then read as it lies. (With batch and
+    kv heads as two batch axes, XLA's CPU backend transposed a layer's whole cache at every step
+    whenever the batch was a single row.)"""
     B, T, H, D = q.shape
     S, K = k.shape[1:3]
     G = H // K
