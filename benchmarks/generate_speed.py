@@ -1,6 +1,6 @@
 """Generation speed, side by side on identical weights in one run.
 
-    python benchmarks/generate_speed.py [--hidden=256 --layers=4 --batch=4]
+    python benchmarks/generate_speed.py [--hidden=256 --layers=4 --batches=1,4 --scan_layers]
 
 1. Image embeddings: 64 visual embeddings regressed after a 256-token prompt, through the KV cache
    (`decoding.regress_image`: one prefill, then one position per step) vs the reference method
@@ -8,8 +8,8 @@
    Target: >= 20x. Both are compiled first; the timings are the best of several calls.
 2. Text: greedy tokens/s of our jitted decoding vs transformers' `LlamaForCausalLM.generate`
    (KV cache, greedy) on the same LLaMA (its weights imported into ours with the converter), the
-   same prompts, the same number of new tokens. Target: >= 3x. Also prints how many generated
-   tokens agree.
+   same prompts, the same number of new tokens, for each batch size. Target: >= 3x. Also prints
+   how many generated tokens agree.
 """
 import argparse
 import os
@@ -118,7 +118,7 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--batches", default="1,4", help="text batch sizes, comma-separated")
     parser.add_argument("--prompt_len", type=int, default=256)
     parser.add_argument("--count", type=int, default=64)
     parser.add_argument("--new_tokens", type=int, default=64)
@@ -138,10 +138,11 @@ def main():
     print(f"image embeddings ({args.count} after a {args.prompt_len}-token prompt): cached {cached * 1e3:.1f} ms, "
           f"re-run per position {rerun * 1e3:.1f} ms -> speed-up {rerun / cached:.1f}x (target >= 20); "
           f"max |difference| {error:.1e}")
-    ours, theirs, agree = text_speed(config, model, params, args.batch, 64, args.new_tokens)
-    print(f"greedy text (batch {args.batch}, 64-token prompts, {args.new_tokens} new tokens): ours {ours:.0f} tokens/s, "
-          f"transformers generate {theirs:.0f} tokens/s -> ratio {ours / theirs:.1f}x (target >= 3); "
-          f"{agree:.0%} of generated tokens identical")
+    for batch in map(int, args.batches.split(",")):
+        ours, theirs, agree = text_speed(config, model, params, batch, 64, args.new_tokens)
+        print(f"greedy text (batch {batch}, 64-token prompts, {args.new_tokens} new tokens): ours {ours:.0f} tokens/s, "
+              f"transformers generate {theirs:.0f} tokens/s -> ratio {ours / theirs:.1f}x (target >= 3); "
+              f"{agree:.0%} of generated tokens identical")
 
 
 if __name__ == "__main__":

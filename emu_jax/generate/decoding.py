@@ -69,8 +69,9 @@ class TextSettings:
         return self.stop_ids[0] if self.stop_ids else 0
 
 
+@partial(jax.jit, static_argnames=("model", "batch", "cache_len"))
 def start(model, batch: int, cache_len: int) -> State:
-    """An empty state with room for `cache_len` positions."""
+    """An empty state with room for `cache_len` positions (one dispatch for all the layers' buffers)."""
     llm = model.llm
     return State(llm.init_cache(batch, cache_len), jnp.zeros((batch, 1, llm.hidden), jnp.dtype(llm.dtype)),
                  jnp.zeros((batch,), jnp.int32))

@@ -161,26 +161,36 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
 class KVCache:
     """Keys and values of every layer of a decoder stack, for decoding one chunk at a time.
 
-    k, v: [L, B, K, S, D], heads-major: the attention's score matmul reads a head's S keys as one
-    contiguous operand (a [B, S, K, D] buffer would be transposed in full at every step on CPU).
-    segment_ids [B, S]: each slot's document (0 = empty or left padding); index: the next slot to
-    write; layer: the layer `write` addresses (`apply_stack` sets it). Writes go straight into the
-    stacked buffers, which XLA updates in place inside a decoding loop (returning per-layer slices
-    to be stacked again copied the whole cache twice per step)."""
-    k: jax.Array
-    v: jax.Array
+    k, v: heads-major [B, K, S, D] per layer (the score matmul then reads a head's S keys as one
+    contiguous operand; a [B, S, K, D] buffer was transposed in full at every step on CPU), held
+    either as one buffer per layer (a tuple: an unscanned stack, whose layers are Python ints) or
+    stacked [L, B, K, S, D] (a scanned stack indexes it by a traced layer). A layer reads its own
+    buffer where it lies: slicing a layer out of a stacked buffer copies it, twice per layer and
+    step. segment_ids [B, S]: each slot's document (0 = empty or left padding); index: the next slot
+    to write; layer: the layer `write` addresses (`apply_stack` sets it). Writes go straight into
+    the buffers, which XLA updates in place inside a decoding loop."""
+    k: Any
+    v: Any
     segment_ids: jax.Array
     index: jax.Array
     layer: Any = 0
 
     @classmethod
-    def empty(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype) -> "KVCache":
-        zeros = jnp.zeros((num_layers, batch, kv_heads, max_len, head_dim), dtype)
+    def empty(cls, num_layers: int, batch: int, max_len: int, kv_heads: int, head_dim: int, dtype, *,
+              stacked: bool) -> "KVCache":
+        """stacked: one [L, ...] buffer for a scanned stack, else one buffer per layer."""
+        shape = (batch * kv_heads, max_len, head_dim)
+        zeros = (jnp.zeros((num_layers, *shape), dtype) if stacked
+                 else tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)))
         return cls(zeros, zeros, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((), jnp.int32))
 
     @property
+    def stacked(self) -> bool:
+        return not isinstance(self.k, tuple)
+
+    @property
     def max_len(self) -> int:
-        return self.k.shape[3]
+        return self.segment_ids.shape[1]
 
     def at_layer(self, layer) -> "KVCache":
         return self.replace(layer=layer)
@@ -197,16 +207,32 @@ class KVCache:
     def write(self, k: jax.Array, v: jax.Array):
         """Writes this layer's keys and values [B, T, K, D] of the chunk at the write index ->
         (cache, the layer's whole keys and values as [B, S, K, D] views)."""
-        start = (self.layer, 0, 0, self.index, 0)
-        heads_major = lambda x, buf: x.transpose(0, 2, 1, 3)[None].astype(buf.dtype)  # noqa: E731
-        k_all = jax.lax.dynamic_update_slice(self.k, heads_major(k, self.k), start)
-        v_all = jax.lax.dynamic_update_slice(self.v, heads_major(v, self.v), start)
-        view = lambda buf: jax.lax.dynamic_index_in_dim(buf, self.layer, keepdims=False).transpose(0, 2, 1, 3)  # noqa: E731
-        return self.replace(k=k_all, v=v_all), view(k_all), view(v_all)
+        B, T, K, D = k.shape
+        merged = lambda x: x.transpose(0, 2, 1, 3).reshape(B * K, T, D)  # noqa: E731
+        if self.stacked:
+            write = lambda buf, x: jax.lax.dynamic_update_slice(  # noqa: E731
+                buf, merged(x)[None].astype(buf.dtype), (self.layer, 0, self.index, 0))
+            k_all, v_all = write(self.k, k), write(self.v, v)
+            k_layer, v_layer = (jax.lax.dynamic_index_in_dim(b, self.layer, keepdims=False) for b in (k_all, v_all))
+        else:
+            write = lambda buf, x: jax.lax.dynamic_update_slice(  # noqa: E731
+                buf[self.layer], merged(x).astype(buf[self.layer].dtype), (0, self.index, 0))
+            k_layer, v_layer = write(self.k, k), write(self.v, v)
+            replace = lambda buf, x: buf[:self.layer] + (x,) + buf[self.layer + 1:]  # noqa: E731
+            k_all, v_all = replace(self.k, k_layer), replace(self.v, v_layer)
+        view = lambda x: x.reshape(B, K, self.max_len, D).transpose(0, 2, 1, 3)  # noqa: E731
+        return self.replace(k=k_all, v=v_all), view(k_layer), view(v_layer)
 
     def map_rows(self, fn) -> "KVCache":
         """fn(array, batch axis) on the per-row arrays (beam search repeats and reorders rows)."""
-        return self.replace(k=fn(self.k, 1), v=fn(self.v, 1), segment_ids=fn(self.segment_ids, 0))
+        batch = self.segment_ids.shape[0]
+
+        def rows(buf):  # [.., B * K, S, D]: the batch axis split out for fn
+            lead = buf.shape[:-3]
+            out = fn(buf.reshape(*lead, batch, -1, *buf.shape[-2:]), len(lead))
+            return out.reshape(*lead, -1, *buf.shape[-2:])
+        return self.replace(k=jax.tree.map(rows, self.k), v=jax.tree.map(rows, self.v),
+                            segment_ids=fn(self.segment_ids, 0))
 
 
 # ----------------------------------------------------------------------------- attention

@@ -113,4 +113,4 @@ class Llama(nn.Module):
     def init_cache(self, batch: int, max_len: int, dtype=None) -> layers.KVCache:
         """An empty cache with room for `max_len` positions."""
         return layers.KVCache.empty(self.num_layers, batch, max_len, self.kv_heads, self.dim_per_head,
-                                    dtype or self.dtype)
+                                    dtype or self.dtype, stacked=self.scan_layers)
