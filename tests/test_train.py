@@ -229,6 +229,9 @@ def final_state(workdir):
 
 @pytest.mark.slow
 def test_run_killed_with_sigkill_resumes_bit_identical(tmp_path, data_dir):
+    """Killed outright mid-run, then relaunched: the same parameters and data position as a run never
+    killed, and the killed run's data workers did not outlive it."""
+    import psutil
     steps = ["--config.train.steps=40", "--config.train.checkpoint_every=10", "--config.train.log_every=10"]
     reference = cli(tmp_path / "reference", data_dir, *steps)
     assert reference.wait(timeout=600) == 0, reference.stderr.read()
@@ -238,9 +241,13 @@ def test_run_killed_with_sigkill_resumes_bit_identical(tmp_path, data_dir):
     deadline = time.time() + 600
     while not first_checkpoint.exists() and victim.poll() is None and time.time() < deadline:
         time.sleep(0.02)
+    workers = psutil.Process(victim.pid).children(recursive=True)  # grain's data workers (2 by default)
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     assert victim.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    assert len(workers) >= 2
+    _, alive = psutil.wait_procs(workers, timeout=20)
+    assert not alive, f"the killed run's data workers live on: {[p.cmdline()[-1][:80] for p in alive]}"
     resumed = cli(tmp_path / "killed", data_dir, *steps)
     assert resumed.wait(timeout=600) == 0, resumed.stderr.read()
 

@@ -17,6 +17,8 @@ from __future__ import annotations
 import dataclasses
 import glob
 import os
+import threading
+import time
 
 import grain
 import jax
@@ -202,11 +204,25 @@ def _process_share(data_config, process_index, process_count) -> tuple[int, int]
     return process_index, process_count
 
 
+def _exit_with_parent(worker_index: int, worker_count: int) -> None:
+    """Grain worker start-up: the worker exits once the process that started it has died. A trainer
+    killed outright (SIGKILL: the OOM killer, a preemption) cannot stop its workers, which otherwise
+    live on, idle, holding their memory (and the shared-memory tracker) beside the next run."""
+    parent = os.getppid()
+
+    def watch():
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(1)
+    threading.Thread(target=watch, daemon=True, name="exit-with-parent").start()
+
+
 def _prefetch(ds, data_config, worker_count):
     workers = data_config.worker_count if worker_count is None else worker_count
     if workers > 0:
         ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=workers,
-                                                         per_worker_buffer_size=data_config.worker_buffer_size))
+                                                         per_worker_buffer_size=data_config.worker_buffer_size),
+                            worker_init_fn=_exit_with_parent)
     return ds
 
 
