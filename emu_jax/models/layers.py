@@ -161,14 +161,15 @@ def apply_rotary(x: jax.Array, sin: jax.Array, cos: jax.Array) -> jax.Array:
 class KVCache:
     """Keys and values of every layer of a decoder stack, for decoding one chunk at a time.
 
-    k, v: heads-major [B, K, S, D] per layer (the score matmul then reads a head's S keys as one
-    contiguous operand; a [B, S, K, D] buffer was transposed in full at every step on CPU), held
-    either as one buffer per layer (a tuple: an unscanned stack, whose layers are Python ints) or
-    stacked [L, B, K, S, D] (a scanned stack indexes it by a traced layer). A layer reads its own
-    buffer where it lies: slicing a layer out of a stacked buffer copies it, twice per layer and
-    step. segment_ids [B, S]: each slot's document (0 = empty or left padding); index: the next slot
-    to write; layer: the layer `write` addresses (`apply_stack` sets it). Writes go straight into
-    the buffers, which XLA updates in place inside a decoding loop."""
+    k, v: per layer [B*K, S, D], heads-major with batch and kv heads merged: exactly the operand of
+    the attention's batched matmuls (`_xla_attention`), so the buffer a step updates in place is the
+    one the matmul reads (a [B, S, K, D] buffer was transposed in full at every step on CPU; a
+    [B, K, S, D] one needed a reshape that XLA fused into a second, copied update). Held as one
+    buffer per layer (a tuple: an unscanned stack, whose layers are Python ints) or stacked
+    [L, B*K, S, D] (a scanned stack indexes it by a traced layer): slicing a layer out of a stacked
+    buffer copies it, twice per layer and step. segment_ids [B, S]: each slot's document (0 = empty
+    or left padding); index: the next slot to write; layer: the layer `write` addresses
+    (`apply_stack` sets it)."""
     k: Any
     v: Any
     segment_ids: jax.Array
