@@ -72,7 +72,7 @@ def image_embeddings(config, model, params, prompt_len, count):
 
     prefilled = decoding.feed(model, params, decoding.start(model, 1, prompt_len + count), tokens, valid)
     steps = lambda: decoding.regress_image(model, params, prefilled, count=count)[0]  # noqa: E731
-    hidden = config.model.llm.hidden  # kernels as [in, out]: q/k/v [hidden, heads, head_dim], o [heads, head_dim, hidden]
+    hidden = config.model.llm.hidden  # as [in, out]: q/k/v [hidden, heads, head_dim], o [heads, head_dim, hidden]
     matrices = [w.reshape(hidden, -1) if w.shape[0] == hidden else w.reshape(-1, w.shape[-1])
                 for tower in ("llm", "connector") for w in jax.tree.leaves(params[tower]) if w.ndim >= 2
                 and w is not params["llm"]["embed_tokens"]["embedding"] and w is not params["llm"]["lm_head"]["kernel"]]
@@ -161,7 +161,8 @@ def main():
           f"vocab {config.model.llm.vocab_size}")
 
     times, error = image_embeddings(config, model, params, args.prompt_len, args.count)
-    print(f"image embeddings ({args.count} after a {args.prompt_len}-token prompt): cached {times['cached'] * 1e3:.1f} ms, "
+    print(f"image embeddings ({args.count} after a {args.prompt_len}-token prompt): "
+          f"cached {times['cached'] * 1e3:.1f} ms, "
           f"re-run per position {times['rerun'] * 1e3:.1f} ms -> speed-up {times['rerun'] / times['cached']:.1f}x "
           f"(target >= 20); max |difference| {error:.1e}")
     print(f"  one cached step {times['steps'] / args.count * 1e3:.2f} ms; its weight matmuls alone "

@@ -139,7 +139,7 @@ def test_decoding_steps_do_not_copy_the_kv_cache(scan, batch_size):
     """Each step writes one position into each layer's keys and values in place, and attention reads
     them where they lie: no instruction of the compiled loop body copies a layer's cache. (They were
     re-stacked, and transposed for the score matmul, at every step: half a step's time on CPU; then
-    an unscanned stack sliced its layers out of one stacked buffer: a quarter.) A scanned stack
+    an unscanned stack sliced its layers out of one stacked buffer: a quarter to a third.) A scanned stack
     indexes its layer with a traced index, so there a layer's keys and values may be sliced out."""
     config, model = tiny("emu2", scan_layers=scan)
     params = init_params(model)

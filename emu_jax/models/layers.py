@@ -209,18 +209,18 @@ class KVCache:
         """Writes this layer's keys and values [B, T, K, D] of the chunk at the write index ->
         (cache, the layer's whole keys and values as [B, S, K, D] views)."""
         B, T, K, D = k.shape
-        merged = lambda x: x.transpose(0, 2, 1, 3).reshape(B * K, T, D)  # noqa: E731
+        new = [x.transpose(0, 2, 1, 3).reshape(B * K, T, D) for x in (k, v)]
         if self.stacked:
-            write = lambda buf, x: jax.lax.dynamic_update_slice(  # noqa: E731
-                buf, merged(x)[None].astype(buf.dtype), (self.layer, 0, self.index, 0))
-            k_all, v_all = write(self.k, k), write(self.v, v)
+            start = (self.layer, 0, self.index, 0)
+            k_all, v_all = (jax.lax.dynamic_update_slice(buf, x[None].astype(buf.dtype), start)
+                            for buf, x in zip((self.k, self.v), new))
             k_layer, v_layer = (jax.lax.dynamic_index_in_dim(b, self.layer, keepdims=False) for b in (k_all, v_all))
         else:
-            write = lambda buf, x: jax.lax.dynamic_update_slice(  # noqa: E731
-                buf[self.layer], merged(x).astype(buf[self.layer].dtype), (0, self.index, 0))
-            k_layer, v_layer = write(self.k, k), write(self.v, v)
-            replace = lambda buf, x: buf[:self.layer] + (x,) + buf[self.layer + 1:]  # noqa: E731
-            k_all, v_all = replace(self.k, k_layer), replace(self.v, v_layer)
+            k_layer, v_layer = (jax.lax.dynamic_update_slice(buf[self.layer], x.astype(buf[self.layer].dtype),
+                                                             (0, self.index, 0))
+                                for buf, x in zip((self.k, self.v), new))
+            k_all, v_all = (tuple(x if i == self.layer else b for i, b in enumerate(buf))
+                            for buf, x in ((self.k, k_layer), (self.v, v_layer)))
         view = lambda x: x.reshape(B, K, self.max_len, D).transpose(0, 2, 1, 3)  # noqa: E731
         return self.replace(k=k_all, v=v_all), view(k_layer), view(v_layer)
 
