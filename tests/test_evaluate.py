@@ -18,23 +18,36 @@ from emu_jax.eval.vqa import FormatError
 def test_vqa_accuracy_is_the_mean_over_leave_one_out_subsets(agreeing, expected):
     """k of 10 annotators say the predicted answer: leaving out one of them leaves k-1 matches
     (k of 10 subsets), leaving out another leaves k: e.g. 2 agreeing -> (2 x 1/3 + 8 x 2/3) / 10 = 0.6."""
-    humans = ["red"] * agreeing + ["blue"] * (10 - agreeing)
+    humans = vqa.answer_entries(["red"] * agreeing + ["blue"] * (10 - agreeing))
     assert vqa.question_accuracy("red", humans) == pytest.approx(expected)
 
 
-@pytest.mark.parametrize("prediction, humans, expected", [
-    ("Two", ["2"] * 2 + ["3"] * 8, 0.6),  # number words become digits, lower case
-    ("two", ["two"] * 2 + ["3"] * 8, 0.0),  # ... in the prediction only, as the official tool does
-    ("the cat.", ["cat"] * 3 + ["dog"] * 7, 0.9),  # articles and the final period go
-    ("isnt", ["isn't"] * 4 + ["no"] * 6, 1.0),  # contractions restored
-    ("1,000", ["1000"] * 4 + ["many"] * 6, 1.0),  # digit,digit commas removed
-    ("3.5", ["3.5"] * 4 + ["4"] * 6, 1.0),  # a decimal point stays
-    ("yes!", ["yes"] * 10, 1.0),
-    ("yes", ["Yes."] * 10, 0.0),  # the official quirk: unanimous human answers are not normalised
-    ("red white", ["red, white"] * 3 + ["blue"] * 7, 0.9),  # disagreeing human answers lose punctuation
+@pytest.mark.parametrize("rule, prediction, humans, expected", [
+    ("official", "Two", ["2"] * 2 + ["3"] * 8, 0.6),  # disagreeing annotators: number words to digits, lower case
+    ("official", "two", ["two"] * 2 + ["3"] * 8, 0.6),  # ... on both sides
+    ("official", "the cat.", ["cat"] * 3 + ["dog"] * 7, 0.9),  # articles and the final period go
+    ("official", "isnt", ["isn't"] * 4 + ["no"] * 6, 1.0),  # contractions restored
+    ("official", "1,000", ["1000"] * 4 + ["many"] * 6, 1.0),  # digit,digit commas removed
+    ("official", "3.5", ["3.5"] * 4 + ["4"] * 6, 1.0),  # a decimal point stays
+    ("official", "red white", ["red, white"] * 3 + ["blue"] * 7, 0.9),
+    ("official", "two", ["2"] * 10, 0.0),  # unanimous annotators: compared as written ...
+    ("official", "2.", ["2"] * 10, 0.0),
+    ("official", "yes!", ["yes"] * 10, 0.0),
+    ("official", "yes", ["Yes."] * 10, 0.0),
+    ("official", " 2\n", ["2\t"] * 10, 1.0),  # ... after both lose outer whitespace
+    ("emu_release", "two", ["2"] * 10, 1.0),  # the release always normalises the prediction
+    ("emu_release", "yes", [" yes"] * 10, 0.0),  # ... and never strips the human answers
+    ("emu_release", "red white", ["Red, white"] * 3 + ["blue"] * 7, 0.0),  # ... nor lower-cases them
+    ("emu_release_okvqa", "Apples.", ["apple"] * 3 + ["pear"] * 7, 0.9),  # OKVQA's answers are stemmed
 ])
-def test_vqa_normalisation_matches_the_official_rules(prediction, humans, expected):
-    assert vqa.question_accuracy(prediction, humans) == pytest.approx(expected)
+def test_vqa_rules_on_hand_worked_cases(rule, prediction, humans, expected):
+    assert vqa.question_accuracy(prediction, vqa.answer_entries(humans), rule) == pytest.approx(expected)
+
+
+def test_vqa_compares_whole_answer_entries_as_the_official_tool():
+    """Ten equal {"answer": "yes"} entries (no answer_id) are all left out together when one is."""
+    assert vqa.question_accuracy("yes", [{"answer": "yes"}] * 10) == 0.0
+    assert vqa.question_accuracy("yes", vqa.answer_entries(["yes"] * 10)) == 1.0
 
 
 def write(path, value):
@@ -76,29 +89,100 @@ def test_malformed_files_name_the_file_and_the_entry(tmp_path):
     with pytest.raises(FormatError, match=r"bad\.json: not valid JSON"):
         vqa.load_results(str(tmp_path / "bad.json"))
     captions = write(tmp_path / "cap.json", [{"image_id": 1, "caption": "x"}, {"image_id": 1, "caption": "y"}])
-    with pytest.raises(FormatError, match=r"cap\.json: entry 1 repeats image_id 1"):
+    with pytest.raises(FormatError, match=r"cap\.json: entry 1 \(image_id 1\) repeats its image_id"):
         caption_metrics.load_captions(captions)
-    good = write(tmp_path / "ann2.json", {"annotations": [{"question_id": 1, "answers": [{"answer": "a"}] * 10},
-                                                          {"question_id": 2, "answers": [{"answer": "b"}] * 10}]})
+    good = write(tmp_path / "ann2.json", {"annotations": [
+        {"question_id": q, "answers": vqa.answer_entries([a] * 10)} for q, a in [(1, "a"), (2, "b")]]})
     partial = write(tmp_path / "partial.json", [{"question_id": 1, "answer": "a"}])
-    with pytest.raises(FormatError, match=r"partial\.json: no answer for question_id 2"):
+    with pytest.raises(FormatError, match=r"partial\.json: no prediction for 1 of 2 annotated question_id: 2$"):
         vqa.score_vqa(partial, good)
 
 
-def test_score_cli_prints_the_official_percentage(tmp_path):
+def score_cli(*args):
+    return subprocess.run([sys.executable, "-m", "emu_jax.evaluate", "score", *args], cwd=ROOT,
+                          capture_output=True, text=True, check=False)
+
+
+def test_score_cli_prints_the_official_percentage_or_the_release_rules(tmp_path):
     annotations = write(tmp_path / "ann.json", {"annotations": [
-        {"question_id": 7, "answers": [{"answer": a} for a in ["2"] * 2 + ["3"] * 8]},
-        {"question_id": 8, "answers": [{"answer": "yes"}] * 10}]})
-    questions = write(tmp_path / "q.json", {"questions": [{"question_id": 7, "image_id": 1, "question": "how many?"},
-                                                          {"question_id": 8, "image_id": 1, "question": "is it?"}]})
-    results = write(tmp_path / "res.json", [{"question_id": 7, "answer": "Two"}, {"question_id": 8, "answer": "yes"}])
-    run = lambda *args: subprocess.run([sys.executable, "-m", "emu_jax.evaluate", "score", *args],  # noqa: E731
-                                       cwd=ROOT, capture_output=True, text=True, check=False)
-    done = run("--task=vqa", f"--predictions={results}", f"--annotations={annotations}", f"--questions={questions}")
+        {"question_id": 7, "answers": vqa.answer_entries(["2"] * 2 + ["3"] * 8)},
+        {"question_id": 8, "answers": vqa.answer_entries(["yes"] * 10)},
+        {"question_id": 9, "answers": vqa.answer_entries(["2"] * 10)}]})
+    questions = write(tmp_path / "q.json", {"questions": [{"question_id": q, "image_id": 1, "question": "?"}
+                                                          for q in (7, 8, 9)]})
+    results = write(tmp_path / "res.json", [{"question_id": 7, "answer": "Two"}, {"question_id": 8, "answer": "yes"},
+                                            {"question_id": 9, "answer": "two"}])
+    files = f"--predictions={results}", f"--annotations={annotations}"
+    done = score_cli("--task=vqa", *files, f"--questions={questions}")
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "accuracy: 80.00"  # (0.6 + 1.0) / 2
-    done = run("--task=vqa", f"--predictions={annotations}", f"--annotations={annotations}")
-    assert done.returncode != 0 and "ann.json: expected a list of entries" in done.stderr
+    assert done.stdout.strip() == "accuracy: 53.33"  # (0.6 + 1.0 + 0) / 3: "two" is not "2" when all say "2"
+    done = score_cli("--task=vqa", *files, "--rule=emu_release")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "accuracy: 86.67"  # the release normalises the prediction: (0.6 + 1 + 1) / 3
+
+
+def test_score_rejects_predictions_for_questions_that_are_not_annotated(tmp_path):
+    """5 predictions against 3 annotated questions scored 100.00; the official loadRes asserts equal
+    id sets."""
+    annotations = write(tmp_path / "ann.json", {"annotations": [
+        {"question_id": q, "answers": vqa.answer_entries(["yes"] * 10)} for q in (1, 2, 3)]})
+    results = write(tmp_path / "res.json", [{"question_id": q, "answer": "yes"} for q in (1, 2, 3, 4, 5)])
+    done = score_cli("--task=vqa", f"--predictions={results}", f"--annotations={annotations}")
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr.strip() == f"error: {results}: 2 predicted question_id not in {annotations}: 4, 5"
+
+
+def bad_score_inputs(tmp_path):
+    """(name, task, predictions, annotations, what the error line must say), one broken thing each."""
+    vqa_annotations = write(tmp_path / "vqa_ann.json", {"annotations": [
+        {"question_id": 1, "answers": vqa.answer_entries(["yes"] * 10)}]})
+    vqa_results = write(tmp_path / "vqa_res.json", [{"question_id": 1, "answer": "yes"}])
+    video_annotations = write(tmp_path / "video_ann.json", [{"id": 1, "video_id": 0, "question": "?", "answer": "x"}])
+    captions = write(tmp_path / "cap_res.json", [{"image_id": 1, "caption": "a dog"}])
+    references = write(tmp_path / "cap_ann.json", {"annotations": [{"image_id": 1, "caption": "a dog"}]})
+    (tmp_path / "latin1.json").write_bytes('[{"question_id": 1, "answer": "caf\xe9"}]'.encode("latin-1"))
+    latin1 = str(tmp_path / "latin1.json")
+    missing = str(tmp_path / "missing.json")
+    int_answer = write(tmp_path / "int_ann.json", {"annotations": [
+        {"question_id": 1, "answers": [{"answer": "2", "answer_id": 1}, {"answer": 2, "answer_id": 2}]}]})
+    list_id = write(tmp_path / "list_id.json", [{"question_id": [1, 2], "answer": "yes"}])
+    empty = write(tmp_path / "empty_ann.json", {"annotations": []})
+    return [
+        ("vqa missing file", "vqa", missing, vqa_annotations, f"{missing}: cannot read (No such file or directory)"),
+        ("vqa invalid utf-8", "vqa", latin1, vqa_annotations, f"{latin1}: not UTF-8 text (byte 34)"),
+        ("vqa integer answer", "vqa", vqa_results, int_answer,
+         f"{int_answer}: entry 0 (question_id 1): answer 1 is 2, not a string"),
+        ("vqa list question_id", "vqa", list_id, vqa_annotations,
+         f"{list_id}: entry 0: question_id is [1, 2], not an integer or string"),
+        ("vqa nothing annotated", "vqa", write(tmp_path / "none.json", []), empty, f"{empty}: no annotated entries"),
+        ("videoqa missing file", "videoqa", vqa_results, missing, f"{missing}: cannot read"),
+        ("videoqa invalid utf-8", "videoqa", latin1, video_annotations, f"{latin1}: not UTF-8 text"),
+        ("videoqa list id", "videoqa", vqa_results, write(tmp_path / "video_list.json", [
+            {"id": [1], "video_id": 0, "question": "?", "answer": "x"}]),
+         "video_list.json: entry 0: id is [1], not an integer or string"),
+        ("videoqa stray prediction", "videoqa", write(tmp_path / "video_res.json", [
+            {"question_id": q, "answer": "x"} for q in (1, 2)]), video_annotations,
+         f"video_res.json: 1 predicted question_id not in {video_annotations}: 2"),
+        ("caption missing file", "caption", missing, references, f"{missing}: cannot read"),
+        ("caption list image_id", "caption", write(tmp_path / "cap_list.json", [{"image_id": [1], "caption": "x"}]),
+         references, "cap_list.json: entry 0: image_id is [1], not an integer or string"),
+        ("caption integer caption", "caption", captions, write(tmp_path / "cap_int.json", {"annotations": [
+            {"image_id": 1, "caption": 5}]}), "cap_int.json: annotation 0"),
+        ("caption stray image", "caption", write(tmp_path / "cap_more.json", [
+            {"image_id": i, "caption": "x"} for i in (1, 2)]), references,
+         f"cap_more.json: 1 predicted image_id not in {references}: 2"),
+    ]
+
+
+def test_score_bad_inputs_are_one_line_naming_file_and_entry(tmp_path):
+    """A missing file, invalid UTF-8, a non-string answer, a list as an id, stray ids: each was a raw
+    traceback (FileNotFoundError, UnicodeDecodeError, AttributeError, TypeError) or a silent score."""
+    for name, task, predictions, annotations, says in bad_score_inputs(tmp_path):
+        done = score_cli(f"--task={task}", f"--predictions={predictions}", f"--annotations={annotations}")
+        assert done.returncode != 0 and done.stdout == "", (name, done.stdout)
+        assert len(done.stderr.strip().splitlines()) == 1 and says in done.stderr, (name, done.stderr[-2000:])
+    done = score_cli("--task=videoqa", "--predictions=a.json", "--annotations=b.json", "--rule=emu_release")
+    assert done.returncode != 0 and done.stderr.strip() == "--questions and --rule apply to --task=vqa only"
 
 
 def test_rices_returns_the_true_nearest_neighbours_nearest_last():
@@ -214,13 +298,18 @@ def test_benchmark_files_become_prompts_and_official_scores(tmp_path):
 
     questions = write(tmp_path / "q.json", {"questions": [{"question_id": 10, "image_id": 0, "question": "who is it?",
                                                             "image": "astronaut.png"}]})
-    annotations = write(tmp_path / "a.json", {"annotations": [{"question_id": 10, "answers": [{"answer": "astronaut"}] * 10}]})
+    annotations = write(tmp_path / "a.json", {"annotations": [
+        {"question_id": 10, "answers": vqa.answer_entries(["astronaut"] * 2 + ["an astronaut"] * 8)}]})
     vqa_task = tasks.make_task({"kind": "vqa", "questions": questions, "annotations": annotations,
                                 "images": str(tmp_path), "image_size": 32})
     (query,) = vqa_task.queries()
-    assert query.question == "question: who is it? answer:" and query.target == "astronaut"
+    assert query.question == "question: who is it? answer:" and query.target == "an astronaut"
     assert vqa_task.result(query, " The astronaut.\nmore") == {"question_id": 10, "answer": "The astronaut."}
     assert vqa_task.score([vqa_task.result(query, "The astronaut.")], str(tmp_path)) == {"accuracy": 100.0}
+    release_rule = tasks.make_task({"kind": "vqa", "questions": questions, "annotations": annotations,
+                                    "images": str(tmp_path), "rule": "emu_release"})
+    # the release keeps the annotators' articles: 2 of 10 match
+    assert release_rule.score([vqa_task.result(query, "The astronaut.")], str(tmp_path)) == {"accuracy": 60.0}
 
     broken = write(tmp_path / "broken.json", {"images": [{"id": 0}], "annotations": []})
     with pytest.raises(FormatError, match=r"broken\.json: image 0 .* needs id and file_name"):
@@ -229,14 +318,18 @@ def test_benchmark_files_become_prompts_and_official_scores(tmp_path):
         tasks.make_task({"kind": "coco"})
 
 
-def test_digits_vqa_answers_in_words_score_against_digit_annotations():
-    """The official normaliser turns the model's "seven" into "7", as VQAv2 annotators wrote it."""
+def test_digits_vqa_scores_the_name_the_model_learns_by_the_official_rule():
+    """Ten annotators agree on the digit's name ("seven", the trained answer), so the official rule
+    compares as written: the name scores 1, the digit or another case 0."""
     from emu_jax.data.digits import NAMES
     from emu_jax.eval import tasks
     task = tasks.DigitsVqa(limit=2)
     first, second = task.queries()
-    results = [task.result(first, f" {NAMES[first.meta['digit']]}\n"), task.result(second, "a dog")]
+    name = NAMES[first.meta["digit"]]
+    results = [task.result(first, f" {name}\n"), task.result(second, "a dog")]
     assert task.score(results, "") == {"accuracy": 50.0}
+    for written_otherwise in (str(first.meta["digit"]), name.title()):
+        assert task.score([task.result(first, written_otherwise)], "") == {"accuracy": 0.0}
 
 
 def test_video_qa_runs_through_a_sweep_on_real_clips(tmp_path, tokenizer):

@@ -2,19 +2,21 @@
 (Java), ROUGE-L and CIDEr-D (pycocoevalcap's `Cider` is the CIDEr-D variant COCO reports).
 
 Files: annotations in COCO caption format (`{"annotations": [{"image_id", "caption"}], ...}`, e.g.
-the Karpathy test split) and results `[{"image_id", "caption"}]`, one caption per image. A
-malformed file is an error naming the file and the entry; a missing Java is a clear error.
+the Karpathy test split) and results `[{"image_id", "caption"}]`, one caption per annotated image
+and none for others. An unreadable or malformed file is an error naming the file and the entry; a
+missing Java is a clear error.
 """
 from __future__ import annotations
 
 import shutil
 
-from emu_jax.eval.vqa import FormatError, read_json
+from emu_jax.eval.vqa import FormatError, MissingTool, check_id, read_entries, read_json, require_same_ids
 
 METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 
 def load_references(path: str) -> dict:
+    """{image_id: [captions]} from a COCO caption file."""
     data = read_json(path)
     entries = data.get("annotations") if isinstance(data, dict) else None
     if not isinstance(entries, list):
@@ -23,28 +25,19 @@ def load_references(path: str) -> dict:
     for i, entry in enumerate(entries):
         if not isinstance(entry, dict) or "image_id" not in entry or not isinstance(entry.get("caption"), str):
             raise FormatError(f"{path}: annotation {i} ({str(entry)[:80]}) needs image_id and a string caption")
-        refs.setdefault(entry["image_id"], []).append(entry["caption"])
+        refs.setdefault(check_id(entry["image_id"], path, f"annotation {i}", "image_id"), []).append(entry["caption"])
     return refs
 
 
 def load_captions(path: str) -> dict:
-    data = read_json(path)
-    if not isinstance(data, list):
-        raise FormatError(f"{path}: expected a list of {{image_id, caption}} results")
-    out = {}
-    for i, entry in enumerate(data):
-        if not isinstance(entry, dict) or "image_id" not in entry or not isinstance(entry.get("caption"), str):
-            raise FormatError(f"{path}: entry {i} ({str(entry)[:80]}) needs image_id and a string caption")
-        if entry["image_id"] in out:
-            raise FormatError(f"{path}: entry {i} repeats image_id {entry['image_id']}")
-        out[entry["image_id"]] = entry["caption"]
-    return out
+    """{image_id: caption} from a COCO result file."""
+    return {i: e["caption"] for i, e in read_entries(path, None, "image_id", strings=("caption",)).items()}
 
 
 def require_java() -> None:
     if shutil.which("java") is None:
-        raise RuntimeError("caption metrics need Java: pycocoevalcap's PTB tokenizer and METEOR run java; "
-                           "install a JRE (e.g. apt-get install default-jre-headless)")
+        raise MissingTool("caption metrics need Java: pycocoevalcap's PTB tokenizer and METEOR run java; "
+                          "install a JRE (e.g. apt-get install default-jre-headless)")
 
 
 def score_captions(predictions: dict, references: dict, metrics=METRICS) -> dict:
@@ -72,4 +65,6 @@ def score_captions(predictions: dict, references: dict, metrics=METRICS) -> dict
 
 
 def score_caption_files(results_path: str, annotations_path: str) -> dict:
-    return score_captions(load_captions(results_path), load_references(annotations_path))
+    predictions, references = load_captions(results_path), load_references(annotations_path)
+    require_same_ids(results_path, predictions, annotations_path, references, "image_id")
+    return score_captions(predictions, references)

@@ -124,9 +124,10 @@ class DigitsVqa(_Digits):
         return Example(i, [self._pixels(i)], digits.VQA_QUESTION, digits.NAMES[d], {"digit": d})
 
     def score(self, results, out_dir, features=None):
-        # ten annotators who wrote the digit as VQAv2's do ("7"); the prediction's "seven" normalises to it
-        truth = {q.key: str(q.meta["digit"]) for q in self.queries()}
-        scores = [vqa.question_accuracy(r["answer"], [truth[r["question_id"]]] * 10) for r in results]
+        # ten annotators who agree on the digit's name, the answer the model learns ("seven"): the
+        # official rule compares unanimous answers as written, so "7" or "Seven" would score 0
+        truth = {q.key: vqa.answer_entries([q.target] * 10) for q in self.queries()}
+        scores = [vqa.question_accuracy(r["answer"], truth[r["question_id"]]) for r in results]
         return {"accuracy": 100.0 * float(np.mean(scores))}
 
 
@@ -274,12 +275,15 @@ class CocoCaption(_FileTask):
 
 class Vqa(_FileTask):
     """VQAv2 / OKVQA / VizWiz official question + annotation files and an image folder; images
-    named by `image_pattern` over the question entry (VizWiz questions carry an "image" name)."""
+    named by `image_pattern` over the question entry (VizWiz questions carry an "image" name);
+    scored by `rule` (vqa.RULES: the official evaluation, or the Emu release's VQAv2 / OKVQA variant)."""
     name = "vqa"
 
     def __init__(self, questions, annotations, images, train_questions="", train_annotations="", train_images="",
                  image_pattern="COCO_val2014_{image_id:012d}.jpg", train_image_pattern="", image_size=224, limit=0,
-                 prompt="question: {question} answer:"):
+                 prompt="question: {question} answer:", rule="official"):
+        vqa.rule_named(rule)  # an unknown name fails here, before any generation
+        self.rule = rule
         self.files = dict(test=(questions, annotations, images, image_pattern),
                           train=(train_questions or questions, train_annotations or annotations,
                                  train_images or images, train_image_pattern or image_pattern))
@@ -292,7 +296,7 @@ class Vqa(_FileTask):
         out = []
         for q in questions:
             file = os.path.join(image_dir, q["image"]) if "image" in q else _image_path(image_dir, pattern, q)
-            human = answers.get(q["question_id"], [""])
+            human = [a["answer"] for a in answers.get(q["question_id"], [{"answer": ""}])]
             out.append(Example(q["question_id"], [prompts.load_image(file, self.image_size)],
                                self.template.format(question=q["question"]), max(set(human), key=human.count),
                                {"answers": human}))
@@ -300,7 +304,7 @@ class Vqa(_FileTask):
 
     def score(self, results, out_dir, features=None):
         answers = vqa.load_annotations(self.files["test"][1])
-        scores = [vqa.question_accuracy(r["answer"], answers[r["question_id"]]) for r in results]
+        scores = [vqa.question_accuracy(r["answer"], answers[r["question_id"]], self.rule) for r in results]
         return {"accuracy": 100.0 * float(np.mean(scores))}
 
 

@@ -1,21 +1,36 @@
-"""VQA accuracy as the official VQA evaluation computes it (VQAv2, OKVQA, VizWiz), and exact-match
-accuracy for video QA (MSVD-QA, MSRVTT-QA) after the same answer normalisation.
+"""VQA accuracy as the official VQA evaluation computes it (VQAv2, OKVQA, VizWiz), the variants the
+Emu release scored with, and exact-match accuracy for video QA (MSVD-QA, MSRVTT-QA).
 
-Normalisation (`normalize`) follows the official tool: punctuation removed or turned into spaces,
-periods dropped unless part of a number, lower case, number words to digits, articles dropped,
-contractions restored. Per question, each of the ten annotators is left out in turn and the
-prediction scores min(1, matches among the other nine / 3); the question scores the mean of the ten
-(so 2 agreeing annotators give 0.6, not 2/3). As the official tool, the ground-truth answers are
-punctuation-normalised only when the annotators disagree. Accuracies are percentages.
+Per question, each human answer entry is left out in turn and the prediction scores
+min(1, matches among the others / 3); the question scores the mean (2 agreeing of 10 give 0.6, not
+2/3). Entries are compared whole, as the official tool compares its answer dicts: VQAv2's carry an
+`answer_id`, so one is left out at a time; entries equal in every field are left out together.
 
-Files are the official formats: questions `{"questions": [{"question_id", "image_id",
-"question"}]}`, annotations `{"annotations": [{"question_id", "answers": [{"answer"}, ...]}]}`,
-results `[{"question_id", "answer"}]`. A malformed file is an error naming the file and the entry.
+Which side is cleaned, and when, is a rule (`RULES`, by name):
+- `official` (GT-Vision-Lab's `vqaEval.py`; the default): both sides lose newlines, tabs and outer
+  spaces; only when the human answers then disagree are both normalised (punctuation, then lower
+  case, number words to digits, articles, contractions). So "two", "Two" or "2." against ten
+  identical "2" score 0.
+- `emu_release` (the LAVIS copy Emu1's `mm_eval` scored VQAv2 with): the prediction is always
+  normalised; the human answers are never stripped and, when they disagree, only lose punctuation.
+- `emu_release_okvqa` (the release's OKVQA scorer): `emu_release` with nltk's Porter stemmer applied
+  to each whole punctuation-stripped answer.
+The release has no video QA scorer: a video QA prediction is right when it equals the answer after
+both are normalised (`normalize`).
+
+Files are the official formats: questions `{"questions": [{"question_id", "image_id", "question"}]}`,
+annotations `{"annotations": [{"question_id", "answers": [{"answer", "answer_id"}, ...]}]}`, results
+`[{"question_id", "answer"}]`; as the official `loadRes` asserts, results answer exactly the annotated
+questions. An unreadable or malformed file is an error naming the file and the entry. Accuracies are
+percentages.
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import re
+from typing import Callable
 
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
@@ -53,44 +68,117 @@ PERIOD_NOT_IN_NUMBER = re.compile(r"(?!<=\d)(\.)(?!\d)")  # the official pattern
 DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
 
 
+# The official call passes re.UNICODE (32) where `sub` takes its count: at most 32 periods go.
+OFFICIAL_PERIOD_LIMIT = 32
+
+
 class FormatError(ValueError):
-    """A result, question or annotation file that is not in the official format."""
+    """A result, question or annotation file that cannot be read or is not in the official format."""
+
+
+class MissingTool(RuntimeError):
+    """A scorer needs a program or package that is not installed (Java, nltk)."""
+
+
+# ----------------------------------------------------------------------------- answer cleaning
+
+def collapse_whitespace(text: str) -> str:
+    """Newlines and tabs become spaces, outer spaces go."""
+    return text.replace("\n", " ").replace("\t", " ").strip()
 
 
 def strip_punctuation(text: str) -> str:
     """A mark next to a space (or any mark, when the text has a digit,digit comma) is removed;
-    otherwise it becomes a space. Periods go unless between digits."""
+    otherwise it becomes a space. Periods go unless before a digit."""
     out = text
     for mark in PUNCTUATION:
         if (mark + " " in text or " " + mark in text) or DIGIT_COMMA_DIGIT.search(text):
             out = out.replace(mark, "")
         else:
             out = out.replace(mark, " ")
-    return PERIOD_NOT_IN_NUMBER.sub("", out)
+    return PERIOD_NOT_IN_NUMBER.sub("", out, count=OFFICIAL_PERIOD_LIMIT)
 
 
 def digits_and_articles(text: str) -> str:
+    """Lower case; number words to digits; articles dropped; contractions restored."""
     words = [NUMBER_WORDS.get(w, w) for w in text.lower().split()]
     return " ".join(CONTRACTIONS.get(w, w) for w in words if w not in ARTICLES)
 
 
 def normalize(answer: str) -> str:
-    """A predicted answer as the official tool compares it."""
-    answer = answer.replace("\n", " ").replace("\t", " ").strip()
-    return digits_and_articles(strip_punctuation(answer))
+    """An answer fully normalised: whitespace, punctuation, case, digits, articles, contractions."""
+    return digits_and_articles(strip_punctuation(collapse_whitespace(answer)))
 
 
-def question_accuracy(prediction: str, human_answers: list[str]) -> float:
-    """The mean over leave-one-annotator-out subsets of min(1, matches / 3), in [0, 1]."""
-    predicted = normalize(prediction)
-    humans = [a.replace("\n", " ").replace("\t", " ").strip() for a in human_answers]
+@functools.cache
+def _porter_stemmer():
+    try:
+        from nltk.stem import PorterStemmer
+    except ImportError as e:
+        raise MissingTool("the emu_release_okvqa rule stems answers with nltk's Porter stemmer: "
+                          "pip install nltk") from e
+    return PorterStemmer()
+
+
+def stemmed_punctuation(text: str) -> str:
+    """The release's OKVQA punctuation step: the stripped text stemmed as one word (so only its end)."""
+    return _porter_stemmer().stem(strip_punctuation(text))
+
+
+def _unchanged(text: str) -> str:
+    return text
+
+
+def _punctuation_digits_articles(text: str) -> str:
+    return digits_and_articles(strip_punctuation(text))
+
+
+def _okvqa_prediction(text: str) -> str:
+    return digits_and_articles(stemmed_punctuation(collapse_whitespace(text)))
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """How a question's answers are cleaned before matching: each side always, then both again when
+    the cleaned human answers disagree."""
+    human: Callable[[str], str]
+    prediction: Callable[[str], str]
+    human_if_disagreeing: Callable[[str], str]
+    prediction_if_disagreeing: Callable[[str], str]
+
+
+RULES = {
+    "official": Rule(collapse_whitespace, collapse_whitespace, _punctuation_digits_articles,
+                     _punctuation_digits_articles),
+    "emu_release": Rule(_unchanged, normalize, strip_punctuation, _unchanged),
+    "emu_release_okvqa": Rule(_unchanged, _okvqa_prediction, stemmed_punctuation, _unchanged),
+}
+
+
+def rule_named(name: str) -> Rule:
+    if name not in RULES:
+        raise ValueError(f"unknown VQA rule {name!r}; known: {', '.join(RULES)}")
+    return RULES[name]
+
+
+def question_accuracy(prediction: str, answers: list[dict], rule: str = "official") -> float:
+    """One question's accuracy in [0, 1]: the mean over left-out human answer entries
+    ({"answer", "answer_id", ...}) of min(1, matches among the other entries / 3)."""
+    clean = rule_named(rule)
+    humans = [clean.human(a["answer"]) for a in answers]
+    predicted = clean.prediction(prediction)
     if len(set(humans)) > 1:
-        humans = [strip_punctuation(a) for a in humans]
-    scores = []
-    for left_out in range(len(humans)):
-        matches = sum(1 for i, a in enumerate(humans) if i != left_out and a == predicted)
-        scores.append(min(1.0, matches / 3))
+        humans = [clean.human_if_disagreeing(h) for h in humans]
+        predicted = clean.prediction_if_disagreeing(predicted)
+    entries = [{**a, "answer": h} for a, h in zip(answers, humans)]
+    scores = [min(1, sum(other["answer"] == predicted for other in entries if other != left_out) / 3)
+              for left_out in entries]
     return sum(scores) / len(scores)
+
+
+def answer_entries(answers: list[str]) -> list[dict]:
+    """Human answers as VQAv2 writes them: one entry and answer_id per annotator."""
+    return [{"answer": a, "answer_id": i + 1} for i, a in enumerate(answers)]
 
 
 def exact_match(prediction: str, answer: str) -> float:
@@ -104,66 +192,113 @@ def read_json(path: str):
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
+    except OSError as e:
+        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise FormatError(f"{path}: not UTF-8 text (byte {e.start})") from e
     except json.JSONDecodeError as e:
         raise FormatError(f"{path}: not valid JSON ({e})") from e
 
 
-def _entries(data, path: str, key: str | None, fields: tuple[str, ...]) -> list[dict]:
+def _shown(value) -> str:
+    return json.dumps(value, ensure_ascii=False)[:80]
+
+
+def check_id(value, path: str, where: str, field: str):
+    """An id as the official files write them: an integer or a string (a list or object cannot key
+    a question)."""
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise FormatError(f"{path}: {where}: {field} is {_shown(value)}, not an integer or string")
+    return value
+
+
+def read_entries(path: str, key: str | None, id_field: str, strings: tuple[str, ...] = (),
+                 others: tuple[str, ...] = ()) -> dict:
+    """{id: entry} from the list under `key` (the file itself when None): each entry an object with
+    an integer or string id, string `strings` fields and the `others`; a repeated id is an error."""
+    data = read_json(path)
     entries = data.get(key) if key and isinstance(data, dict) else data
     if not isinstance(entries, list):
         raise FormatError(f"{path}: expected " + (f'an object with a "{key}" list' if key else "a list of entries"))
-    for i, entry in enumerate(entries):
-        missing = [f for f in fields if not isinstance(entry, dict) or f not in entry]
-        if missing:
-            raise FormatError(f"{path}: entry {i} ({str(entry)[:80]}) lacks {', '.join(missing)}")
-    return entries
-
-
-def load_results(path: str) -> dict:
-    """{question_id: answer} from an official result file; duplicates are an error."""
     out = {}
-    for i, entry in enumerate(_entries(read_json(path), path, None, ("question_id", "answer"))):
-        if entry["question_id"] in out:
-            raise FormatError(f"{path}: entry {i} repeats question_id {entry['question_id']}")
-        if not isinstance(entry["answer"], str):
-            raise FormatError(f"{path}: entry {i} (question_id {entry['question_id']}) has a non-string answer")
-        out[entry["question_id"]] = entry["answer"]
+    for i, entry in enumerate(entries):
+        missing = [f for f in (id_field, *strings, *others) if not isinstance(entry, dict) or f not in entry]
+        if missing:
+            raise FormatError(f"{path}: entry {i} ({_shown(entry)}) lacks {', '.join(missing)}")
+        entry_id = check_id(entry[id_field], path, f"entry {i}", id_field)
+        where = f"entry {i} ({id_field} {entry_id})"
+        for field in strings:
+            if not isinstance(entry[field], str):
+                raise FormatError(f"{path}: {where}: {field} is {_shown(entry[field])}, not a string")
+        if entry_id in out:
+            raise FormatError(f"{path}: {where} repeats its {id_field}")
+        out[entry_id] = entry
     return out
 
 
+def _listed(ids: list) -> str:
+    return ", ".join(_shown(i) for i in ids[:5]) + (", ..." if len(ids) > 5 else "")
+
+
+def require_same_ids(predictions_path: str, predicted, annotations_path: str, annotated, id_field: str) -> None:
+    """Predictions for exactly the annotated ids (the official loadRes asserts equal sets): a stray
+    or missing one is an error naming both files, a few of the ids and their count."""
+    stray = [i for i in predicted if i not in annotated]
+    missing = [i for i in annotated if i not in predicted]
+    problems = []
+    if stray:
+        problems.append(f"{len(stray)} predicted {id_field} not in {annotations_path}: {_listed(stray)}")
+    if missing:
+        problems.append(f"no prediction for {len(missing)} of {len(annotated)} annotated {id_field}: "
+                        f"{_listed(missing)}")
+    if problems:
+        raise FormatError(f"{predictions_path}: {'; '.join(problems)}")
+    if not annotated:
+        raise FormatError(f"{annotations_path}: no annotated entries to score")
+
+
+def load_results(path: str) -> dict:
+    """{question_id: answer} from an official result file."""
+    return {q: e["answer"] for q, e in read_entries(path, None, "question_id", strings=("answer",)).items()}
+
+
 def load_annotations(path: str) -> dict:
-    """{question_id: [human answers]} from an official annotation file."""
+    """{question_id: [answer entries]} from an official annotation file."""
+    entries = read_entries(path, "annotations", "question_id", others=("answers",))
     out = {}
-    for i, entry in enumerate(_entries(read_json(path), path, "annotations", ("question_id", "answers"))):
+    for i, (question, entry) in enumerate(entries.items()):
         answers = entry["answers"]
         if not isinstance(answers, list) or not answers or not all(isinstance(a, dict) and "answer" in a
                                                                    for a in answers):
-            raise FormatError(f"{path}: entry {i} (question_id {entry['question_id']}) needs a non-empty "
+            raise FormatError(f"{path}: entry {i} (question_id {question}) needs a non-empty "
                               f'"answers" list of {{"answer": ...}}')
-        out[entry["question_id"]] = [a["answer"] for a in answers]
+        for j, answer in enumerate(answers):
+            if not isinstance(answer["answer"], str):
+                raise FormatError(f"{path}: entry {i} (question_id {question}): answer {j} is "
+                                  f"{_shown(answer['answer'])}, not a string")
+        out[question] = answers
     return out
 
 
 def load_questions(path: str) -> dict:
     """{question_id: entry} from an official question file."""
-    entries = _entries(read_json(path), path, "questions", ("question_id", "question"))
-    return {e["question_id"]: e for e in entries}
+    return read_entries(path, "questions", "question_id", strings=("question",))
 
 
-def score_vqa(results_path: str, annotations_path: str, questions_path: str | None = None) -> dict:
-    """{"accuracy": percentage} over the annotated questions; every one needs a prediction."""
+def score_vqa(results_path: str, annotations_path: str, questions_path: str | None = None,
+              rule: str = "official") -> dict:
+    """{"accuracy": percentage} over the annotated questions, each answered exactly once."""
+    rule_named(rule)
     results, annotations = load_results(results_path), load_annotations(annotations_path)
     if questions_path:
         questions = load_questions(questions_path)
-        unknown = sorted(set(annotations) - set(questions), key=str)
+        unknown = [q for q in annotations if q not in questions]
         if unknown:
-            raise FormatError(f"{annotations_path}: question_id {unknown[0]} is not in {questions_path}")
-    missing = sorted(set(annotations) - set(results), key=str)
-    if missing:
-        raise FormatError(f"{results_path}: no answer for question_id {missing[0]} "
-                          f"({len(missing)} of {len(annotations)} annotated questions missing)")
-    scores = [question_accuracy(results[q], answers) for q, answers in annotations.items()]
-    return {"accuracy": 100.0 * sum(scores) / len(scores)}
+            raise FormatError(f"{annotations_path}: {len(unknown)} question_id not in {questions_path}: "
+                              f"{_listed(unknown)}")
+    require_same_ids(results_path, results, annotations_path, annotations, "question_id")
+    scores = [question_accuracy(results[q], answers, rule) for q, answers in annotations.items()]
+    return {"accuracy": 100.0 * sum(scores) / len(scores)}  # (100 * sum) / n, in the official order
 
 
 def load_video_annotations(path: str) -> dict:
@@ -174,19 +309,20 @@ def load_video_annotations(path: str) -> dict:
         raise FormatError(f"{path}: expected a list of {{id, question, answer}} entries")
     out = {}
     for i, entry in enumerate(data):
-        key = entry.get("question_id", entry.get("id")) if isinstance(entry, dict) else None
-        if key is None or not isinstance(entry.get("answer"), str):
-            raise FormatError(f"{path}: entry {i} ({str(entry)[:80]}) needs an id and a string answer")
+        field = "question_id" if isinstance(entry, dict) and "question_id" in entry else "id"
+        if not isinstance(entry, dict) or field not in entry or not isinstance(entry.get("answer"), str):
+            raise FormatError(f"{path}: entry {i} ({_shown(entry)}) needs an id and a string answer")
+        key = check_id(entry[field], path, f"entry {i}", field)
+        if key in out:
+            raise FormatError(f"{path}: entry {i} ({field} {key}) repeats its {field}")
         out[key] = entry["answer"]
     return out
 
 
 def score_video_qa(results_path: str, annotations_path: str) -> dict:
     """Exact-match accuracy (percentage) after normalisation; results use the annotations' ids as
-    question_id."""
+    question_id and answer exactly the annotated questions."""
     results, answers = load_results(results_path), load_video_annotations(annotations_path)
-    missing = sorted(set(answers) - set(results), key=str)
-    if missing:
-        raise FormatError(f"{results_path}: no answer for question_id {missing[0]}")
+    require_same_ids(results_path, results, annotations_path, answers, "question_id")
     scores = [exact_match(results[q], answer) for q, answer in answers.items()]
     return {"accuracy": 100.0 * sum(scores) / len(scores)}
