@@ -3,10 +3,12 @@
 Images are squash-resized (no crop, aspect ratio not kept) with bicubic filtering, as the Emu
 release preprocesses; the pipeline hands uint8 [H, W, 3] to the device, where
 `normalize` applies the EVA-CLIP mean/std (a quarter of the host-to-device bytes of float32).
-Videos give n frames, one from the middle of each of n equal segments of the clip.
+Videos give n frames, one from the middle of each of n equal segments of the clip; only those
+are decoded (and the frames they depend on: from the keyframe before each), not the whole clip.
 """
 from __future__ import annotations
 
+import bisect
 import io
 
 import numpy as np
@@ -37,19 +39,77 @@ def segment_midpoints(num_frames: int, count: int) -> list[int]:
     return [min(int((i + 0.5) * num_frames / count), num_frames - 1) for i in range(count)]
 
 
+def frame_timestamps(container, stream) -> tuple[list[int], list[int]] | None:
+    """Presentation timestamps of every frame and of every keyframe, in presentation order, read
+    from the packets alone (demuxing decodes no pixels); None when there is nothing to seek by (a
+    raw elementary stream has no timestamps)."""
+    frames, keyframes = [], []
+    for packet in container.demux(stream):
+        if packet.size == 0:  # the end-of-stream marker
+            continue
+        if packet.pts is None:
+            return None
+        frames.append(packet.pts)
+        if packet.is_keyframe:
+            keyframes.append(packet.pts)
+    return (sorted(frames), sorted(keyframes)) if keyframes else None
+
+
+def _decoded(container, stream):
+    for packet in container.demux(stream):
+        yield from packet.decode()  # the end-of-stream packet flushes the frames the decoder holds
+
+
+def frames_at(container, stream, targets: list[int], keyframes: list[int]) -> list:
+    """The decoded frame at each of the ascending presentation timestamps `targets`: seeks to the
+    keyframe at or before a target, unless the decoder already stands at or past that keyframe,
+    then decodes forward to the target (the frames in between must be decoded: later frames are
+    predicted from them)."""
+    found, frames, last = [], None, None
+    for target in targets:
+        keyframe = keyframes[max(bisect.bisect_right(keyframes, target) - 1, 0)]
+        if last is None or last.pts < keyframe:
+            container.seek(keyframe, stream=stream, backward=True)  # seeking also flushes the decoder
+            frames, last = _decoded(container, stream), None
+        while last is None or last.pts < target:
+            frame = next(frames, None)
+            if frame is None:  # the decoder gave fewer frames than the packets promised
+                break
+            last = frame
+        if last is None:
+            raise RecordError("bad_video", "video has no frames")
+        found.append(last)
+    return found
+
+
+def sampled_frames(encoded: bytes, count: int) -> list[Image.Image]:
+    """The frames at the segment midpoints of a clip, decoded by seeking where its packets carry
+    timestamps, by decoding it all where they do not."""
+    import av
+    with av.open(io.BytesIO(encoded)) as container:
+        stream = container.streams.video[0]
+        timestamps = frame_timestamps(container, stream)
+        if timestamps is not None:
+            frames, keyframes = timestamps
+            targets = [frames[i] for i in segment_midpoints(len(frames), count)] if frames else []
+            return [frame.to_image() for frame in frames_at(container, stream, targets, keyframes)]
+    with av.open(io.BytesIO(encoded)) as container:  # demuxing consumed it; no seeking without timestamps
+        decoded = list(container.decode(video=0))
+        return [decoded[i].to_image() for i in segment_midpoints(len(decoded), count)] if decoded else []
+
+
 def decode_video(encoded: bytes, size: int, count: int) -> np.ndarray:
     """Container bytes (anything PyAV reads) -> uint8 [count, size, size, 3]."""
     import av
     if not encoded:
         raise RecordError("missing_video", "video segment has no bytes")
     try:
-        with av.open(io.BytesIO(encoded)) as container:
-            decoded = [frame.to_image() for frame in container.decode(video=0)]
+        images = sampled_frames(encoded, count)
     except (av.FFmpegError, ValueError, IndexError) as e:
         raise RecordError("bad_video", f"video does not decode: {e}") from e
-    if not decoded:
+    if not images:
         raise RecordError("bad_video", "video has no frames")
-    return np.stack([resize(decoded[i], size) for i in segment_midpoints(len(decoded), count)])
+    return np.stack([resize(image, size) for image in images])
 
 
 def decode_frames(encoded_frames: list[bytes], size: int, count: int) -> np.ndarray:

@@ -9,8 +9,10 @@ uint8 [max_images, S, S, 3] in block order with `image_mask`, `text_mask` and `r
 and `events` [len(EVENTS)]: bad records skipped (and documents truncated) since the previous
 row, so the trainer can log them. Documents longer than `seq_len` or with more images than
 `max_images` are cut before the first image block that does not fit; image blocks are never
-split. Bad records are skipped and counted, or, with `strict`, raise an error naming the source
-and record index.
+split. Bad records (and records that do not read back from a corrupt shard) are skipped and
+counted, or, with `strict`, raise an error naming the source and record index (and the shard).
+A shard that does not open at all (truncated) is skipped with a warning naming it, or, with
+`strict`, stops the run there.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import time
 import grain
 import jax
 import numpy as np
+from absl import logging
 from grain.experimental import FirstFitPackIterDataset
 
 from emu_jax.data import media, records
@@ -30,8 +33,8 @@ from emu_jax.data.records import RecordError
 from emu_jax.data.tokenizer import Tokenizer
 from emu_jax.models import tokens as tokens_lib
 
-EVENTS = ("malformed", "empty_document", "invalid_utf8", "missing_image", "bad_image", "missing_video",
-          "bad_video", "too_long", "truncated")
+EVENTS = ("unreadable", "malformed", "empty_document", "invalid_utf8", "missing_image", "bad_image",
+          "missing_video", "bad_video", "too_long", "truncated")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,21 +68,40 @@ def _document_bytes(example):
     return example["document"]
 
 
-def open_tfds(source, data_dir):
-    return grain.MapDataset.source(_tfds_source(expand(source.path, data_dir), source.split)).map(_document_bytes)
+def open_tfds(source, data_config):
+    path = expand(source.path, data_config.data_dir)
+    return grain.MapDataset.source(_tfds_source(path, source.split)).map(_document_bytes)
 
 
-def open_array_record(source, data_dir):
-    paths = sorted(glob.glob(expand(source.path, data_dir)))
+def readable_shards(paths: list[str], strict: bool) -> dict[str, int]:
+    """{shard: number of records} of the shards that open. One that does not (truncated: its
+    record index is gone, so are its records) is skipped with a warning naming it, or raises
+    in strict mode."""
+    sizes = {}
+    for path in paths:
+        try:
+            sizes[path] = records.count_records(path)
+        except records.SourceError as e:
+            if strict:
+                raise
+            logging.warning("skipping shard: %s", e)
+    return sizes
+
+
+def open_array_record(source, data_config):
+    paths = sorted(glob.glob(expand(source.path, data_config.data_dir)))
     if not paths:
         raise FileNotFoundError(f"no ArrayRecord shards match {source.path!r}")
-    return grain.MapDataset.source(grain.sources.ArrayRecordDataSource(paths))
+    sizes = readable_shards(paths, data_config.strict)
+    if not sizes:
+        raise records.SourceError(f"none of the {len(paths)} ArrayRecord shards matching {source.path!r} opens")
+    return grain.MapDataset.source(records.ShardReader(sizes))
 
 
-def open_digits(source, data_dir):
+def open_digits(source, data_config):
     """The embedded digits world, built into `path` on first use (seconds)."""
     from emu_jax.data import digits
-    dataset_dir = digits.build(expand(source.path, data_dir))
+    dataset_dir = digits.build(expand(source.path, data_config.data_dir))
     return grain.MapDataset.source(_tfds_source(dataset_dir, source.split)).map(_document_bytes)
 
 
@@ -186,7 +208,7 @@ def documents(data_config, sources, *, shuffle: bool, process_index: int, proces
     repeated forever when `shuffle` (training); one pass in order otherwise (evaluation)."""
     datasets, weights = [], []
     for i, (name, source) in enumerate(sorted(sources.items())):
-        ds = SOURCES[source.kind](source, data_config.data_dir).map_with_index(Tag(name))
+        ds = SOURCES[source.kind](source, data_config).map_with_index(Tag(name))
         if shuffle:
             ds = ds.shuffle(seed=data_config.seed + i).repeat()
         datasets.append(ds)

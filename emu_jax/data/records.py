@@ -5,12 +5,18 @@
                   {"video": <encoded container bytes>}  or  {"frames": [<encoded bytes>, ...]}],
      "source": "laion", "meta": {...}}
 
-Records are msgpack bytes, stored in ArrayRecord shards (`ShardWriter`) or as the `document`
-feature of a TFDS dataset; both reach the pipeline as the same bytes.
+Records are msgpack bytes, stored in ArrayRecord shards (`ShardWriter`, read back by
+`ShardReader`) or as the `document` feature of a TFDS dataset; both reach the pipeline as the same
+bytes.
 """
 from __future__ import annotations
 
+import bisect
+import contextlib
+import dataclasses
+import itertools
 import os
+import threading
 from typing import Any, Iterable
 
 import msgpack
@@ -24,6 +30,11 @@ class RecordError(ValueError):
     def __init__(self, kind: str, message: str):
         super().__init__(message)
         self.kind = kind
+
+    def __reduce__(self):
+        # Grain's worker processes pickle the error to the trainer; the default rebuilds it from
+        # `args` (the message alone) and fails on the missing `kind`, losing the message.
+        return RecordError, (self.kind, str(self))
 
 
 class SourceError(ValueError):
@@ -79,9 +90,17 @@ def encode(doc: dict) -> bytes:
     return msgpack.packb(doc, use_bin_type=True)
 
 
-def decode(record: bytes) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Unreadable:
+    """Stands in for a record whose bytes could not be read from storage; `reason` names where."""
+    reason: str
+
+
+def decode(record: bytes | Unreadable) -> dict:
     """Bytes -> document. Text arrives as bytes and is checked as UTF-8 here, so that a bad
     record names its problem instead of failing later."""
+    if isinstance(record, Unreadable):
+        raise RecordError("unreadable", record.reason)
     try:
         doc = msgpack.unpackb(record, raw=True)
     except Exception as e:  # msgpack raises several unrelated types for corrupt input
@@ -105,16 +124,23 @@ def decode(record: bytes) -> dict:
             "meta": doc.get(b"meta", {})}
 
 
+def _temporary(path: str) -> str:
+    """Where a shard is written until it is finished: a hidden name, which no shard glob
+    (`prefix-*`) matches, so that a half-written file (even one a killed writer left) is never read."""
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.tmp")
+
+
 class ShardWriter:
     """Writes encoded documents round-robin into `num_shards` ArrayRecord files
-    `{prefix}-{i:05d}-of-{n:05d}.array_record`. Files are written under a temporary name and
-    renamed on `close`, so an interrupted write leaves nothing that looks finished."""
+    `{prefix}-{i:05d}-of-{n:05d}.array_record`. Files are written under a hidden temporary name
+    and renamed once all are closed, so an interrupted write leaves nothing that looks finished."""
 
     def __init__(self, prefix: str, num_shards: int = 1):
         from array_record.python.array_record_module import ArrayRecordWriter
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         self.paths = [f"{prefix}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
-        self._writers = [ArrayRecordWriter(p + ".tmp", "group_size:1") for p in self.paths]
+        self._writers = [ArrayRecordWriter(_temporary(p), "group_size:1") for p in self.paths]
         self.count = 0
 
     def write(self, doc: dict) -> None:
@@ -122,9 +148,10 @@ class ShardWriter:
         self.count += 1
 
     def close(self) -> None:
-        for writer, path in zip(self._writers, self.paths):
+        for writer in self._writers:
             writer.close()
-            os.replace(path + ".tmp", path)
+        for path in self.paths:
+            os.replace(_temporary(path), path)
 
     def __enter__(self):
         return self
@@ -132,10 +159,72 @@ class ShardWriter:
     def __exit__(self, exc_type, *unused):
         if exc_type is None:
             self.close()
-        else:  # leave no half-written shard behind
-            for writer, path in zip(self._writers, self.paths):
+            return
+        for writer, path in zip(self._writers, self.paths):  # leave no half-written shard behind
+            try:
                 writer.close()
-                os.remove(path + ".tmp")
+            finally:
+                if os.path.exists(_temporary(path)):
+                    os.remove(_temporary(path))
+
+
+def _open_reader(path: str):
+    from array_record.python.array_record_module import ArrayRecordReader
+    # random access: no read-ahead of records nobody asked for (as Grain's own source reads)
+    return ArrayRecordReader(path, options="readahead_buffer_size:0", file_reader_buffer_size=32768)
+
+
+def count_records(path: str) -> int:
+    """The number of records in an ArrayRecord shard, or a SourceError naming it when it does not
+    open: the record index sits at the end of the file, so a truncated shard loses all of them."""
+    if not os.path.isfile(path):
+        raise SourceError(f"{path}: no such ArrayRecord shard")
+    reader = _open_reader(path)
+    if reader.ok():
+        count = reader.num_records()
+        reader.close()
+        return count
+    with contextlib.suppress(RuntimeError):  # a failed reader's close raises its failure again, with no message
+        reader.close()
+    raise SourceError(f"{path}: not a readable ArrayRecord shard (truncated or corrupt: its record index does not "
+                      f"read)")
+
+
+class ShardReader:
+    """Random access to the records of ArrayRecord shards, as Grain reads a source (`len`, `[i]`),
+    from {shard path: number of records}. A record that does not read back (its chunk fails the
+    hash check; a chunk may hold several records, and each of them fails alone) comes back as
+    `Unreadable` naming shard and position, so the pipeline skips and counts it, or names it in
+    strict mode, like any other bad record."""
+
+    def __init__(self, sizes: dict[str, int]):
+        self.sizes = dict(sizes)
+        self._paths = list(self.sizes)
+        self._ends = list(itertools.accumulate(self.sizes.values()))
+        self._readers: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def __reduce__(self):  # open readers do not pickle: each Grain worker process opens its own
+        return ShardReader, (self.sizes,)
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def __getitem__(self, index: int) -> bytes | Unreadable:
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} outside {len(self)} records")
+        shard = bisect.bisect_right(self._ends, index)
+        position = index - (self._ends[shard - 1] if shard else 0)
+        try:
+            return self._reader(shard).read([position])[0]
+        except RuntimeError as e:  # what the Riegeli reader raises for corrupt bytes
+            return Unreadable(f"{self._paths[shard]} record {position} does not read: {e}")
+
+    def _reader(self, shard: int):
+        with self._lock:  # Grain reads from several threads
+            if shard not in self._readers:
+                self._readers[shard] = _open_reader(self._paths[shard])
+            return self._readers[shard]
 
 
 def write_shards(prefix: str, docs: Iterable[dict], num_shards: int = 1) -> list[str]:

@@ -9,9 +9,11 @@
 JSONL paths are relative to `--image_root` (default: the JSONL's folder). MMC4 lines hold
 `text_list` and `image_info` entries with `image_name` and `matched_text_index`; each image goes
 before its matched sentence. Storyboard lines hold `frames` [{"image", "time"}] and `subtitles`
-[{"start", "end", "text"}], merged in time order. A bad line stops the run with an error naming
-the file and line, and no finished-looking shard is left (`--skip_missing` drops MMC4 images whose
-files are missing instead, and counts them).
+[{"start", "end", "text"}], merged in time order. A bad line (not UTF-8, not JSON, a missing or
+mistyped field, an unreadable file, a video that does not open) stops the run with an error naming
+the file and line, and no finished-looking shard is left: shards are written under hidden names
+and renamed only once all are complete (`--skip_missing` drops MMC4 images whose files are missing
+instead, and counts them).
 """
 from __future__ import annotations
 
@@ -31,9 +33,13 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 def _jsonl(path: str):
     if not os.path.isfile(path):
         raise records.SourceError(f"{path}: no such JSONL file")
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    with open(path, "rb") as f:  # decoded line by line: a bad byte is reported at its line
+        for number, raw in enumerate(f, 1):
             where = f"{path}:{number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise records.SourceError(f"{where}: not UTF-8 (byte {e.start} of the line)") from e
             if not line.strip():
                 continue
             try:
@@ -46,6 +52,8 @@ def _jsonl(path: str):
 
 
 def _field(entry: dict, key: str, where: str, kind=str):
+    if not isinstance(entry, dict):
+        raise records.SourceError(f"{where}: expected an object with {key!r}, got {type(entry).__name__}")
     if key not in entry:
         raise records.SourceError(f"{where}: missing field {key!r}")
     if not isinstance(entry[key], kind):
@@ -64,13 +72,16 @@ def pair_documents(input_path: str, root: str, counts: Counter):
             where = os.path.join(input_path, name)
             if not os.path.exists(caption_path):
                 raise records.SourceError(f"{where}: no caption file {caption_path}")
-            caption = records.read_source(caption_path, where).decode("utf-8").strip()
+            try:
+                caption = records.read_source(caption_path, where).decode("utf-8").strip()
+            except UnicodeDecodeError as e:
+                raise records.SourceError(f"{caption_path}: not UTF-8 (byte {e.start})") from e
             image = records.read_source(where, where)
-            yield records.document([records.image(image), records.text(caption)], "pairs", file=name)
+            yield where, records.document([records.image(image), records.text(caption)], "pairs", file=name)
         return
     for where, entry in _jsonl(input_path):
         image_path = os.path.join(root, _field(entry, "image", where))
-        yield records.document([records.image(records.read_source(image_path, where)),
+        yield where, records.document([records.image(records.read_source(image_path, where)),
                                 records.text(_field(entry, "caption", where))], "pairs")
 
 
@@ -90,7 +101,7 @@ def mmc4_documents(input_path: str, root: str, counts: Counter, skip_missing: bo
         segments = []
         for i, sentence in enumerate(texts):
             segments += [records.image(b) for b in by_sentence.get(i, [])] + [records.text(sentence)]
-        yield records.document(segments, "mmc4", url=entry.get("url", ""))
+        yield where, records.document(segments, "mmc4", url=entry.get("url", ""))
 
 
 def video_documents(input_path: str, root: str, counts: Counter):
@@ -104,7 +115,8 @@ def video_documents(input_path: str, root: str, counts: Counter):
                     raise records.SourceError(f"{where}: {path} has no video stream")
         except av.FFmpegError as e:
             raise records.SourceError(f"{where}: {path} is not a readable video: {e}") from e
-        yield records.document([records.video(encoded), records.text(_field(entry, "caption", where))], "video")
+        yield where, records.document([records.video(encoded), records.text(_field(entry, "caption", where))],
+                                      "video")
 
 
 def storyboard_documents(input_path: str, root: str, counts: Counter):
@@ -119,11 +131,12 @@ def storyboard_documents(input_path: str, root: str, counts: Counter):
                            records.text(_field(subtitle, "text", where))))
         if not events:
             raise records.SourceError(f"{where}: storyboard has neither frames nor subtitles")
-        yield records.document([segment for _, _, segment in sorted(events, key=lambda e: e[:2])], "storyboard")
+        yield where, records.document([segment for _, _, segment in sorted(events, key=lambda e: e[:2])],
+                                      "storyboard")
 
 
 WRITERS = {"pairs": pair_documents, "mmc4": mmc4_documents, "video": video_documents,
-           "storyboard": storyboard_documents}
+           "storyboard": storyboard_documents}  # each yields (where, document): where names the file and line
 
 def convert(kind: str, input_path: str, output: str, image_root: str | None = None, num_shards: int = 1,
             skip_missing: bool = False) -> tuple[list[str], Counter]:
@@ -132,8 +145,11 @@ def convert(kind: str, input_path: str, output: str, image_root: str | None = No
     counts: Counter = Counter()
     extra = {"skip_missing": skip_missing} if kind == "mmc4" else {}
     with records.ShardWriter(output, num_shards) as writer:
-        for doc in tqdm(WRITERS[kind](input_path, root, counts, **extra), desc=kind, unit=" docs"):
-            writer.write(doc)
+        for where, doc in tqdm(WRITERS[kind](input_path, root, counts, **extra), desc=kind, unit=" docs"):
+            try:
+                writer.write(doc)
+            except records.RecordError as e:  # a document of the wrong shape: a text that is not a string, ...
+                raise records.SourceError(f"{where}: {e}") from e
             counts["documents"] += 1
             for segment in doc["segments"]:
                 counts[records.segment_kind(segment) + "_segments"] += 1
