@@ -30,14 +30,15 @@ def eva_clip_e_plus(**overrides) -> ml_collections.ConfigDict:
 def causal_former(**overrides) -> ml_collections.ConfigDict:
     """Emu1's T5-base-shaped Causal Transformer with 32 learned queries."""
     return ml_collections.ConfigDict(dict(
-        kind="causal_former", num_queries=32, ln_visual_eps=1e-5, d_model=768, num_layers=12, num_heads=12,
+        kind="causal_former", num_queries=32, ln_visual_eps=1e-6, d_model=768, num_layers=12, num_heads=12,
         head_dim=64, d_ff=3072, num_buckets=32, max_distance=128, norm_eps=1e-6, scan_layers=False,
         remat="none") | overrides)
 
 
-def pooled_connector(pool_grid: int = 8) -> ml_collections.ConfigDict:
-    """Emu2's connector: pool the patch grid to pool_grid x pool_grid, project_up."""
-    return ml_collections.ConfigDict(dict(kind="pooled", pool_grid=pool_grid))
+def pooled_connector(pool_grid: int = 8, video_pool_grid: int = 8) -> ml_collections.ConfigDict:
+    """Emu2's connector: pool the patch grid to pool_grid x pool_grid (video frames to
+    video_pool_grid x video_pool_grid), project_up."""
+    return ml_collections.ConfigDict(dict(kind="pooled", pool_grid=pool_grid, video_pool_grid=video_pool_grid))
 
 
 def llama(size: str, vocab_size: int, **overrides) -> ml_collections.ConfigDict:
@@ -104,9 +105,12 @@ def sdxl_unet(**overrides) -> ml_collections.ConfigDict:
 
 def decoder_options(**overrides) -> ml_collections.ConfigDict:
     """How the decoder is trained and sampled: pixel size, conditioning dropout (for guidance),
-    the unconditional input, sampler ("euler" | "ddim"), steps, guidance scale."""
+    the unconditional input, sampler ("euler" | "ddim" | "pndm"), steps, guidance scale, and
+    `autoencode`: an image alone as the prompt is redrawn from its encoder embeddings (Emu2-Gen's
+    autoencoding mode, guided against an all-zero normalised image) instead of regressed.
+    The releases: Emu2-Gen euler 50 / 3.0 / autoencode; Emu1 pndm 50 / 7.5 at 512 px."""
     return ml_collections.ConfigDict(dict(image_size=1024, condition_dropout=0.1, uncond="zeros", sampler="euler",
-                                          sampler_steps=50, guidance=3.0) | overrides)
+                                          sampler_steps=50, guidance=3.0, autoencode=False) | overrides)
 
 
 def generation_config(**overrides) -> ml_collections.ConfigDict:
@@ -156,7 +160,8 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
-        steps=10000, grad_accum_steps=1, nonfinite="skip", log_every=50, eval_every=1000, eval_batches=4,
+        steps=10000, grad_accum_steps=1, nonfinite="skip", max_skipped_updates=100, max_consecutive_skipped=10,
+        log_every=50, eval_every=1000, eval_batches=4,
         checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True,
         init_from=ml_collections.ConfigDict(dict(vit="", connector="", llm="")),  # tower -> checkpoint dir
         ema_decay=0.0, sample_every=0, sample_count=4, final_eval="", final_eval_count=360) | overrides)

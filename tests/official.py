@@ -89,7 +89,11 @@ def _load_package(name: str, directory: pathlib.Path) -> types.ModuleType:
 @functools.cache
 def emu1(module: str) -> types.ModuleType:
     """A module of Emu1's `models` package, e.g. `emu1("modeling_emu")`."""
-    _load_package("emu1_release", RELEASE / "Emu1" / "models")
+    package = _load_package("emu1_release", RELEASE / "Emu1" / "models")
+    # Emu1 imports its LLaMA wrapper absolutely, `from models.modeling_llama import ...`, inside
+    # `Emu.__init__`, `generate` and `_predict`: the same module object under that name too.
+    sys.modules.setdefault("models", package)
+    sys.modules.setdefault("models.modeling_llama", importlib.import_module("emu1_release.modeling_llama"))
     return importlib.import_module(f"emu1_release.{module}")
 
 

@@ -1,6 +1,6 @@
 """Independent PyTorch implementations of every tower (transformers, timm, diffusers), shaped like
-the tiny configs and randomly initialised, and the release-layout state dicts assembled from them.
-The converters are tested against these: the state dicts are not written by our exporter."""
+the tiny configs and randomly initialised. Each tower's converter is tested against these; whole
+release files come from the official release's own classes (`tests/release_models.py`)."""
 from __future__ import annotations
 
 import numpy as np
@@ -121,22 +121,3 @@ def vae(vae_config, seed: int = 0):
 
 def prefixed(prefix: str, module: torch.nn.Module) -> dict:
     return {prefix + k: v.detach().clone() for k, v in module.state_dict().items()}
-
-
-def emu_release(config, seed: int = 0):
-    """(reference modules, state dict in the Emu1 or Emu2 release layout) for config.model."""
-    m = config.model
-    towers = {"vit": eva(m.vit, seed), "llm": llama(m.llm, m.llm.vocab_size, seed + 1)}
-    state = prefixed("visual.", towers["vit"])
-    state = {k: v for k, v in state.items() if not k.endswith("k_bias")}  # a timm buffer EVA-CLIP lacks
-    state |= prefixed("decoder.lm.", towers["llm"])
-    gen = torch.Generator().manual_seed(seed + 2)
-    if m.connector.kind == "causal_former":
-        towers["connector"] = _randomise(CausalFormerReference(m.connector, m.vit.width, m.llm.hidden), seed + 3)
-        state |= {k: v for k, v in prefixed("", towers["connector"]).items()
-                  if k != "cformer.cformer.embed_tokens.weight"}  # transformers' T5Stack makes one; Emu1 feeds embeddings
-        state["decoder.lm.stu_regress_head.weight"] = torch.randn(m.llm.hidden, m.llm.hidden, generator=gen)
-    else:
-        state["decoder.lm.project_up.weight"] = torch.randn(m.llm.hidden, m.vit.width, generator=gen)
-        state["decoder.lm.project_down.weight"] = torch.randn(m.vit.width, m.llm.hidden, generator=gen)
-    return towers, state

@@ -25,12 +25,22 @@ flags.DEFINE_string("source", None, "import: a .safetensors / .bin / .pt file or
 flags.DEFINE_string("checkpoint", None, "export: the checkpoints directory to read (latest step).")
 flags.DEFINE_string("out", None, "import: the output directory; export: a .safetensors path or a directory.")
 flags.DEFINE_bool("strict", True, "import: fail on keys the layout does not know (junk is always dropped by name).")
+flags.DEFINE_float("lora_alpha", None, "import: LoRA alpha for merging adapters (default: the layout's release "
+                   "value, 16 for emu1_instruct; r is read from the adapters).")
 flags.DEFINE_string("dtype", None, "export: tensor dtype (default: the recorded source dtypes, else float32).")
 flags.DEFINE_float("max_shard_gb", 0.0, "export: split into shards of at most this size, with an index JSON.")
 flags.mark_flags_as_required(["config", "layout", "out"])
 
 
 def main(argv):
+    from emu_jax.convert import plan, tensors
+    try:
+        _run(argv)
+    except (plan.ConversionError, tensors.SourceError, FileExistsError, FileNotFoundError) as e:
+        raise SystemExit(f"error: {e}") from None  # the message names the file and keys; no traceback
+
+
+def _run(argv):
     if len(argv) != 2 or argv[1] not in ("import", "export"):
         raise app.UsageError("usage: python -m emu_jax.convert {import|export} --config=... --layout=... --out=...")
     logging.set_verbosity(logging.WARNING)
@@ -42,9 +52,11 @@ def main(argv):
         from emu_jax.convert import importer, tensors
         mesh_lib.maybe_initialize_distributed(config)
         summary = importer.import_checkpoint(tensors.open_source(FLAGS.source), FLAGS.layout, config, FLAGS.out,
-                                             mesh=mesh_lib.make_mesh(config.mesh), strict=FLAGS.strict)
+                                             mesh=mesh_lib.make_mesh(config.mesh), strict=FLAGS.strict,
+                                             lora_alpha=FLAGS.lora_alpha)
         print(f"converted {summary['tensors']} tensors ({summary['bytes'] / 2**30:.2f} GiB) into "
-              f"{summary['checkpoint']}; dropped {len(summary['dropped'])} known-junk keys")
+              f"{summary['checkpoint']}; dropped {len(summary['dropped'])} keys our model does not use "
+              f"({len(summary['carried'])} of them carried for export)")
     else:
         if not FLAGS.checkpoint:
             raise app.UsageError("export needs --checkpoint")

@@ -2,14 +2,18 @@
 
 Parameters are restored one at a time as host arrays and written as a stream, so memory stays
 near the largest parameter. For a converted checkpoint the recorded source keys, their order and
-dtypes are reproduced, which makes import -> export bit for bit; for a trained one the keys come
-from our parameter names and the dtype from `dtype` (default float32). With `max_shard_bytes`
-the output is a directory of shards plus the Hugging Face index JSON.
+dtypes are reproduced, which makes import -> export bit for bit; for a trained one the dtype
+comes from `dtype` (default float32). Keys are spelled from our parameter names in the layout's
+official spelling, so the official class's `load_state_dict(strict=True)` accepts the file: keys
+its state dict has and our model never reads are written from the converted file's carried copy
+(or the layout's fills), and LoRA layouts get zero adapters beside the merged weights. With
+`max_shard_bytes` the output is a directory of shards plus the Hugging Face index JSON.
 """
 from __future__ import annotations
 
 import json
 import os
+import zlib
 
 import numpy as np
 
@@ -46,9 +50,44 @@ class _LeafReader:
         self.manager.close()
 
 
+def _lora_entries(layout: layouts.Layout, key: str, shape: tuple, dtype: str) -> list:
+    """The adapters peft's strict load expects beside a wrapped weight: lora_B zeros, so the
+    official forward equals the merged weight we hold, and lora_A as peft initialises it (uniform
+    within 1/sqrt(in), seeded by the key) so LoRA training can resume from the file."""
+    module = layouts.lora_module(key)
+    rank, (out_dim, in_dim) = layout.lora.rank, shape
+
+    def lora_a():
+        return np.random.default_rng(zlib.crc32(module.encode())).uniform(-in_dim ** -0.5, in_dim ** -0.5, (rank, in_dim))
+
+    return [(f"{module}.lora_A.default.weight", (rank, in_dim), dtype, lora_a),
+            (f"{module}.lora_B.default.weight", (out_dim, rank), dtype, lambda: np.zeros((out_dim, rank)))]
+
+
+def _carried_entries(checkpoint_dir: str, layout: layouts.Layout, config) -> list:
+    """Keys the official class saves and our model never reads: the converted file's own tensors
+    when the checkpoint carries them, else the layout's fills; a layout whose carried keys have no
+    fill (Emu2-Gen's safety checker) cannot be exported from a checkpoint that carries none."""
+    if not layout.carried:
+        return []
+    carried = importer.carried_source(checkpoint_dir)
+    if carried is not None:
+        return [(k, carried.shapes[k], carried.dtypes[k], lambda k=k: carried.read(k)) for k in carried.keys()]
+    if not layout.fills:
+        raise plan_lib.ConversionError(
+            f"{checkpoint_dir}: layout {layout.name} needs keys matching {list(layout.carried)}, which this "
+            f"checkpoint does not carry (it was not converted from a {layout.name} file) and which have no "
+            f"initial value; convert the release file first and export from that checkpoint")
+    return [(f.key, f.shape(config.model), "float32", lambda f=f: np.full(f.shape(config.model), f.value))
+            for f in layout.fills]
+
+
 def export_entries(checkpoint_dir: str, layout_name: str, config, dtype: str | None = None,
                    use_recorded: bool = True):
-    """(entries for `write_safetensors`, closer): one (key, shape, dtype, produce) per tensor."""
+    """(entries for `write_safetensors`, closer): one (key, shape, dtype, produce) per tensor.
+
+    Keys are spelled from our parameter names (what the official class's strict load accepts);
+    a converted checkpoint's record gives their order and dtypes."""
     layout = layouts.get_layout(layout_name)
     targets = plan_lib.targets(config, layout)
     record = importer.recorded_source(checkpoint_dir) if use_recorded else None
@@ -62,14 +101,14 @@ def export_entries(checkpoint_dir: str, layout_name: str, config, dtype: str | N
             if found is None:
                 raise plan_lib.ConversionError(f"{checkpoint_dir}: recorded key {key!r} has no parameter in the "
                                                f"configured model; export with the config it was converted with")
-            keyed.append((key, *found, dtype or record["dtypes"][key]))
+            keyed.append((*found, dtype or record["dtypes"][key]))
     else:
-        keyed = [(layouts.path_to_source(layout, path, layer if t.stacked else None), path, layer, dtype or "float32")
-                 for path, t in targets.items() for layer in range(t.num_layers)]
+        keyed = [(path, layer, dtype or "float32") for path, t in targets.items() for layer in range(t.num_layers)]
     reader = _LeafReader(checkpoint_dir, targets)
     entries = []
-    for key, path, layer, key_dtype in keyed:
+    for path, layer, key_dtype in keyed:
         t = targets[path]
+        key = layouts.path_to_source(layout, path, layer if t.stacked else None)
         shape = layouts.source_shape(path[-1], t.layer_shape, t.layer_axes)
 
         def produce(path=path, layer=layer, t=t):
@@ -77,6 +116,9 @@ def export_entries(checkpoint_dir: str, layout_name: str, config, dtype: str | N
             return layouts.to_source(value[layer] if t.stacked else value, path[-1], t.layer_axes)
 
         entries.append((key, shape, key_dtype, produce))
+        if layout.lora and ".base_layer." in key:
+            entries += _lora_entries(layout, key, shape, key_dtype)
+    entries += [(k, s, dtype or d, p) for k, s, d, p in _carried_entries(checkpoint_dir, layout, config)]
     return entries, reader.close
 
 

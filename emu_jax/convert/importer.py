@@ -1,7 +1,12 @@
 """Released PyTorch weights -> an Orbax checkpoint the trainer and generator load directly.
 
     <out>/checkpoints/0/params   our parameter tree (only the towers the layout covers), sharded
-                        /meta     JSON: the layout, the source, every converted key and its dtype
+                        /meta     JSON: the layout, the source, every converted key and its dtype;
+                                  carried.safetensors: keys the official class saves and our
+                                  model never reads (Emu1's EVA head, Emu2-Gen's safety checker)
+LoRA-wrapped weights (Emu-I) are merged with their adapters on the way (W + alpha / r * B @ A).
+An `out` whose checkpoints/ already holds a step is refused: step 0 beside trained steps would be
+silently ignored by a resuming trainer.
 
 One parameter at a time: its source tensor(s) are read (memory-mapped), transformed (transpose,
 reshape, stack the layers of scanned towers, cast), placed on their shards over the mesh, and
@@ -21,9 +26,10 @@ import jax
 import numpy as np
 
 from emu_jax.convert import layouts, plan as plan_lib
-from emu_jax.convert.tensors import TensorSource
+from emu_jax.convert.tensors import TensorSource, open_source, write_safetensors
 
 STEP = 0
+CARRIED = "carried.safetensors"  # beside meta/metadata: keys the official class has and our model does not use
 FLUSH_BYTES = 256 << 20
 
 
@@ -40,16 +46,17 @@ def params_from_plan(plan: plan_lib.Plan, source: TensorSource, path: plan_lib.P
     t = plan.targets[path]
     dtype = np.dtype(dtype or t.dtype)
     layers, cpu = plan.assignments[path], jax.local_devices(backend="cpu")[0]
-    pieces = [np.asarray(_transform(jax.device_put(source.read(layers[i]), cpu), path[-1], t.layer_shape,
+    pieces = [np.asarray(_transform(jax.device_put(plan.read(source, layers[i]), cpu), path[-1], t.layer_shape,
                                     t.layer_axes, dtype)) for i in range(t.num_layers)]
     return np.stack(pieces) if t.stacked else pieces[0]
 
 
-def to_params(source: TensorSource, layout_name: str, config, strict: bool = True) -> dict:
+def to_params(source: TensorSource, layout_name: str, config, strict: bool = True,
+              lora_alpha: float | None = None) -> dict:
     """The whole converted tree as host numpy arrays (no mesh, no checkpoint): for tests, parity
     checks and small towers."""
     layout = layouts.get_layout(layout_name)
-    plan = plan_lib.make_plan(source, layout, plan_lib.targets(config, layout), strict)
+    plan = plan_lib.make_plan(source, layout, plan_lib.targets(config, layout), strict, lora_alpha)
     return plan_lib.nested({path: params_from_plan(plan, source, path) for path in plan.targets})
 
 
@@ -65,9 +72,19 @@ def _place(host: np.ndarray, sharding) -> jax.Array:
     return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
+def _refuse_existing_steps(out_dir: str) -> None:
+    """A converted checkpoint is step 0: beside trained steps the trainer would resume from the
+    latest of those and never see it, so an `out_dir` holding any step is refused."""
+    checkpoints = os.path.join(os.path.abspath(out_dir), "checkpoints")
+    steps = sorted(os.listdir(checkpoints)) if os.path.isdir(checkpoints) else []
+    if steps:
+        raise FileExistsError(f"{out_dir}: checkpoints/ already holds {', '.join(steps[:5])}"
+                              f"{' ...' if len(steps) > 5 else ''}; convert into a new --out directory")
+
+
 def import_checkpoint(source: TensorSource, layout_name: str, config, out_dir: str, *, mesh=None,
-                      strict: bool = True, flush_bytes: int = FLUSH_BYTES, compress: bool = False,
-                      progress: bool = True) -> dict:
+                      strict: bool = True, lora_alpha: float | None = None, flush_bytes: int = FLUSH_BYTES,
+                      compress: bool = False, progress: bool = True) -> dict:
     """Converts `source` into `<out_dir>/checkpoints/0`; returns a summary (tensors, bytes, dropped).
 
     Each group of about `flush_bytes` is written asynchronously while the next is read, so peak
@@ -76,10 +93,9 @@ def import_checkpoint(source: TensorSource, layout_name: str, config, out_dir: s
     from orbax.checkpoint.experimental import v1 as ocp_v1
     from tqdm import tqdm
     layout = layouts.get_layout(layout_name)
-    plan = plan_lib.make_plan(source, layout, plan_lib.targets(config, layout, mesh), strict)
+    plan = plan_lib.make_plan(source, layout, plan_lib.targets(config, layout, mesh), strict, lora_alpha)
+    _refuse_existing_steps(out_dir)
     final = os.path.join(os.path.abspath(out_dir), "checkpoints", str(STEP))
-    if os.path.exists(final):
-        raise FileExistsError(f"{final} already exists; remove it or convert into another --out")
     staging = os.path.join(os.path.abspath(out_dir), ".convert-staging")
     lead = jax.process_index() == 0
     if lead and os.path.exists(staging):
@@ -97,17 +113,37 @@ def import_checkpoint(source: TensorSource, layout_name: str, config, out_dir: s
     converted = plan.source_keys()
     meta = {"converted_from": {"layout": layout.name, "source": source.description,
                                "keys": [k for k in source.keys() if k in set(converted)],
-                               "dtypes": {k: source.dtypes[k] for k in converted}, "dropped": plan.dropped}}
+                               "dtypes": {k: source.dtypes[k] for k in converted}, "dropped": plan.dropped,
+                               "carried": plan.carried, "lora_alpha": plan.lora_alpha if plan.adapters else None}}
     if lead:
         os.rename(os.path.join(step_dir, "state"), os.path.join(step_dir, "params"))
         os.makedirs(os.path.join(step_dir, "meta"))
         with open(os.path.join(step_dir, "meta", "metadata"), "w") as f:
             json.dump(meta, f)
+        _write_carried(plan, source, os.path.join(step_dir, "meta", CARRIED))
         os.makedirs(os.path.dirname(final), exist_ok=True)
         os.rename(step_dir, final)
         shutil.rmtree(staging)
     _barrier("checkpoint committed")
-    return {"tensors": len(converted), "bytes": total, "dropped": plan.dropped, "checkpoint": os.path.dirname(final)}
+    return {"tensors": len(converted), "bytes": total, "dropped": plan.dropped, "carried": plan.carried,
+            "checkpoint": os.path.dirname(final)}
+
+
+def _write_carried(plan: plan_lib.Plan, source: TensorSource, path: str) -> None:
+    """The carried keys, verbatim (dtype and bytes), for export to write back."""
+    if plan.carried:
+        write_safetensors(path, [(k, source.shapes[k], source.dtypes[k], lambda k=k: source.read(k))
+                                 for k in plan.carried])
+
+
+def carried_source(checkpoint_dir: str) -> TensorSource | None:
+    """The carried keys of a converted checkpoint's latest step (None when it carries none)."""
+    import orbax.checkpoint as ocp
+    manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir), item_names=("params", "meta"))
+    step = manager.latest_step()
+    manager.close()
+    path = os.path.join(os.path.abspath(checkpoint_dir), str(step), "meta", CARRIED)
+    return open_source(path) if step is not None and os.path.exists(path) else None
 
 
 def _write(plan, source, order, step_dir, flush_bytes, bar, ocp_v1) -> None:

@@ -12,6 +12,7 @@ import re
 
 import flax.linen as nn
 import jax
+import numpy as np
 
 from emu_jax.convert import layouts
 from emu_jax.convert.layouts import Layout
@@ -89,11 +90,22 @@ def targets(config, layout: Layout, mesh=None) -> dict[Path, Target]:
 class Plan:
     layout: Layout
     assignments: dict[Path, dict[int, str]]  # our leaf -> {layer (0 unstacked): source key}
-    dropped: list[str]
+    dropped: list[str]  # junk and carried keys, not converted
     targets: dict[Path, Target]
+    carried: list[str] = dataclasses.field(default_factory=list)  # dropped keys kept verbatim for export
+    adapters: dict[str, tuple[str, str]] = dataclasses.field(default_factory=dict)  # base key -> (lora_A, lora_B)
+    lora_alpha: float = 0.0
 
     def source_keys(self) -> list[str]:
         return [key for layers in self.assignments.values() for key in layers.values()]
+
+    def read(self, source, key: str) -> np.ndarray:
+        """One source tensor; a LoRA-wrapped weight merged with its adapter: W + alpha / r * B @ A
+        (in float32: adapters are small and bf16 products would round twice)."""
+        if key not in self.adapters:
+            return source.read(key)
+        a, b = (np.asarray(source.read(k), np.float32) for k in self.adapters[key])
+        return np.asarray(source.read(key), np.float32) + (self.lora_alpha / a.shape[0]) * (b @ a)
 
 
 def nested(flat: dict) -> dict:
@@ -134,14 +146,41 @@ def _listing(title: str, items: list[str]) -> str:
     return f"  {title} ({len(items)}):\n{shown}{more}"
 
 
-def make_plan(source, layout: Layout, target: dict[Path, Target], strict: bool = True) -> Plan:
+def _pair_adapters(layout: Layout, adapters: dict, weights: dict, source) -> tuple[dict, list[str]]:
+    """{base key: (lora_A key, lora_B key)} and the problems: an adapter without its pair or its
+    base weight, or shapes that do not multiply to the weight's."""
+    pairs, problems = {}, []
+    for module, halves in adapters.items():
+        base = weights.get(module)
+        if set(halves) != {"A", "B"} or base is None:
+            problems.append(f"{module}: lora_A, lora_B and the base weight must come together "
+                            f"(found {sorted(halves) + (['weight'] if base else [])})")
+            continue
+        a, b, w = (tuple(source.shapes[k]) for k in (halves["A"], halves["B"], base))
+        if len(a) != 2 or len(b) != 2 or a[0] != b[1] or (b[0], a[1]) != w:
+            problems.append(f"{module}: lora_B {list(b)} @ lora_A {list(a)} does not give the weight's {list(w)}")
+            continue
+        pairs[base] = (halves["A"], halves["B"])
+    return pairs, problems
+
+
+def make_plan(source, layout: Layout, target: dict[Path, Target], strict: bool = True,
+              lora_alpha: float | None = None) -> Plan:
+    """`lora_alpha` overrides the layout's (the release's) LoRA alpha for merging adapters."""
     tree = nested({p: p for p in target})
     assignments: dict[Path, dict[int, str]] = {}
-    dropped, unexpected, shapes, duplicates, vocab = [], [], [], [], []
+    dropped, carried, unexpected, shapes, duplicates, vocab = [], [], [], [], [], []
+    adapters: dict[str, dict[str, str]] = {}
     misshaped: set = set()  # reported once, as a shape mismatch, not again as missing
     for key in source.keys():
-        if layouts.is_junk(layout, key):
+        if layouts.is_junk(layout, key) or layouts.is_carried(layout, key):
             dropped.append(key)
+            if layouts.is_carried(layout, key):
+                carried.append(key)
+            continue
+        adapter = layouts.lora_adapter(layout, key)
+        if adapter:
+            adapters.setdefault(adapter[0], {})[adapter[1]] = key
             continue
         found = resolve(layout, key, tree)
         if found is None:
@@ -168,11 +207,15 @@ def make_plan(source, layout: Layout, target: dict[Path, Target], strict: bool =
         for layer in range(t.num_layers):
             if layer not in have and (path, layer) not in misshaped:
                 missing.append(layouts.path_to_source(layout, path, layer if t.stacked else None))
+    weights = {layouts.lora_module(k): k for layers in assignments.values() for k in layers.values()}
+    pairs, lora_problems = _pair_adapters(layout, adapters, weights, source)
     problems = [("vocabulary size differs (not padded; set the config's vocab_size to the checkpoint's)", vocab),
                 ("shape mismatches", shapes), ("unexpected keys", unexpected if strict else []),
-                ("missing keys", missing), ("keys filling the same parameter", duplicates)]
+                ("missing keys", missing), ("keys filling the same parameter", duplicates),
+                ("LoRA adapters that cannot be merged", lora_problems)]
     if any(items for _, items in problems):
         body = "\n".join(_listing(title, items) for title, items in problems if items)
         raise ConversionError(f"{source.description} does not match layout {layout.name} and the configured model:\n"
                               f"{body}")
-    return Plan(layout, assignments, dropped, target)
+    alpha = lora_alpha if lora_alpha is not None else (layout.lora.alpha if layout.lora else 0.0)
+    return Plan(layout, assignments, dropped, target, carried, pairs, alpha)

@@ -149,7 +149,7 @@ class CausalFormerConnector(nn.Module):
     vision_width: int
     llm_hidden: int
     num_queries: int = 32
-    ln_visual_eps: float = 1e-5
+    ln_visual_eps: float = 1e-6  # Emu1/models/modeling_emu.py: LayerNorm(eps=1e-6)
     d_model: int = 768
     num_layers: int = 12
     num_heads: int = 12
