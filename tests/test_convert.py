@@ -1,6 +1,7 @@
 """Checkpoint conversion: parity of every tower with an independent PyTorch implementation
 (transformers, timm, diffusers) after importing its weights, bit-exact import -> export of whole
-release-layout files, sharded writes, and strict errors."""
+release files (saved from the official classes, tests/release_models.py), sharded writes, and
+strict errors. Parity of whole models with the official forward: tests/test_release_parity.py."""
 import json
 import os
 import subprocess
@@ -11,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import reference_models as rm
-from conftest import ROOT, load_config
+import release_models
+from conftest import ROOT, as_flags, load_config
 
 torch = pytest.importorskip("torch")
 
@@ -42,11 +44,13 @@ def variant_config(name):
 
 @pytest.fixture(scope="module", params=list(VARIANTS))
 def release(request):
-    """(config, reference towers, release state dict, our converted params)."""
+    """(config, reference towers, None, our params imported from them: timm's EVA through the
+    eva_timm layout, transformers' LLaMA through llama_hf)."""
     config = variant_config(request.param)
-    towers, state = rm.emu_release(config, seed=3)
-    params = importer.to_params(tensors.from_state_dict(state), VARIANTS[request.param][0], config)
-    return config, towers, state, params
+    towers = {"vit": rm.eva(config.model.vit, seed=3), "llm": rm.llama(config.model.llm, config.model.llm.vocab_size, 4)}
+    params = {tower: importer.to_params(tensors.from_state_dict(towers[tower].state_dict()), layout, config)[tower]
+              for tower, layout in (("vit", "eva_timm"), ("llm", "llama_hf"))}
+    return config, towers, None, params
 
 
 def max_error(ours, reference):
@@ -77,8 +81,12 @@ def test_llama_matches_transformers(release):
 
 
 def test_causal_former_matches_transformers_t5_decoder_stack():
-    config = variant_config("emu1_mha")
-    towers, state = rm.emu_release(config, seed=5)
+    """An Emu1 file whose connector keys come from transformers' T5 stack (not the release's copy)."""
+    config = release_models.tiny_release_config("emu1_14b")
+    m = config.model
+    reference = rm._randomise(rm.CausalFormerReference(m.connector, m.vit.width, m.llm.hidden), 5)
+    state = dict(release_models.official_emu1()[1], **rm.prefixed("", reference))
+    towers = {"connector": reference}
     params = importer.to_params(tensors.from_state_dict(state), "emu1", config)
     vit_tokens = np.random.RandomState(2).randn(2, 17, config.model.vit.width).astype(np.float32)
     ours = build_model(config.model).connector.apply({"params": params["connector"]}, jnp.asarray(vit_tokens),
@@ -138,40 +146,38 @@ def test_vae_matches_diffusers():
 
 # ----------------------------------------------------------------------------- whole release files
 
-def emu2_gen_state(seed=11):
-    config = load_config("tiny_decoder", "decoder")
-    _, encoder = rm.emu_release(config, seed=seed)
-    state = {"multimodal_encoder." + k: v for k, v in encoder.items()}
-    state |= rm.prefixed("unet.", rm.unet(config.model.unet, config.model.vit.width, seed=seed + 1))
-    state |= rm.prefixed("vae.", rm.vae(config.model.vae, seed=seed + 2))
-    state["safety_checker.vision_model.post_layernorm.weight"] = torch.ones(8)  # dropped by name
-    return config, state
+def release_config(name, scanned=False):
+    config = release_models.gen_config() if name == "emu2_gen" else release_models.tiny_release_config(name)
+    with config.unlocked():
+        config.model.vit.scan_layers = config.model.llm.scan_layers = scanned
+    return config
+
+
+def to_hf(native: dict) -> dict:
+    """EmuModel's keys as the Hugging Face EmuForCausalLM holds them: the model under `model.`,
+    project_up/down beside it (BAAI/Emu2's modeling_emu.py)."""
+    return {k if k.startswith("project_") else "model." + k: v for k, v in native.items()}
 
 
 def write_release(kind, directory):
-    """A release file of each kind, written with torch / the safetensors library (not our writer).
-    Returns (config, layout, source path, the state dict the file holds)."""
+    """A release file of each kind, saved from the official classes with torch / the safetensors
+    library (not our writer). Returns (config, layout, source path, the state dict the file holds)."""
     from safetensors.torch import save_file
     os.makedirs(directory, exist_ok=True)
     if kind == "emu1_bin":
-        config = variant_config("emu1_mha")
-        state = rm.emu_release(config, seed=9)[1]
+        config, state = release_config("emu1_14b"), release_models.official_emu1()[1]
         path = os.path.join(directory, "pytorch_model.bin")
         torch.save({"module": state}, path)  # Emu1's release wraps the state dict
         return config, "emu1", path, state
     if kind == "emu2_bf16_safetensors":
-        config = variant_config("emu2_scanned")
-        state = {k: v.to(torch.bfloat16) for k, v in rm.emu_release(config, seed=10)[1].items()}
+        config = release_config("emu2_37b", scanned=True)
+        state = {k: v.to(torch.bfloat16) for k, v in release_models.official_emu2()[1].items()}
         state["decoder.lm.model.layers.0.self_attn.rotary_emb.inv_freq"] = torch.ones(16)  # dropped by name
         path = os.path.join(directory, "emu2.safetensors")
         save_file(state, path)
         return config, "emu2", path, state
     if kind == "emu2_hf_sharded":
-        config = variant_config("emu2_gqa")
-        native = rm.emu_release(config, seed=12)[1]
-        rename = {"decoder.lm.project_up.weight": "project_up.weight",
-                  "decoder.lm.project_down.weight": "project_down.weight"}
-        state = {rename.get(k, "model." + k): v for k, v in native.items()}
+        config, state = release_config("emu2_37b"), to_hf(release_models.official_emu2()[1])
         keys = sorted(state)
         shards = {"model-00001-of-00002.safetensors": keys[: len(keys) // 2],
                   "model-00002-of-00002.safetensors": keys[len(keys) // 2:]}
@@ -181,7 +187,7 @@ def write_release(kind, directory):
         with open(path, "w") as f:
             json.dump({"metadata": {}, "weight_map": {k: n for n, names in shards.items() for k in names}}, f)
         return config, "emu2_hf", path, state
-    config, state = emu2_gen_state()
+    config, state = release_config("emu2_gen"), release_models.official_emu2_gen()[1]
     path = os.path.join(directory, "emu2_gen.safetensors")
     save_file({k: v.contiguous() for k, v in state.items()}, path)
     return config, "emu2_gen", path, state
@@ -200,8 +206,11 @@ def test_release_file_imports_sharded_and_exports_bit_for_bit(kind, tmp_path):
     source = tensors.open_source(path)
     summary = importer.import_checkpoint(source, layout_name, config, str(tmp_path / "ours"), mesh=mesh,
                                          progress=False)
-    junk = [k for k in state if layouts.is_junk(layouts.get_layout(layout_name), k)]
-    assert sorted(summary["dropped"]) == sorted(junk) and summary["tensors"] == len(state) - len(junk)
+    layout = layouts.get_layout(layout_name)
+    junk = [k for k in state if layouts.is_junk(layout, k)]
+    carried = [k for k in state if layouts.is_carried(layout, k)]  # dropped, kept verbatim for export
+    assert sorted(summary["dropped"]) == sorted(junk + carried) and sorted(summary["carried"]) == sorted(carried)
+    assert summary["tensors"] == len(state) - len(junk) - len(carried)
 
     # the trainer's loader places the checkpoint on the mesh; values equal the in-memory conversion
     restored = restore_params(summary["checkpoint"], sharded_abstract(config, layout_name, mesh))
@@ -246,8 +255,7 @@ def test_sharded_export_writes_an_index_that_imports_again(tmp_path):
 
 @pytest.fixture(scope="module")
 def emu2_state():
-    config = variant_config("emu2_gqa")
-    return config, rm.emu_release(config, seed=13)[1]
+    return release_config("emu2_37b"), dict(release_models.official_emu2()[1])
 
 
 def convert_error(config, state, layout="emu2", tmp_path=None):
@@ -268,13 +276,25 @@ def test_missing_unexpected_misshaped_and_duplicate_keys_are_listed(emu2_state, 
     del broken["decoder.lm.model.layers.1.mlp.up_proj.weight"]
     broken["visual.blocks.0.attn.extra.weight"] = torch.zeros(3)
     broken["visual.blocks.1.mlp.fc1.weight"] = torch.zeros(7, 64)
-    broken["decoder.lm.stu_regress_head.weight"] = state["decoder.lm.project_down.weight"]  # alias of a present key
     message = convert_error(config, broken, tmp_path=tmp_path)
     assert "missing keys (1):\n    decoder.lm.model.layers.1.mlp.up_proj.weight" in message
     assert "unexpected keys (1):\n    visual.blocks.0.attn.extra.weight" in message
     assert "visual.blocks.1.mlp.fc1.weight: checkpoint [7, 64], model [256, 64]" in message
-    assert "decoder.lm.stu_regress_head.weight and decoder.lm.project_down.weight both fill" in message \
-        or "decoder.lm.project_down.weight and decoder.lm.stu_regress_head.weight both fill" in message
+
+
+def test_two_spellings_of_one_weight_and_unpaired_lora_adapters_are_named():
+    """Emu-I: peft's old `q_proj.weight` beside the current `q_proj.base_layer.weight` both fill
+    one parameter; an adapter without its other half cannot be merged."""
+    config = release_models.tiny_release_config("emu1_14b:instruct")
+    state = dict(release_models.official_emu1(instruct=True)[1])
+    attention = "decoder.lm.base_model.model.model.layers.0.self_attn."
+    state[attention + "q_proj.weight"] = state[attention + "q_proj.base_layer.weight"]
+    del state[attention + "k_proj.lora_B.default.weight"]
+    message = convert_error(config, state, layout="emu1_instruct")
+    assert f"{attention}q_proj.weight and {attention}q_proj.base_layer.weight both fill" in message \
+        or f"{attention}q_proj.base_layer.weight and {attention}q_proj.weight both fill" in message
+    assert f"{attention}k_proj: lora_A, lora_B and the base weight must come together (found ['A', 'weight'])" \
+        in message
 
 
 def test_vocabulary_mismatch_is_reported_not_padded(emu2_state):
@@ -284,11 +304,13 @@ def test_vocabulary_mismatch_is_reported_not_padded(emu2_state):
     for key in ("decoder.lm.model.embed_tokens.weight", "decoder.lm.lm_head.weight"):
         grown[key] = torch.cat([state[key], torch.zeros(2, state[key].shape[1])])
     message = convert_error(config, grown)
-    assert "vocabulary size differs" in message and f"checkpoint [{vocab + 2}, 128], model [{vocab}, 128]" in message
+    width = config.model.llm.hidden
+    assert "vocabulary size differs" in message and f"checkpoint [{vocab + 2}, {width}], model [{vocab}, {width}]" \
+        in message
 
 
 def test_scanned_layer_beyond_the_model_and_missing_layer_are_named(emu2_state):
-    config = variant_config("emu2_scanned")
+    config = release_config("emu2_37b", scanned=True)
     state = dict(emu2_state[1])
     state["decoder.lm.model.layers.2.input_layernorm.weight"] = state["decoder.lm.model.layers.1.input_layernorm.weight"]
     del state["visual.blocks.1.norm1.bias"]
@@ -338,17 +360,27 @@ def test_unreadable_files_are_named(tmp_path):
         tensors.open_source(str(index))
 
 
+def release_cli_flags() -> list[str]:
+    """configs/emu2_37b.py at release_config("emu2_37b", scanned=True)'s shape, as CLI flags."""
+    overrides = {f"model.vit.{k}": v for k, v in dict(release_models.TINY_VIT, image_size=128, scan_layers=True).items()}
+    overrides |= {f"model.llm.{k}": v for k, v in dict(release_models.TINY_LLM, scan_layers=True).items()}
+    return [f"--config={ROOT / 'configs' / 'emu2_37b.py'}", *as_flags(overrides), "--config.model.dtype=float32"]
+
+
 def test_convert_cli_imports_and_exports(tmp_path):
     config, layout_name, path, state = write_release("emu2_bf16_safetensors", str(tmp_path / "release"))
     env = dict(os.environ, JAX_PLATFORMS="cpu")
     base = [sys.executable, "-m", "emu_jax.convert"]
-    cfg = [f"--config={ROOT / 'configs' / 'tiny.py'}:emu2", "--config.model.vit.scan_layers=True",
-           "--config.model.llm.scan_layers=True", "--layout=emu2"]
+    cfg = release_cli_flags() + ["--layout=emu2"]
     run = lambda *args: subprocess.run(base + list(args), cwd=ROOT, env=env, capture_output=True, text=True)  # noqa: E731
-    done = run("import", *cfg, f"--source={path}", f"--out={tmp_path / 'ours'}", "--config.mesh.fsdp=8",
-               "--config.mesh.data=1")
+    flags = ("import", *cfg, f"--source={path}", f"--out={tmp_path / 'ours'}", "--config.mesh.fsdp=8",
+             "--config.mesh.data=1")
+    done = run(*flags)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"converted {len(state) - 1} tensors" in done.stdout and "dropped 1 known-junk keys" in done.stdout
+    assert f"converted {len(state) - 1} tensors" in done.stdout and "dropped 1 keys our model does not use" in done.stdout
+    again = run(*flags)  # issue #20: into a directory that already holds a step
+    assert again.returncode != 0
+    assert again.stderr.strip().splitlines()[-1].startswith(f"error: {tmp_path / 'ours'}: checkpoints/ already holds 0")
     done = run("export", *cfg, f"--checkpoint={tmp_path / 'ours' / 'checkpoints'}", f"--out={tmp_path / 'x.safetensors'}")
     assert done.returncode == 0, done.stderr[-3000:]
     exported = tensors.open_source(str(tmp_path / "x.safetensors"))
@@ -361,8 +393,7 @@ def test_two_processes_write_their_own_shards_of_one_checkpoint(tmp_path):
     config, layout_name, path, state = write_release("emu2_bf16_safetensors", str(tmp_path / "release"))
     port = portpicker.pick_unused_port()
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
-    args = [sys.executable, "-m", "emu_jax.convert", "import", f"--config={ROOT / 'configs' / 'tiny.py'}:emu2",
-            "--config.model.vit.scan_layers=True", "--config.model.llm.scan_layers=True", "--layout=emu2",
+    args = [sys.executable, "-m", "emu_jax.convert", "import", *release_cli_flags(), "--layout=emu2",
             f"--source={path}", f"--out={tmp_path / 'ours'}", "--config.mesh.data=1", "--config.mesh.fsdp=4",
             f"--config.distributed.coordinator=127.0.0.1:{port}", "--config.distributed.num_processes=2",
             "--config.distributed.cpu_collectives=gloo"]
