@@ -36,7 +36,7 @@ def get_config(arg=None):
     else:
         special, vocab = tokens_lib.emu2_tokens(base=SP_VOCAB)
         config = config_lib.base_config(vit=config_lib.eva_clip_e_plus(**vit),
-                                        connector=config_lib.pooled_connector(2),
+                                        connector=config_lib.pooled_connector(2, video_pool_grid=2),
                                         llm=config_lib.llama("33b", vocab, **llm), special_tokens=special)
     config.data = config_lib.digits_data(seq_len=128, max_images=8, video_frames=4, global_batch_size=16,
                                          packing_bins=8)

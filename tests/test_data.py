@@ -54,7 +54,8 @@ def blocks_of(row_tokens, special):
     ends = np.flatnonzero(row_tokens == special.img_end)
     assert len(starts) == len(ends)
     for s, e in zip(starts, ends):
-        assert e - s == VISUAL + 1 and (row_tokens[s + 1:e] == special.image).all()
+        inside = row_tokens[s + 1:e]  # an image's <image>s or a video frame's [gIMG]s (4 each in tiny emu2)
+        assert e - s == VISUAL + 1 and ((inside == special.image).all() or (inside == special.gimg).all())
     return list(zip(starts, ends))
 
 

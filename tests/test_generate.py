@@ -250,7 +250,7 @@ def test_prompt_syntax_places_inputs_and_requests(tmp_path, tokenizer):
     open(path, "wb").write(media.encode_png(a))
     segments = prompts.parse(f"<image:{path}> this is a dax. <image> this is a [IMG] after", 32, [a + 5])
     kinds = [type(s).__name__ if not isinstance(s, str) else s for s in segments]
-    assert kinds == ["ImageInput", "this is a dax.", "ImageInput", "this is a", "ImageRequest", "after"]
+    assert kinds == ["ImageInput", " this is a dax. ", "ImageInput", " this is a ", "ImageRequest", " after"]
     np.testing.assert_array_equal(segments[0].pixels, a)
     np.testing.assert_array_equal(segments[2].pixels, a + 5)
     assert [len(c) for c in prompts.split_at_requests(segments)] == [5, 1]
@@ -260,7 +260,7 @@ def test_prompt_syntax_places_inputs_and_requests(tmp_path, tokenizer):
         prompts.parse("<image> <image>", 32, [a])
     with pytest.raises(prompts.PromptError, match="no <image> placeholder left"):
         prompts.parse("text", 32, [a])
-    assert prompts.chat("<image>what is this?", system="Be brief.", history=(("hi", "hello"),)) == (
+    assert prompts.emu_i_chat("<image>what is this?", system="Be brief.", history=(("hi", "hello"),)) == (
         "Be brief. [USER]: hi [ASSISTANT]: hello [USER]: <image>what is this? [ASSISTANT]:")
 
 
@@ -269,13 +269,13 @@ def test_few_shot_prompt_layout(tokenizer):
     special, n = config.model.tokens, 4
     images = [np.full((32, 32, 3), v, np.uint8) for v in (1, 2, 3)]
     segments = prompts.few_shot([(images[0], "this is a dax."), (images[1], "this is a wug.")], images[2], "this is a")
-    ids, placed = prompts.encode(segments, tokenizer, special, n)
+    ids, placed = prompts.encode(segments, tokenizer, special, n, n)
     block = tokens_lib.image_block(special, n)
     expected = ([tokenizer.bos_id] + block + tokenizer.encode("this is a dax.") + block
                 + tokenizer.encode("this is a wug.") + block + tokenizer.encode("this is a"))
     assert ids == expected
     assert [int(p[0, 0, 0]) for p in placed] == [1, 2, 3]  # images in the order of their blocks
-    request, _ = prompts.encode(prompts.parse("a handwritten three [IMG]", 32), tokenizer, special, n)
+    request, _ = prompts.encode(prompts.parse("a handwritten three[IMG]", 32), tokenizer, special, n, n)
     assert request == [tokenizer.bos_id] + tokenizer.encode("a handwritten three") + [special.img]
 
 

@@ -42,6 +42,7 @@ class Layout:
     """What the model needs of the data: sizes and the token layout."""
     special: dict
     visual_tokens: int
+    frame_tokens: int  # per video frame (see tokens.video_block)
     image_size: int
     video_frames: int
     seq_len: int
@@ -49,8 +50,9 @@ class Layout:
 
     @classmethod
     def from_configs(cls, model_config, data_config, visual_tokens: int) -> "Layout":
-        return cls(dict(model_config.tokens), visual_tokens, model_config.vit.image_size, data_config.video_frames,
-                   data_config.seq_len, data_config.max_images)
+        frame_tokens = tokens_lib.frame_tokens(model_config.connector, visual_tokens)
+        return cls(dict(model_config.tokens), visual_tokens, frame_tokens, model_config.vit.image_size,
+                   data_config.video_frames, data_config.seq_len, data_config.max_images)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -130,6 +132,8 @@ def truncate(ids: list[int], special, seq_len: int, max_images: int) -> tuple[li
     for start, end in zip(starts, ends):
         if start < cut <= end:
             cut = start
+    if "video" in special and 0 < cut < len(ids) and ids[cut - 1] == special["video"]:
+        cut -= 1  # a [VIDEO] whose every frame was cut goes too
     return ids[:cut], sum(end < cut for end in ends)
 
 
@@ -164,9 +168,12 @@ class TokenizeDocument(grain.transforms.Map):
             if "text" in segment:
                 ids += self.tokenizer.encode(segment["text"])
                 continue
-            for frame in self._pixels(segment):
+            pixels = self._pixels(segment)
+            if records.segment_kind(segment) == "image":
                 ids += tokens_lib.image_block(special, layout.visual_tokens)
-                images.append(frame)
+            else:  # the family's video layout: Emu2's [VIDEO] + [gIMG] frame blocks, Emu1's image blocks
+                ids += tokens_lib.video_block(special, layout.frame_tokens, len(pixels))
+            images += list(pixels)
         ids.append(self.tokenizer.eos_id)
         kept, n_images = truncate(ids, special, layout.seq_len, layout.max_images)
         if len(kept) < 2:

@@ -1,9 +1,14 @@
 """Sentencepiece tokenisation with Emu's special tokens at the ids the model config gives them.
 
-The sentencepiece model is LLaMA's `tokenizer.model` for real runs, or one trained by
-`train_sentencepiece` on the embedded corpus. Special tokens written in text ("[IMG]",
-"<image>", "[USER]", ...) map to the config's ids whatever the sentencepiece vocabulary holds;
-the sentencepiece vocabulary must end below the first special id.
+The sentencepiece model is LLaMA's `tokenizer.model` for real runs (the release's own copy, in
+its `llama_config` directories, is a supported one), or one trained by `train_sentencepiece` on
+the embedded corpus. Special tokens written in text ("[IMG]", "<image>", "[USER]", "</s>", ...)
+map to their ids whatever the sentencepiece vocabulary holds; the sentencepiece vocabulary must
+end below the first special id.
+
+Text is split at special tokens and each piece between them is encoded on its own, with
+sentencepiece's leading "▁", as the release's tokenizer (transformers' LlamaTokenizer with
+Emu's added tokens) does: `" [USER]: "` is `▁▁ [USER] ▁: ▁`, token for token the release's ids.
 """
 from __future__ import annotations
 
@@ -12,7 +17,7 @@ import re
 
 import sentencepiece as spm
 
-from emu_jax.models.tokens import TEXT_FORMS
+from emu_jax.models.tokens import text_forms
 
 
 class Tokenizer:
@@ -25,9 +30,14 @@ class Tokenizer:
         if self.sp.vocab_size() > first_special:
             raise ValueError(f"{model_path}: sentencepiece vocabulary has {self.sp.vocab_size()} pieces, which "
                              f"overlaps the special token ids starting at {first_special}")
-        self._by_text = {TEXT_FORMS[name]: token_id for name, token_id in special.items()}
-        self._by_id = {token_id: TEXT_FORMS[name] for name, token_id in special.items()}
-        self._split = re.compile("(" + "|".join(re.escape(t) for t in self._by_text) + ")")
+        # sentencepiece's own control tokens (<s>, </s>, <unk>) are matched in text too, as the
+        # release's tokenizer matches them; sentencepiece itself would spell them out.
+        controls = {self.sp.id_to_piece(i): i for i in (self.sp.unk_id(), self.sp.bos_id(), self.sp.eos_id()) if i >= 0}
+        self._by_text = controls | text_forms(special)
+        self._by_id = {token_id: text for text, token_id in text_forms(special).items()}
+        # longest first: a text form that starts another (none today) must not cut it short
+        self._split = re.compile("(" + "|".join(re.escape(t) for t in sorted(self._by_text, key=len, reverse=True))
+                                 + ")")
 
     def __getstate__(self):  # sentencepiece processors do not pickle; grain workers reload the file
         return {"model_path": self.model_path, "special": self.special}

@@ -62,6 +62,7 @@ class Generator:
         self.special = dict(config.model.tokens)
         self.model = build_model(config.model)
         self.visual_tokens = self.model.visual_tokens_per_image
+        self.frame_tokens = self.model.visual_tokens_per_frame
         self.image_size = config.model.vit.image_size
         self.mesh = mesh or mesh_lib.make_mesh(config.mesh, allow_subset=True)
         self.decoder_params, self.decoder = decoder_params, None
@@ -119,7 +120,8 @@ class Generator:
         wants_text = shape[0][-1] == "text"
         interleave = (wants_text and gc.interleave and len(batch) == 1 and self.decoder is not None
                       and gc.strategy != "beam")
-        encoded = [[prompts_lib.encode(chunk, self.tokenizer, self.special, self.visual_tokens, bos=c == 0)
+        encoded = [[prompts_lib.encode(chunk, self.tokenizer, self.special, self.visual_tokens,
+                                       self.frame_tokens, bos=c == 0)
                     for c, chunk in enumerate(chunks)] for chunks in chunked]
         chunk_lengths = [max(len(row[c][0]) for row in encoded) for c in range(len(chunked[0]))]
         extra = self.visual_tokens + 1

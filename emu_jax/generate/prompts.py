@@ -1,16 +1,26 @@
 """Prompts: what a user writes -> segments -> token ids and images, batched with left padding.
 
 Prompt syntax (one string):
-    <image:PATH>    an input image (PNG/JPEG); <video:PATH> a video's frames, one block each
-    <image>         the next image given separately (the CLI's --image, in order)
-    [IMG]           generate an image here (the prompt may go on after it: interleaved outputs)
-    anything else   text; special tokens written in their text form ([USER], [ASSISTANT], ...)
-                    become their ids. Text next to an image or a request is stripped, as the
-                    training documents hold text segments without surrounding spaces.
-A prompt that does not end in [IMG] asks for text at its end.
+    <image:PATH>        an input image (PNG/JPEG)
+    <video:PATH>        a video: its sampled frames, laid out as the family's release does
+                        (Emu2: `[VIDEO]` then a `[gIMG]` block per frame; Emu1: an image block each)
+    <image>             the next image given separately (the CLI's --image, in order)
+    <box:X1,Y1,X2,Y2>   Emu2-Gen's box image: a black 448x448 canvas with a white rectangle from
+                        (X1, Y1) to (X2, Y2) in its pixels, drawn as the release's demo draws it
+    [IMG]               generate an image here (the prompt may go on after it: interleaved outputs)
+    \\ before any of these  writes it as text instead: `\\[IMG]` is the [IMG] token itself, not a
+                        request (Emu-I's system message holds a literal `[IMG]ImageContent[/IMG]`)
+    anything else       text, exactly as written: spaces included (the release's tokenizer gives a
+                        space next to a special token or an image a token of its own); special
+                        tokens in their text form ([USER], </s>, <grounding>, <phrase>, ...) become
+                        their ids
+A prompt that does not end in [IMG] asks for text at its end. A placeholder left open
+(`<image:a.png what is it`) is an error naming its position.
 
-The token layout is the training documents': `<s>`, then each segment in order, an image as
-`[IMG] <image> x n [/IMG]`, an image request as `[IMG]` (the model regresses the n embeddings).
+The token layout is the release's: `<s>`, then each segment in order, an image as
+`[IMG] <image> x n [/IMG]`, a video as `tokens.video_block`, an image request as `[IMG]` (the model
+regresses the n embeddings). `emu2_chat`, `emu_i_chat` and `generation_inputs` build the
+release's chat and Emu2-Gen prompts; tests/test_prompts.py holds them to its token ids.
 """
 from __future__ import annotations
 
@@ -18,17 +28,37 @@ import dataclasses
 import re
 
 import numpy as np
+from PIL import Image
 
 from emu_jax.data import media
 from emu_jax.models import tokens as tokens_lib
 
 IMAGE_REQUEST = "[IMG]"
-_PLACEHOLDER = re.compile(r"(<image:[^>]+>|<video:[^>]+>|<image>|\[IMG\])")
+_PLACEHOLDER = r"<image:[^>]*>|<video:[^>]*>|<box:[^>]*>|<image>|\[IMG\]"
+# group 1: an escaped placeholder (text); group 2: a placeholder
+_TOKEN = re.compile(rf"\\({_PLACEHOLDER})|({_PLACEHOLDER})")
+_OPEN = re.compile(r"(?<!\\)<(image|video|box):")
+
+# Emu2 (Emu2/emu/constants.py) and Emu-I (Emu1/inference.py) system messages.
+EMU2_SYSTEM = "You are a helpful assistant, dedicated to delivering comprehensive and meticulous responses."
+EMU2_GROUNDING_SYSTEM = "You are a helpful assistant, dedicated to provide concise and efficient answers."
+EMU_I_IMAGE_SYSTEM = ("You will be presented with an image: \\[IMG]ImageContent[/IMG]. You will be able to see the "
+                      "image after I provide it to you. Please answer my questions based on the given image.")
+EMU_I_VIDEO_SYSTEM = ("You are a helpful assistant and you will be presented with a video consisting of multiple "
+                      "chronological images: \\[IMG]ImageContent[/IMG]. You will be able to see the video after I "
+                      "provide it to you. Please answer my questions based on the given video.")
+BOX_CANVAS = 448  # Emu2-Gen's box images: EVA's input size
+BOX_HALF_WIDTH = 2  # the demo's cv2.rectangle(thickness=3) lights the pixels within 2 of the outline
 
 
 @dataclasses.dataclass(frozen=True)
 class ImageInput:
     pixels: np.ndarray  # uint8 [S, S, 3]
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInput:
+    frames: np.ndarray  # uint8 [F, S, S, 3]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,40 +86,109 @@ def load_video(path: str, size: int, frames: int) -> list[np.ndarray]:
         raise PromptError(f"{path}: not a readable video: {e}") from e
 
 
+# ----------------------------------------------------------------------------- boxes
+
+def box_image(x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
+    """Emu2-Gen's box image, uint8 [448, 448, 3]: black, with a white rectangle outline 5 pixels
+    wide with rounded corners, as the demo's `cv2.rectangle(..., (255, 255, 255), 3)` draws it;
+    corners clamped into the canvas and ordered as the demo does."""
+    x1, x2 = sorted(min(BOX_CANVAS, max(0, v)) for v in (x1, x2))
+    y1, y2 = sorted(min(BOX_CANVAS, max(0, v)) for v in (y1, y2))
+    y, x = np.arange(BOX_CANVAS)[:, None], np.arange(BOX_CANVAS)[None, :]
+    along_x, along_y = np.clip(x, x1, x2) - x, np.clip(y, y1, y2) - y  # offsets to the nearest point of each side
+    nearest = np.minimum.reduce([along_x ** 2 + (y - y1) ** 2, along_x ** 2 + (y - y2) ** 2,
+                                 along_y ** 2 + (x - x1) ** 2, along_y ** 2 + (x - x2) ** 2])
+    return np.repeat((nearest <= BOX_HALF_WIDTH ** 2)[..., None] * np.uint8(255), 3, axis=-1)
+
+
+def _box(spec: str, size: int, position: int) -> np.ndarray:
+    try:
+        x1, y1, x2, y2 = (int(v) for v in spec.split(","))
+    except ValueError:
+        raise PromptError(f"prompt position {position}: <box:{spec}> needs four integers X1,Y1,X2,Y2") from None
+    pixels = box_image(x1, y1, x2, y2)
+    return pixels if size == BOX_CANVAS else media.resize(Image.fromarray(pixels), size)
+
+
+def box_text(x1: int, y1: int, x2: int, y2: int) -> str:
+    """A box as Emu2-Chat reads and writes it in grounding mode: `[x1, y1, x2, y2]` in 0-224."""
+    return f"[{x1}, {y1}, {x2}, {y2}]"
+
+
+def boxes_in(text: str) -> list[tuple[int, int, int, int]]:
+    """The `[x1, y1, x2, y2]` boxes of a grounding answer, in order."""
+    return [tuple(map(int, m)) for m in re.findall(r"\[(\d+), (\d+), (\d+), (\d+)\]", text)]
+
+
+# ----------------------------------------------------------------------------- parsing
+
+def _check_closed(text: str, offset: int) -> None:
+    opened = _OPEN.search(text)
+    if opened:
+        raise PromptError(f"prompt position {offset + opened.start()}: <{opened.group(1)}: is never closed with '>'")
+
+
 def parse(prompt: str, image_size: int, images: list[np.ndarray] = (), video_frames: int = 8) -> list:
-    """A prompt string -> segments: str, ImageInput, ImageRequest (in order)."""
-    segments, given = [], list(images)
-    parts = _PLACEHOLDER.split(prompt)
-    for i, part in enumerate(parts):
-        if i % 2 == 0:
-            text = part
-            if i > 0:
-                text = text.lstrip()
-            if i < len(parts) - 1:
-                text = text.rstrip()
-            if text:
-                segments.append(text)
-        elif part == IMAGE_REQUEST:
+    """A prompt string -> segments: str, ImageInput, VideoInput, ImageRequest (in order)."""
+    segments, given, text, end = [], list(images), "", 0
+
+    def flush():
+        nonlocal text
+        if text:
+            segments.append(text)
+        text = ""
+
+    for match in _TOKEN.finditer(prompt):
+        _check_closed(prompt[end:match.start()], end)
+        text += prompt[end:match.start()]
+        end = match.end()
+        if match.group(1):
+            text += match.group(1)
+            continue
+        placeholder = match.group(2)
+        flush()
+        if placeholder == IMAGE_REQUEST:
             segments.append(ImageRequest())
-        elif part == "<image>":
+        elif placeholder == "<image>":
             if not given:
                 raise PromptError(f"the prompt has more <image> placeholders than images given ({len(images)})")
             segments.append(ImageInput(np.asarray(given.pop(0), np.uint8)))
-        elif part.startswith("<image:"):
-            segments.append(ImageInput(load_image(part[7:-1], image_size)))
+        elif placeholder.startswith("<image:"):
+            segments.append(ImageInput(load_image(placeholder[7:-1], image_size)))
+        elif placeholder.startswith("<video:"):
+            segments.append(VideoInput(np.stack(load_video(placeholder[7:-1], image_size, video_frames))))
         else:
-            segments += [ImageInput(f) for f in load_video(part[7:-1], image_size, video_frames)]
+            segments.append(ImageInput(_box(placeholder[5:-1], image_size, match.start())))
+    _check_closed(prompt[end:], end)
+    text += prompt[end:]
+    flush()
     if given:
         raise PromptError(f"{len(given)} image(s) given but the prompt has no <image> placeholder left for them")
     return segments
 
 
-def chat(user: str, system: str = "", history: tuple[tuple[str, str], ...] = ()) -> str:
-    """An instruction-tuned checkpoint's prompt: `{system} [USER]: {user} [ASSISTANT]:`, earlier
-    turns (user, assistant) first, each `[USER]: ... [ASSISTANT]: ...`. Image placeholders may sit
-    in any user message."""
+# ----------------------------------------------------------------------------- the release's prompts
+
+def emu2_chat(messages: list[str], grounding: bool = False) -> str:
+    """Emu2-Chat's prompt (Emu2/emu/chat.py): the system message, then `" [USER]: "` before the
+    first user message, `" [ASSISTANT]: "` before each answer, `"</s>[USER]: "` before each later
+    user message, and `" [ASSISTANT]:"` at the end. Grounding mode has its own system message and
+    ends in `<grounding>` (boxes as text, see `box_text`). `messages` alternate user, assistant,
+    ..., ending with the user's; placeholders may sit in any of them."""
+    if len(messages) % 2 != 1:
+        raise PromptError(f"{len(messages)} messages: they alternate user, assistant, ... and end with the user's")
+    prompt = EMU2_GROUNDING_SYSTEM if grounding else EMU2_SYSTEM
+    for i, message in enumerate(messages):
+        prompt += (" [ASSISTANT]: " if i % 2 else ("</s>[USER]: " if i else " [USER]: ")) + message
+    return prompt + " [ASSISTANT]:" + ("<grounding>" if grounding else "")
+
+
+def emu_i_chat(user: str, system: str = "", history: tuple[tuple[str, str], ...] = ()) -> str:
+    """Emu-I's prompt (Emu1/inference.py): `{system} [USER]: {user} [ASSISTANT]:`, stripped;
+    earlier turns (user, assistant), our extension, come first as `[USER]: ... [ASSISTANT]: ...`.
+    System messages: EMU_I_IMAGE_SYSTEM, EMU_I_VIDEO_SYSTEM."""
     turns = [f"[USER]: {u} [ASSISTANT]: {a}" for u, a in history] + [f"[USER]: {user} [ASSISTANT]:"]
-    return " ".join(([system] if system else []) + turns)
+    return f"{system} {' '.join(turns)}".strip()
 
 
 def few_shot(demonstrations, query: np.ndarray, query_text: str = "") -> list:
@@ -101,6 +200,8 @@ def few_shot(demonstrations, query: np.ndarray, query_text: str = "") -> list:
     segments.append(ImageInput(np.asarray(query, np.uint8)))
     return segments + ([query_text] if query_text else [])
 
+
+# ----------------------------------------------------------------------------- token ids
 
 def split_at_requests(segments: list) -> list[list]:
     """Segments -> chunks, each ending at an image request (the last chunk may end in text)."""
@@ -115,8 +216,9 @@ def split_at_requests(segments: list) -> list[list]:
     return chunks
 
 
-def encode(segments: list, tokenizer, special, visual_tokens: int, bos: bool = True) -> tuple[list[int], list]:
-    """Segments -> (token ids, images in order)."""
+def encode(segments: list, tokenizer, special, visual_tokens: int, frame_tokens: int,
+           bos: bool = True) -> tuple[list[int], list]:
+    """Segments -> (token ids, images in block order: a video's frames one by one)."""
     ids, images = ([tokenizer.bos_id] if bos else []), []
     for segment in segments:
         if isinstance(segment, str):
@@ -124,9 +226,39 @@ def encode(segments: list, tokenizer, special, visual_tokens: int, bos: bool = T
         elif isinstance(segment, ImageInput):
             ids += tokens_lib.image_block(special, visual_tokens)
             images.append(segment.pixels)
+        elif isinstance(segment, VideoInput):
+            ids += tokens_lib.video_block(special, frame_tokens, len(segment.frames))
+            images += list(segment.frames)
         else:
             ids.append(special["img"])
     return ids, images
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationInputs:
+    """What Emu2-Gen's pipeline (Emu2/emu/diffusion.py) feeds its multimodal encoder."""
+    autoencode: bool  # an image alone: its pooled EVA features condition the decoder, no LLM
+    ids: list[int]  # otherwise: the prompt through the [IMG] whose n embeddings are regressed
+    images: list  # uint8 [S, S, 3] in block order (autoencoding: the one image)
+
+
+def generation_inputs(segments: list, tokenizer, special, visual_tokens: int) -> GenerationInputs:
+    """An Emu2-Gen prompt (text, images, `<box:...>` images; `<grounding>`, `<phrase>`,
+    `<object>` as text) -> GenerationInputs. The request is implicit (a trailing [IMG] is
+    allowed). Classifier-free guidance contrasts with `generation_inputs([], ...)` (ids `<s> [IMG]`)
+    or, when autoencoding, with an image of zeros after EVA's normalisation (the mean colour)."""
+    if segments and isinstance(segments[-1], ImageRequest):
+        segments = segments[:-1]
+    for segment in segments:
+        if isinstance(segment, (ImageRequest, VideoInput)):
+            raise PromptError(f"an Emu2-Gen prompt holds text and images only, not {type(segment).__name__}")
+    images = [s.pixels for s in segments if isinstance(s, ImageInput)]
+    if images and len(images) == len(segments):
+        if len(images) > 1:
+            raise PromptError(f"an image alone is autoencoded, and only one: the prompt has {len(images)} and no text")
+        return GenerationInputs(True, [], images)
+    ids, images = encode(segments + [ImageRequest()], tokenizer, special, visual_tokens, visual_tokens)
+    return GenerationInputs(False, ids, images)
 
 
 def left_pad(rows: list[list[int]], row_images: list[list], image_size: int, pad_id: int) -> dict:

@@ -3,6 +3,8 @@
     ViT tokens [N, 1 + G*G, 1792] -> drop CLS -> [G, G] grid -> average-pool to n x n (8 x 8; the
     chat variant 16 x 16) -> row-major flatten -> regression targets [N, n*n, 1792]
                                                 -> project_up (no bias) -> LLM inputs [N, n*n, 6656]
+    a video frame: the same, pooled to the video grid (8 x 8 in both variants: the release's
+    `v_query` 64) -> LLM inputs at the frame's [gIMG] positions
     LLM hidden states -> project_down (no bias) -> regressed EVA-space embeddings [.., 1792],
     fed back to the LLM through project_up.
 
@@ -33,12 +35,17 @@ class PooledConnector(nn.Module):
     vision_width: int
     llm_hidden: int
     pool_grid: int = 8
+    video_pool_grid: int = 8
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
     @property
     def num_visual_tokens(self) -> int:
         return self.pool_grid ** 2
+
+    @property
+    def num_frame_tokens(self) -> int:
+        return self.video_pool_grid ** 2
 
     @property
     def target_width(self) -> int:
@@ -53,6 +60,10 @@ class PooledConnector(nn.Module):
         """ViT tokens -> (LLM input embeddings, regression targets in EVA space)."""
         pooled = pool_patch_grid(vit_tokens, self.pool_grid)
         return self.project_up(pooled), pooled
+
+    def encode_frames(self, vit_tokens):
+        """ViT tokens of video frames -> their LLM input embeddings (pooled to the video grid)."""
+        return self.project_up(pool_patch_grid(vit_tokens, self.video_pool_grid))
 
     def regress(self, hidden):
         return self.project_down(hidden)

@@ -6,8 +6,9 @@
                   -> llm (causal, packed by segment ids) -> final-normed hidden states
                   -> llm.logits (next text token)   and   connector.regress (next visual embedding)
 
-Each image (or video frame) is one block `[IMG] <image> x n [/IMG]` in `tokens` and one slot in
-`images`, in the same order. The regression target of position t is the visual target of
+Each image is one block `[IMG] <image> x n [/IMG]` in `tokens` and one slot in `images`, in the
+same order; an Emu2 video frame is one block `[IMG] [gIMG] x m [/IMG]` and one slot, its m
+embeddings pooled to the connector's video grid (see `emu_jax.models.tokens`). The regression target of position t is the visual target of
 position t + 1 when that position is an `<image>`, so predictions at `[IMG]` and at every
 `<image>` but a block's last are scored (the loss applies the masks; see `emu_jax.models.tokens`).
 """
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 from emu_jax.models.causal_former import CausalFormerConnector
 from emu_jax.models.connector import PooledConnector
 from emu_jax.models.eva_vit import EvaVit
+from emu_jax.models import tokens as tokens_lib
 from emu_jax.models.llama import Llama
 
 CONNECTORS = {"causal_former": CausalFormerConnector, "pooled": PooledConnector}
@@ -35,42 +37,75 @@ class EmuOutput(NamedTuple):
     cache: Any  # updated KV cache, or None
 
 
-def splice_rows(base: jax.Array, is_slot: jax.Array, rows: jax.Array) -> jax.Array:
-    """Writes rows[b, k] at the k-th True position of is_slot[b] (row order); elsewhere keeps base.
-    base [B, T, D], is_slot bool [B, T], rows [B, K, D]. Extra slots beyond K repeat row K - 1."""
-    rank = jnp.clip(jnp.cumsum(is_slot, axis=1) - 1, 0, max(rows.shape[1] - 1, 0))
-    gathered = jnp.take_along_axis(rows, rank[..., None], axis=1)
-    return jnp.where(is_slot[..., None], gathered.astype(base.dtype), base)
+def block_offsets(tokens: jax.Array, start_id: int) -> tuple[jax.Array, jax.Array]:
+    """For each position of tokens [B, T]: (index of the image block it is in, counting the
+    `[IMG]`s up to it from 0; its offset after that block's `[IMG]`)."""
+    is_start = tokens == start_id
+    block = jnp.cumsum(is_start, axis=1) - 1
+    t = jnp.arange(tokens.shape[1])
+    start = jax.lax.cummax(jnp.where(is_start, t, -1), axis=1)
+    return block, t - start - 1
+
+
+def splice_blocks(base: jax.Array, is_slot: jax.Array, block: jax.Array, offset: jax.Array,
+                  rows: jax.Array) -> jax.Array:
+    """Writes rows[b, k, j] at the slots (is_slot[b, t]) of block k at offset j (see
+    `block_offsets`); elsewhere keeps base. base [B, T, D], rows [B, N, n, D]. A slot token
+    outside the first n positions of one of the N blocks (text that happens to hold `[gIMG]` or
+    `<image>`, e.g. a sampled one) keeps its token embedding."""
+    b, n_blocks, n, width = rows.shape
+    inside = (block >= 0) & (block < n_blocks) & (offset >= 0) & (offset < n)
+    index = jnp.clip(block, 0, n_blocks - 1) * n + jnp.clip(offset, 0, n - 1)
+    gathered = jnp.take_along_axis(rows.reshape(b, n_blocks * n, width), index[..., None], axis=1)
+    return jnp.where((is_slot & inside)[..., None], gathered.astype(base.dtype), base)
 
 
 class Emu(nn.Module):
     vit: EvaVit
     connector: nn.Module  # one of CONNECTORS
     llm: Llama
-    image_token_id: int
+    image_token_id: int  # <image>
+    block_start_id: int  # [IMG]
+    frame_token_id: int = -1  # [gIMG] of Emu2's video frames; -1: frames are images (Emu1)
 
     @property
     def visual_tokens_per_image(self) -> int:
         return self.connector.num_visual_tokens
 
+    @property
+    def visual_tokens_per_frame(self) -> int:
+        return self.connector.num_frame_tokens if self.frame_token_id >= 0 else self.visual_tokens_per_image
+
+    def _vit(self, images: jax.Array) -> jax.Array:
+        return self.vit(images.reshape((-1,) + images.shape[2:]))
+
     def encode_images(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
         """[B, N, H, W, 3] -> (LLM inputs [B, N*n, D_llm], regression targets [B, N*n, D_target])."""
         b, n = images.shape[:2]
-        inputs, targets = self.connector.encode(self.vit(images.reshape((b * n,) + images.shape[2:])))
+        inputs, targets = self.connector.encode(self._vit(images))
         flat = lambda x: x.reshape(b, n * x.shape[1], x.shape[2])  # noqa: E731
         return flat(inputs), flat(targets)
 
     def embed(self, tokens: jax.Array, images: jax.Array | None) -> tuple[jax.Array, jax.Array]:
-        """Input embeddings with visual inputs spliced in, and the per-position regression
-        targets (the NEXT position's visual target, stop-gradient)."""
+        """Input embeddings with visual inputs spliced in (an image's at its `<image>`s, a video
+        frame's at its `[gIMG]`s), and the per-position regression targets (the NEXT position's
+        visual target, stop-gradient; images only: frames are never regressed)."""
         embeddings = self.llm.embed(tokens)
         target_shape = tokens.shape + (self.connector.target_width,)
         if images is None or images.shape[1] == 0:
             return embeddings, jnp.zeros(target_shape, embeddings.dtype)
-        visual_inputs, visual_targets = self.encode_images(images)
+        b, n = images.shape[:2]
+        per_slot = lambda x: x.reshape((b, n) + x.shape[1:])  # noqa: E731
+        vit_tokens = self._vit(images)
+        visual_inputs, visual_targets = self.connector.encode(vit_tokens)
+        block, offset = block_offsets(tokens, self.block_start_id)
         is_image = tokens == self.image_token_id
-        embeddings = splice_rows(embeddings, is_image, visual_inputs)
-        targets = splice_rows(jnp.zeros(target_shape, visual_targets.dtype), is_image, visual_targets)
+        embeddings = splice_blocks(embeddings, is_image, block, offset, per_slot(visual_inputs))
+        targets = splice_blocks(jnp.zeros(target_shape, visual_targets.dtype), is_image, block, offset,
+                                per_slot(visual_targets))
+        if self.frame_token_id >= 0:
+            frames = per_slot(self.connector.encode_frames(vit_tokens))
+            embeddings = splice_blocks(embeddings, tokens == self.frame_token_id, block, offset, frames)
         targets = jnp.concatenate([targets[:, 1:], jnp.zeros_like(targets[:, :1])], axis=1)
         return embeddings, jax.lax.stop_gradient(targets)
 
@@ -104,7 +139,10 @@ def build_model(model_config) -> Emu:
     connector = connector_cls(vision_width=vit.width, llm_hidden=model_config.llm.hidden,
                               **_fields_of(connector_cls, {**connector_config, **common}), parent=None)
     llm = Llama(**model_config.llm.to_dict(), **common, parent=None)
-    return Emu(vit, connector, llm, image_token_id=model_config.tokens.image)
+    special = model_config.tokens
+    frame_token_id = special["gimg"] if tokens_lib.has_video_layout(special) else -1
+    return Emu(vit, connector, llm, image_token_id=special["image"], block_start_id=special["img"],
+               frame_token_id=frame_token_id)
 
 
 def example_inputs(model: Emu, batch: int = 1, images_per_row: int = 1) -> dict[str, jax.ShapeDtypeStruct]:
