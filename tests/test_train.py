@@ -14,7 +14,7 @@ import pytest
 from absl import flags
 from conftest import ROOT, load_config
 
-from emu_jax.data import digits, pipeline
+from emu_jax.data import pipeline
 from emu_jax.parallel import mesh as mesh_lib
 from emu_jax.train import trainer
 from emu_jax.train.checkpoint import Checkpointer, abstract_with_shardings
@@ -25,10 +25,8 @@ flags.FLAGS.mark_as_parsed()
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("datasets"))
-    digits.build(path)
-    return path
+def data_dir(digits_world):
+    return digits_world
 
 
 def config_for(data_dir, **train):
@@ -260,22 +258,35 @@ def test_run_killed_with_sigkill_resumes_bit_identical(tmp_path, data_dir):
 
 @pytest.mark.slow
 def test_two_processes_on_loopback_match_one_process(tmp_path, data_dir):
+    """Losses, held-out loss, periodic samples and the final evaluation of a run over two processes
+    (one device each, gloo) equal one process's over two devices. Sampling and evaluation read
+    parameters that span both processes, so both must take part (process 0 alone crashed)."""
     import portpicker
     common = ["--config.train.steps=4", "--config.train.log_every=1", "--config.data.pack=False",
-              "--config.data.packing_bins=1", "--config.data.worker_count=0"]
-    single_env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}
-    single = cli(tmp_path / "single", data_dir, *common, env=single_env)
+              "--config.data.packing_bins=1", "--config.data.worker_count=0", "--config.train.eval_every=2",
+              "--config.train.eval_batches=1", "--config.train.sample_every=2", "--config.train.sample_count=2",
+              "--config.train.final_eval=digit_captions", "--config.train.final_eval_count=8"]
+    single = cli(tmp_path / "single", data_dir, *common, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert single.wait(timeout=600) == 0, single.stderr.read()
     port = portpicker.pick_unused_port()
     procs = [cli(tmp_path / "multi", data_dir, *common, f"--config.distributed.coordinator=127.0.0.1:{port}",
                  "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-                 "--config.distributed.cpu_collectives=gloo", env=single_env) for i in range(2)]
+                 "--config.distributed.cpu_collectives=gloo",
+                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}) for i in range(2)]
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read()
-    read = lambda d: [json.loads(line)["loss"] for line in open(d / "metrics.jsonl") if '"loss"' in line]  # noqa: E731
-    single_losses, multi_losses = read(tmp_path / "single"), read(tmp_path / "multi")
-    assert len(single_losses) == 4
-    np.testing.assert_allclose(multi_losses, single_losses, rtol=1e-5)
+
+    def logged(workdir):
+        rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+        return {key: [r[key] for r in rows if key in r] for key in
+                ("loss", "eval/loss", "held_out_caption_0", "held_out_captions", "eval/held_out_caption_accuracy")}
+    single_log, multi_log = logged(tmp_path / "single"), logged(tmp_path / "multi")
+    assert len(single_log["loss"]) == 4 and len(single_log["eval/loss"]) == 2
+    assert len(single_log["held_out_caption_0"]) == 2 and len(single_log["eval/held_out_caption_accuracy"]) == 1
+    for key in ("loss", "eval/loss", "eval/held_out_caption_accuracy"):
+        np.testing.assert_allclose(multi_log[key], single_log[key], rtol=1e-5, err_msg=key)
+    for key in ("held_out_caption_0", "held_out_captions"):
+        assert multi_log[key] == single_log[key], key
 
 
 def test_restoring_a_parameter_the_checkpoint_lacks_names_it(tmp_path):

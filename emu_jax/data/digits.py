@@ -17,6 +17,7 @@ the TFDS dataset (array_record) and a sentencepiece model trained on its text:
 """
 from __future__ import annotations
 
+import fcntl
 import functools
 import os
 
@@ -161,11 +162,16 @@ def build(data_dir: str, vocab_size: int = 512) -> str:
     data_dir = os.path.expanduser(data_dir)
     dataset_dir = os.path.join(data_dir, "digits_world", VERSION)
     tokenizer_path = os.path.join(dataset_dir, "tokenizer.model")
-    if not os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
-        _builder_class()(data_dir=data_dir, file_format="array_record").download_and_prepare()
-    if not os.path.exists(tokenizer_path):
-        train_sentencepiece(corpus("train"), tokenizer_path + ".tmp", vocab_size)
-        os.replace(tokenizer_path + ".tmp", tokenizer_path)
+    os.makedirs(data_dir, exist_ok=True)
+    # Every process of a multi-process run on one host builds into the same directory: an exclusive
+    # lock (released by the kernel if its holder dies) lets the first build and the rest find it done.
+    with open(os.path.join(data_dir, ".digits_world.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.exists(os.path.join(dataset_dir, "dataset_info.json")):
+            _builder_class()(data_dir=data_dir, file_format="array_record").download_and_prepare()
+        if not os.path.exists(tokenizer_path):
+            train_sentencepiece(corpus("train"), tokenizer_path + ".tmp", vocab_size)
+            os.replace(tokenizer_path + ".tmp", tokenizer_path)
     return dataset_dir
 
 

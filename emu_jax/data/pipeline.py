@@ -315,9 +315,11 @@ def make_image_dataset(data_config, image_size: int, *, split: str = "train", pr
 
 
 def to_global(batch: dict, mesh, batch_axes=("data", "fsdp")) -> dict:
-    """This process's rows -> global `jax.Array`s sharded over the mesh's batch axes."""
+    """This process's rows -> global `jax.Array`s sharded over the mesh's batch axes. The rows are
+    copied out of the data workers' shared memory (on the CPU a device array may alias a host buffer,
+    which would keep the worker's block alive past the step and, for the last batch, past exit)."""
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(batch_axes))
-    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), batch)
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(sharding, np.array(x)), batch)
 
 
 def model_inputs(batch: dict) -> dict:

@@ -17,6 +17,7 @@ from emu_jax.data.digits import NAMES
 from emu_jax.data.tokenizer import Tokenizer
 from emu_jax.generate import decoding
 from emu_jax.models import tokens as tokens_lib
+from emu_jax.parallel import mesh as mesh_lib
 
 
 def held_out_images(data_config, image_size: int, count: int, require_meta: str = "") -> list[tuple[np.ndarray, dict]]:
@@ -45,7 +46,8 @@ def held_out_images(data_config, image_size: int, count: int, require_meta: str 
 
 def generate_captions(model, params, tokenizer: Tokenizer, special, images: np.ndarray, *, max_new_tokens: int = 12,
                       batch_size: int = 64) -> list[str]:
-    """Greedy captions for uint8 images [N, S, S, 3]."""
+    """Greedy captions for uint8 images [N, S, S, 3]. In a multi-process run every process calls
+    this with the same images (the parameters may span all processes' devices) and gets all captions."""
     prompt = [tokenizer.bos_id] + tokens_lib.image_block(special, model.visual_tokens_per_image)
     settings = decoding.TextSettings(max_new_tokens=max_new_tokens, stop_ids=(tokenizer.eos_id,))
     captions = []
@@ -55,7 +57,8 @@ def generate_captions(model, params, tokenizer: Tokenizer, special, images: np.n
         state = decoding.start(model, len(chunk), len(prompt) + max_new_tokens)
         state = decoding.feed(model, params, state, tokens, np.ones_like(tokens), media.normalize(chunk[:, None]))
         out, lengths, _ = decoding.decode_text(model, params, state, jax.random.key(0), settings)
-        captions += [tokenizer.decode(row[:n]) for row, n in zip(np.asarray(out), np.asarray(lengths))]
+        out, lengths = mesh_lib.to_host((out, lengths))
+        captions += [tokenizer.decode(row[:n]) for row, n in zip(out, lengths)]
     return captions
 
 

@@ -17,35 +17,42 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
+class MeshError(ValueError):
+    """A mesh or batch the devices cannot take."""
+
+
 def maybe_initialize_distributed(config) -> None:
     """Joins a multi-process run when the config or the environment asks for one.
 
     config.distributed: coordinator ("host:port"), num_processes, process_id; or `auto`, or (left
     empty) a known cluster environment (JAX_COORDINATOR_ADDRESS, SLURM, TPU worker hostnames): then
-    JAX's own cluster detection fills in the coordinator and this process's place."""
+    JAX's own cluster detection fills in the coordinator and this process's place. A process whose
+    peer stops answering for `heartbeat_timeout_seconds` ends with JAX's error naming the dead task."""
     d = config.get("distributed")
+    heartbeat = {"heartbeat_timeout_seconds": (d or {}).get("heartbeat_timeout_seconds", 100)}
     if d is not None and d.coordinator:
         if d.get("cpu_collectives"):
             jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
-        jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id)
+        jax.distributed.initialize(d.coordinator, num_processes=d.num_processes, process_id=d.process_id,
+                                   **heartbeat)
     elif (d is not None and d.get("auto")) or any(
             k in os.environ for k in ("JAX_COORDINATOR_ADDRESS", "SLURM_JOB_ID", "TPU_WORKER_HOSTNAMES")):
-        jax.distributed.initialize()
+        jax.distributed.initialize(**heartbeat)
 
 
 def mesh_shape(mesh_config, device_count: int) -> tuple[int, ...]:
     """Axis sizes with at most one -1 filled in; a clear error when they do not match the devices."""
     sizes = [int(mesh_config[a]) for a in MESH_AXES]
     if sizes.count(-1) > 1:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
+        raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))}: at most one axis may be -1")
     known = math.prod(s for s in sizes if s != -1)
     if -1 in sizes:
         if device_count % known:
-            raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} cannot fill {device_count} devices: "
+            raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))} cannot fill {device_count} devices: "
                              f"{device_count} is not a multiple of {known}")
         sizes[sizes.index(-1)] = device_count // known
     if math.prod(sizes) != device_count:
-        raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
+        raise MeshError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, "
                          f"but {device_count} are available")
     return tuple(sizes)
 
@@ -74,7 +81,7 @@ def check_batch(global_batch: int, mesh: Mesh, accum_steps: int = 1) -> None:
     """Every micro-batch must split evenly over the batch axes."""
     divisor = batch_divisor(mesh)
     if global_batch % accum_steps or (global_batch // accum_steps) % divisor:
-        raise ValueError(f"global batch {global_batch} with {accum_steps} accumulation step(s) gives micro-batches "
+        raise MeshError(f"global batch {global_batch} with {accum_steps} accumulation step(s) gives micro-batches "
                          f"of {global_batch / accum_steps:g} rows, which do not divide over the mesh's batch axes "
                          f"(data x fsdp = {divisor})")
 
@@ -97,6 +104,19 @@ def strip_boxes(boxed_tree):
     (`nn.unbox` constrains, which abstract values outside jit cannot take)."""
     is_box = lambda x: isinstance(x, nn.LogicallyPartitioned)  # noqa: E731
     return jax.tree.map(lambda x: x.value if is_box(x) else x, boxed_tree, is_leaf=is_box)
+
+
+def to_host(tree):
+    """Device arrays -> numpy arrays holding the whole value, on every process. A process reads only
+    its own devices' shards, so an array sharded over other processes' devices is all-gathered first:
+    every process of a multi-process run must call this at the same point, as any collective."""
+    from jax.experimental import multihost_utils
+
+    def fetch(x):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable and not x.is_fully_replicated:
+            return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+        return np.asarray(x)
+    return jax.tree.map(fetch, tree)
 
 
 def abstract_model(model, inputs, mesh: Mesh, rules):

@@ -4,11 +4,13 @@ Trains (or resumes) what the config describes (`config.task`: the Emu model, or 
 visual decoder). On the embedded digits world the Emu run ends by printing `held-out caption
 accuracy: <fraction>`, a decoder stage `held-out recognisability: <fraction>`.
 """
+import sys
+
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from emu_jax import xla_flags
-from emu_jax.train.trainer import train
+from emu_jax.train.trainer import RUN_ERRORS, train
 
 config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/tiny.py.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
@@ -19,7 +21,13 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
     xla_flags.apply_defaults(flags.FLAGS.config.get("task", "emu"))  # JAX's backend starts later, in train()
-    result = train(flags.FLAGS.config, flags.FLAGS.workdir)
+    try:
+        result = train(flags.FLAGS.config, flags.FLAGS.workdir)
+    except RUN_ERRORS as e:  # what a user did or the run met, said in one line (no traceback)
+        sys.exit(f"error: {e}")
+    if result["skipped_updates"]:
+        print(f"skipped {result['skipped_updates']} non-finite update(s) (see data/ and skipped_updates in "
+              f"metrics.jsonl)")
     if "held_out_caption_accuracy" in result:
         print(f"held-out caption accuracy: {result['held_out_caption_accuracy']:.4f}")
     if "recognisability" in result:

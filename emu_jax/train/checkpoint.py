@@ -12,7 +12,9 @@ targets with shardings, so a checkpoint restores onto any mesh shape.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -29,6 +31,19 @@ def use_array_handler() -> None:
     ocp.type_handlers.register_type_handler(
         jax.Array, ocp.type_handlers.ArrayHandler(min_slice_bytes_for_replica_parallel=MIN_REPLICA_SLICE_BYTES),
         override=True)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written; the run stops with the steps that were kept."""
+
+
+def _cause(error: BaseException) -> str:
+    """The line that says why a write failed (Orbax wraps the OS error in several layers)."""
+    text = str(error)
+    for marker in ("No space left on device", "Permission denied", "Read-only file system", "Disk quota exceeded"):
+        if marker in text:
+            return marker
+    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def abstract_with_shardings(tree, shardings):
@@ -57,7 +72,8 @@ class Checkpointer:
                      meta=ocp.args.JsonSave(meta), data=grain.checkpoint.CheckpointSave(data_iterator))
         if state.ema is not None:
             items["ema"] = ocp.args.PyTreeSave(state.ema)
-        return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
+        with self._failed_writes():  # an earlier asynchronous save's failure surfaces here
+            return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
     def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator, abstract_ema=None):
         """(params, opt_state, ema or None, meta); the data iterator is restored in place."""
@@ -70,7 +86,25 @@ class Checkpointer:
         return restored.params, restored.opt_state, restored.get("ema"), restored.meta
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with self._failed_writes():
+            self.manager.wait_until_finished()
+
+    @contextlib.contextmanager
+    def _failed_writes(self):
+        """A save that failed (a full disk, a lost mount) -> one `CheckpointWriteError` naming the
+        directory, the cause and the steps kept; the unfinished step's temporary directory is removed
+        (it was never committed, so no reader would pick it, but it holds the space)."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - Orbax re-raises its writer threads' errors in many types
+            directory = str(self.manager.directory)
+            for name in os.listdir(directory):
+                if ".orbax-checkpoint-tmp" in name and jax.process_index() == 0:
+                    shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+            self.manager.reload()
+            kept = self.manager.all_steps()
+            raise CheckpointWriteError(f"writing a checkpoint to {directory} failed: {_cause(e)}; the unfinished "
+                                       f"step was removed; finished steps kept: {kept or 'none'}") from e
 
     def close(self) -> None:
         self.manager.close()

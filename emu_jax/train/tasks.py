@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emu_jax.data import pipeline
+from emu_jax.parallel import mesh as mesh_lib
 from emu_jax.train import flops as flops_lib
 
 
@@ -156,8 +157,8 @@ class _DecoderTask:
         from emu_jax.eval import image_grid
         images, _ = self._held_out(self.config.train.sample_count)
         grid = image_grid.grid([images, self.reconstruct(params, images)])
-        path = os.path.join(workdir, "samples", f"{self.name}_{step:07d}.png")
-        image_grid.save_png(grid, path)
+        if writer.enabled:  # the process that writes (every process computes the samples)
+            image_grid.save_png(grid, os.path.join(workdir, "samples", f"{self.name}_{step:07d}.png"))
         writer.image(step, f"{self.name}/samples", grid)
 
     def final_eval(self, params, step, writer) -> dict:
@@ -195,7 +196,7 @@ class VaeTask(_DecoderTask):
         return total, {"loss": total, "reconstruction_loss": reconstruction_loss, "kl_loss": kl}
 
     def reconstruct(self, params, images):
-        return np.asarray(self._reconstruct(params, jnp.asarray(images)))
+        return mesh_lib.to_host(self._reconstruct(params, jnp.asarray(images)))
 
     @functools.cached_property
     def _reconstruct(self):
@@ -254,7 +255,7 @@ class DiffusionTask(_DecoderTask):
     def reconstruct(self, params, images):
         """Autoencoding through diffusion: encoder embedding -> sampled latents -> pixels."""
         context = self._condition(params, jnp.asarray(images))
-        return np.asarray(self.generate(params, context, jax.random.key(self.config.seed)))
+        return mesh_lib.to_host(self.generate(params, context, jax.random.key(self.config.seed)))
 
     @functools.cached_property
     def _condition(self):

@@ -9,6 +9,7 @@ state, data-iterator position), so a preempted or killed run continues exactly.
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import os
 import signal
 import time
@@ -19,16 +20,68 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from absl import logging
 from tqdm import tqdm
 
 from emu_jax.data import pipeline
 from emu_jax.parallel import mesh as mesh_lib
 from emu_jax.train import flops as flops_lib
-from emu_jax.train.checkpoint import Checkpointer, abstract_with_shardings, restore_params
+from emu_jax.train.checkpoint import Checkpointer, CheckpointWriteError, abstract_with_shardings, restore_params
 from emu_jax.train.metrics import MetricsWriter
 from emu_jax.train.optimizer import make_optimizer
 from emu_jax.train.step import TrainState, make_eval_step, make_train_step
 from emu_jax.train.tasks import make_task
+
+
+class WorkdirBusy(RuntimeError):
+    """Another training run holds the workdir."""
+
+
+def lock_workdir(workdir: str):
+    """One run per workdir: two runs in one directory would interleave metrics and checkpoints.
+    Each process of a run locks its own file (the processes of one run share the workdir); the
+    kernel releases a lock when its holder dies, so a killed run leaves nothing stale. Returns the
+    open lock file (closing it releases the lock)."""
+    path = os.path.join(workdir, f".lock.process_{jax.process_index()}")
+    handle = open(path, "w")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise WorkdirBusy(f"workdir {workdir} is in use by another training run (its process "
+                          f"{jax.process_index()} holds {path}); give this run its own --workdir") from None
+    except OSError as e:  # a filesystem without locks (some network mounts): run unguarded
+        logging.warning("cannot lock %s (%s): nothing stops a second run in the same workdir", path, e)
+    return handle
+
+
+class SkipGuard:
+    """`nonfinite="skip"` drops non-finite updates; this halts a run that keeps doing so (more than
+    `max_total` in all, or more than `max_consecutive` in a row; 0 turns a cap off), naming the step,
+    instead of a run that "finishes" having learnt nothing."""
+
+    def __init__(self, max_total: int, max_consecutive: int):
+        self.max_total, self.max_consecutive = max_total, max_consecutive
+        self.total = self.consecutive = 0
+
+    def record(self, step: int, finite: bool) -> None:
+        self.consecutive = 0 if finite else self.consecutive + 1
+        self.total += not finite
+        if self.max_consecutive and self.consecutive > self.max_consecutive:
+            why = f"{self.consecutive} consecutive updates (steps {step - self.consecutive + 1}-{step})"
+        elif self.max_total and self.total > self.max_total:
+            why = f"{self.total} updates in this run"
+        else:
+            return
+        raise FloatingPointError(f"non-finite loss or gradients at step {step}: {why} skipped, over the cap "
+                                 f"(train.max_consecutive_skipped={self.max_consecutive}, "
+                                 f"train.max_skipped_updates={self.max_total}); the latest checkpoint holds the "
+                                 f"last good state")
+
+
+# Errors that end a run with one line (the CLI prints them without a traceback): a busy workdir,
+# a mesh or batch the devices cannot take, a run that keeps producing non-finite updates, a full disk.
+RUN_ERRORS = (WorkdirBusy, FloatingPointError, mesh_lib.MeshError, CheckpointWriteError)
 
 
 class Preemption:
@@ -90,6 +143,19 @@ def held_out_loss(eval_step, params, task, mesh, batches: int) -> dict:
     return {f"eval/{k}": v / max(count, 1) for k, v in totals.items()}
 
 
+def window_summary(window: list[dict], seconds: float, metric_keys, mfu: float | None) -> dict:
+    """The logged scalars of a window of steps' metrics (host values); `seconds` per step."""
+    summary = {k: float(np.mean([m[k] for m in window])) for k in tuple(metric_keys) + ("grad_norm", "learning_rate")}
+    summary.update({"tokens_per_s": sum(m["tokens"] for m in window) / seconds / len(window),
+                    "images_per_s": sum(m["images"] for m in window) / seconds / len(window),
+                    "step_time_s": seconds})
+    if mfu is not None:
+        summary["mfu"] = mfu
+    events = np.sum([m["events"] for m in window], axis=0)
+    summary.update({f"data/{name}": float(n) for name, n in zip(pipeline.EVENTS, events)})
+    return summary
+
+
 @dataclasses.dataclass(frozen=True)
 class Setup:
     """What the train step is built from, for one config on one mesh: the task, the optimizer, and
@@ -137,16 +203,16 @@ def abstract_state(setup: Setup) -> TrainState:
 
 def train(config, workdir: str) -> dict:
     tc = config.train
-    # ---------------------------------------------------------------- start-up
+    # ---------------------------------------------------------------- start-up and mesh
     mesh_lib.maybe_initialize_distributed(config)
     is_main = jax.process_index() == 0
+    mesh = mesh_lib.make_mesh(config.mesh)  # checked before the workdir is touched
+    mesh_lib.check_batch(config.data.global_batch_size, mesh, tc.grad_accum_steps)
     os.makedirs(workdir, exist_ok=True)
+    workdir_lock = lock_workdir(workdir)
     writer = MetricsWriter(workdir, enabled=is_main)
     preemption = Preemption()
-
-    # ---------------------------------------------------------------- mesh
-    mesh = mesh_lib.make_mesh(config.mesh)
-    mesh_lib.check_batch(config.data.global_batch_size, mesh, tc.grad_accum_steps)
+    skips = SkipGuard(tc.max_skipped_updates, tc.max_consecutive_skipped)
     rules = config.mesh.rules
     batch_sharding, replicated = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
 
@@ -191,45 +257,43 @@ def train(config, workdir: str) -> dict:
         # ------------------------------------------------------------ loop
         progress = tqdm(total=tc.steps, initial=latest, disable=not is_main, desc="train", unit="step")
         window, window_start = [], time.perf_counter()
-        for step in range(latest + 1, tc.steps + 1):
-            batch = pipeline.to_global(next(train_iter), mesh)
-            state, metrics = train_step(state, batch)
-            if tc.nonfinite == "halt" and not bool(metrics["finite"]):
-                raise FloatingPointError(f"non-finite loss or gradients at step {step}; the update was dropped and "
-                                         f"nothing from this step is checkpointed")
-            window.append(metrics)
-            if step % tc.log_every == 0 or step == tc.steps:
-                window = jax.device_get(window)
-                seconds = (time.perf_counter() - window_start) / len(window)
-                summary = {k: float(np.mean([m[k] for m in window])) for k in
-                           task.metric_keys + ("grad_norm", "learning_rate")}
-                summary.update({"tokens_per_s": sum(m["tokens"] for m in window) / seconds / len(window),
-                                "images_per_s": sum(m["images"] for m in window) / seconds / len(window),
-                                "step_time_s": seconds,
-                                "skipped_updates": float(jax.device_get(state.skipped_updates))})
-                if step_flops:
-                    summary["mfu"] = step_flops / seconds / peak
-                events = np.sum([m["events"] for m in window], axis=0)
-                summary.update({f"data/{name}": float(n) for name, n in zip(pipeline.EVENTS, events)})
-                writer.scalars(step, summary)
-                progress.set_postfix(loss=f"{summary['loss']:.3f}")
-                window, window_start = [], time.perf_counter()
-            if tc.eval_every and step % tc.eval_every == 0:
-                writer.scalars(step, held_out_loss(eval_step, state.params, task, mesh, tc.eval_batches))
-            if tc.sample_every and step % tc.sample_every == 0 and is_main:
-                task.samples(step, eval_params(), workdir, writer)
-            checkpointer.save(step, state, train_iter, {"skipped_updates": int(state.skipped_updates)},
-                              force=step == tc.steps or preemption.requested)
-            progress.update(1)
-            if preemption.requested:
-                break
-        progress.close()
+        try:
+            for step in range(latest + 1, tc.steps + 1):
+                batch = pipeline.to_global(next(train_iter), mesh)
+                state, metrics = train_step(state, batch)
+                finite = bool(metrics["finite"])
+                if tc.nonfinite == "halt" and not finite:
+                    raise FloatingPointError(f"non-finite loss or gradients at step {step}; the update was dropped "
+                                             f"and nothing from this step is checkpointed")
+                skips.record(step, finite)
+                window.append(metrics)
+                if step % tc.log_every == 0 or step == tc.steps:
+                    seconds = (time.perf_counter() - window_start) / len(window)
+                    summary = window_summary(jax.device_get(window), seconds, task.metric_keys,
+                                             step_flops / seconds / peak if step_flops else None)
+                    summary["skipped_updates"] = float(jax.device_get(state.skipped_updates))
+                    writer.scalars(step, summary)
+                    progress.set_postfix(loss=f"{summary['loss']:.3f}")
+                    window, window_start = [], time.perf_counter()
+                if tc.eval_every and step % tc.eval_every == 0:
+                    writer.scalars(step, held_out_loss(eval_step, state.params, task, mesh, tc.eval_batches))
+                if tc.sample_every and step % tc.sample_every == 0:  # every process: params span them all
+                    task.samples(step, eval_params(), workdir, writer)
+                checkpointer.save(step, state, train_iter, {"skipped_updates": int(state.skipped_updates)},
+                                  force=step == tc.steps or preemption.requested)
+                progress.update(1)
+                if preemption.requested:
+                    break
+        finally:  # also on an error or Ctrl-C: stop the data workers and free their prefetched batches
+            progress.close()
+            train_iter.close()
         checkpointer.wait()
         checkpointer.close()
 
-        # ------------------------------------------------------------ final evaluation
-        result = {"step": int(state.step)}
+        # ------------------------------------------------------------ final evaluation (every process)
+        result = {"step": int(state.step), "skipped_updates": int(jax.device_get(state.skipped_updates))}
         if tc.final_eval and not preemption.requested:
             result.update(task.final_eval(eval_params(), int(state.step), writer))
         writer.close()
+        workdir_lock.close()
         return result
