@@ -364,7 +364,8 @@ def test_video_qa_runs_through_a_sweep_on_real_clips(tmp_path, tokenizer):
     frames_per_prompt = []
     original = Generator.generate
     Generator.generate = lambda self, batch, rng=None: frames_per_prompt.extend(
-        sum(isinstance(s, prompts.ImageInput) for s in segments) for segments in batch) or original(self, batch, rng)
+        sum(len(s.frames) for s in segments if isinstance(s, prompts.VideoInput))  # Emu2: [VIDEO] blocks
+        for segments in batch) or original(self, batch, rng)
     try:
         rows = sweep_lib.run(sweep)
     finally:

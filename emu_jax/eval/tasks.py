@@ -37,6 +37,7 @@ class Task:
     """Base: text answers to image queries, demonstrations from the whole pool."""
     name = ""
     kind = "text"  # "text" (answers) or "image" (text-to-image)
+    video = False  # examples' images are a video's frames (laid out as the family's videos are)
     result_key, answer_field = "question_id", "answer"
 
     def queries(self) -> list[Example]:
@@ -53,12 +54,17 @@ class Task:
         """A pool example as shown before `query` (digits_labelling relabels it)."""
         return example
 
+    def visual(self, example: Example) -> list:
+        if self.video:
+            return [prompts.VideoInput(np.stack(example.images))]
+        return [prompts.ImageInput(image) for image in example.images]
+
     def prompt(self, demonstrations: list[Example], query: Example) -> list:
         segments = []
         for demo in demonstrations:
-            segments += [prompts.ImageInput(image) for image in demo.images]
+            segments += self.visual(demo)
             segments.append(f"{demo.question} {demo.target}".strip())
-        segments += [prompts.ImageInput(image) for image in query.images]
+        segments += self.visual(query)
         return segments + ([query.question] if query.question else [])
 
     def answer(self, text: str) -> str:
@@ -171,6 +177,7 @@ class DigitsVideo(_Digits):
     per digit), captioned by the model as "a handwritten <digit> moving <direction>". Right when
     the caption names the digit and the direction and no other; each part is also scored alone."""
     name, result_key, answer_field = "digits_video", "video_id", "caption"
+    video = True
 
     def __init__(self, limit: int = 200, image_size: int = digits.IMAGE_SIZE, seed: int = 0, frames: int = 4):
         super().__init__(limit, image_size, seed)
@@ -312,6 +319,7 @@ class VideoQa(_FileTask):
     """MSVD-QA / MSRVTT-QA: [{"id", "question", "answer", "video_id"}] and a video folder (files
     named by `video_pattern`); exact match after VQA normalisation."""
     name = "videoqa"
+    video = True
 
     def __init__(self, annotations, videos, train_annotations="", train_videos="", video_pattern="vid{video_id}.avi",
                  image_size=224, frames=8, limit=0, prompt="question: {question} answer:"):
