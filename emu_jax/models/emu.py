@@ -8,9 +8,10 @@
 
 Each image is one block `[IMG] <image> x n [/IMG]` in `tokens` and one slot in `images`, in the
 same order; an Emu2 video frame is one block `[IMG] [gIMG] x m [/IMG]` and one slot, its m
-embeddings pooled to the connector's video grid (see `emu_jax.models.tokens`). The regression target of position t is the visual target of
-position t + 1 when that position is an `<image>`, so predictions at `[IMG]` and at every
-`<image>` but a block's last are scored (the loss applies the masks; see `emu_jax.models.tokens`).
+embeddings pooled to the connector's video grid (see `emu_jax.models.tokens`). The regression
+target of position t is the visual target of position t + 1 when that position is an `<image>`,
+so predictions at `[IMG]` and at every `<image>` but a block's last are scored (the loss applies
+the masks; see `emu_jax.models.tokens`).
 """
 from __future__ import annotations
 
