@@ -142,12 +142,17 @@ def base_config(*, vit, connector, llm, special_tokens) -> ml_collections.Config
     config.optimizer = optimizer_config()
     config.train = train_config()
     config.generate = generation_config()
-    # coordinator "host:port" with num_processes/process_id joins explicitly; auto=True lets JAX detect
-    # the cluster (Cloud TPU VM pods, SLURM, ...); the launch/ scripts set one or the other.
-    # heartbeat_timeout_seconds: how long a silent peer is waited for before the run ends (JAX's default).
-    config.distributed = ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0,
-                                                        cpu_collectives="", auto=False, heartbeat_timeout_seconds=100))
+    config.distributed = distributed_config()
     return config
+
+
+def distributed_config() -> ml_collections.ConfigDict:
+    """Joining a multi-process run (training, sweeps): coordinator "host:port" with num_processes /
+    process_id joins explicitly; auto=True lets JAX detect the cluster (Cloud TPU VM pods, SLURM, ...);
+    the launch/ scripts set one or the other. heartbeat_timeout_seconds: how long a silent peer is
+    waited for before the run ends (JAX's default)."""
+    return ml_collections.ConfigDict(dict(coordinator="", num_processes=1, process_id=0, cpu_collectives="",
+                                          auto=False, heartbeat_timeout_seconds=100))
 
 
 def optimizer_config(**overrides) -> ml_collections.ConfigDict:

@@ -16,6 +16,7 @@ malformed file is one line naming the file and the entry, and a non-zero exit.
 import os
 import sys
 
+import jax
 from absl import app, flags
 from ml_collections import config_flags
 
@@ -64,8 +65,11 @@ def main(argv):
     if FLAGS.config is None:
         sys.exit("a sweep needs --config=configs/eval/<sweep>.py")
     from emu_jax.eval import sweep
+    from emu_jax.parallel import mesh as mesh_lib
+    mesh_lib.maybe_initialize_distributed(FLAGS.config)
     sweep.run(FLAGS.config)
-    print(open(os.path.join(FLAGS.config.out, "results.md")).read())
+    if jax.process_index() == 0:
+        print(open(os.path.join(FLAGS.config.out, "results.md")).read())
 
 
 if __name__ == "__main__":

@@ -275,6 +275,55 @@ def test_sweep_resumes_without_recomputing_finished_cells(tmp_path, tokenizer):
     assert sorted(os.listdir(os.path.join(sweep.out, "plots"))) == ["caption_accuracy.png", "labels_accuracy.png"]
 
 
+@pytest.mark.slow
+def test_a_sweep_over_two_processes_equals_one_process(tmp_path, tokenizer):
+    """A checkpoint sharded (fsdp) over two processes' devices: both processes run every cell in
+    step (captions, RICES demonstrations); process 0 writes the sweep's files, and every cell's
+    predictions and score equal a one-process sweep's over two devices."""
+    import portpicker
+    from model_helpers import init_params, save_params, tiny
+    _, model = tiny("emu2")
+    save_params(tmp_path / "emu", init_params(model))
+    config_file = tmp_path / "sweep.py"
+    config_file.write_text(f"""
+import ml_collections
+from emu_jax import config_lib
+
+def get_config():
+    config = ml_collections.ConfigDict({{
+        "out": "", "seed": 0, "demonstrations": "rices", "shots": (0, 1),
+        "checkpoints": {{"rand": {{"config": "{ROOT}/configs/tiny.py", "checkpoint": "{tmp_path}/emu",
+                                 "overrides": {{"data": {{"tokenizer": "{tokenizer.model_path}"}},
+                                               "mesh": {{"data": 1, "fsdp": -1}}}}}}}},
+        "tasks": {{"caption": {{"kind": "digits_caption", "limit": 3, "shots": (0,)}},
+                  "labels": {{"kind": "digits_labelling", "limit": 3}}}},
+        "decodings": {{"greedy": {{"strategy": "greedy", "max_new_tokens": 3, "batch_size": 4}}}}}})
+    config.distributed = config_lib.distributed_config()
+    return config
+""")
+
+    def evaluate(out, devices, *flags):
+        return subprocess.Popen([sys.executable, "-m", "emu_jax.evaluate", f"--config={config_file}",
+                                 f"--config.out={out}", *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True,
+                                env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+    single = evaluate(tmp_path / "single", 2)
+    assert single.wait(timeout=600) == 0, single.stderr.read()[-3000:]
+    port = portpicker.pick_unused_port()
+    procs = [evaluate(tmp_path / "multi", 1, f"--config.distributed.coordinator=127.0.0.1:{port}",
+                      "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+                      "--config.distributed.cpu_collectives=gloo") for i in range(2)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
+    cells = ["caption/0shot-greedy", "labels/0shot-greedy", "labels/1shot-rices-greedy"]
+    for cell in cells:
+        for name in ("results.json", "score.json"):
+            single_file = json.load(open(tmp_path / "single" / "cells" / "rand" / cell / name))
+            assert json.load(open(tmp_path / "multi" / "cells" / "rand" / cell / name)) == single_file, (cell, name)
+    assert (tmp_path / "multi" / "results.md").read_text() == (tmp_path / "single" / "results.md").read_text()
+    assert not (tmp_path / "multi" / "processes" / "1" / "results.md").exists()  # tables: process 0 only
+
+
 def test_benchmark_files_become_prompts_and_official_scores(tmp_path):
     """COCO caption and VQA files (real photos from skimage) read into few-shot prompts; crafted
     results score as the metrics say; an image entry without a file name is named in the error."""

@@ -470,7 +470,7 @@ def test_a_run_exits_cleanly_with_no_leaked_shared_memory_or_stray_workers(tmp_p
     code = run.wait(timeout=300)
     stderr = run.stderr.read()
     assert "leaked shared_memory" not in stderr
-    assert code == {"finishes": 0, "SIGTERM": 0, "SIGINT": 1}[ending], stderr[-2000:]
+    assert code == {"finishes": 0, "SIGTERM": 0, "SIGINT": -signal.SIGINT}[ending], stderr[-2000:]
     if ending != "finishes":
         _, alive = psutil.wait_procs(children, timeout=20)
         assert not alive, [p.cmdline()[-1][:80] for p in alive]

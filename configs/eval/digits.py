@@ -14,6 +14,8 @@ finished cells; a killed sweep resumes.
 """
 import ml_collections
 
+from emu_jax import config_lib
+
 
 def get_config():
     config = ml_collections.ConfigDict()
@@ -34,4 +36,5 @@ def get_config():
     config.demonstrations = ("random", "rices")
     config.decodings = {"greedy": {"strategy": "greedy", "max_new_tokens": 8, "batch_size": 32}}
     config.seed = 0
+    config.distributed = config_lib.distributed_config()  # a sweep over several processes, as training
     return config

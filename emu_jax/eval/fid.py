@@ -66,11 +66,12 @@ def encoder_features(model, params) -> FeatureFn:
     import jax
 
     from emu_jax.data import media
+    from emu_jax.parallel import mesh as mesh_lib
 
     @jax.jit
     def encode(params, pixels):
         return model.apply({"params": params}, pixels, method=lambda m, x: m.vit(x)).mean(axis=1)
 
     def run(images: np.ndarray) -> np.ndarray:
-        return np.asarray(encode(params, media.normalize(images)), np.float64)
+        return mesh_lib.to_host(encode(params, media.normalize(images))).astype(np.float64)
     return run

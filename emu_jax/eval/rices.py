@@ -37,13 +37,14 @@ def demonstrations(strategy: str, k: int, query_features: np.ndarray, pool_featu
 
 
 def cached_features(path: str, images: Callable[[], np.ndarray], features: Callable[[np.ndarray], np.ndarray],
-                    count: int, batch_size: int = 64) -> np.ndarray:
+                    count: int, batch_size: int = 64, agree: Callable[[bool], bool] = bool) -> np.ndarray:
     """Features of the `count` images `images()` returns (uint8 [N, S, S, 3]), read from `path`
-    (.npz) when computed before for as many images; written atomically."""
-    if os.path.exists(path):
-        cached = np.load(path)["features"]
-        if len(cached) == count:
-            return cached
+    (.npz) when computed before for as many images; written atomically. `agree` turns "this
+    process has a valid cache" into the decision every process takes (`features` may be a
+    computation all processes must run together)."""
+    cached = np.load(path)["features"] if os.path.exists(path) else None
+    if agree(cached is not None and len(cached) == count):
+        return cached
     pixels = images()
     out = np.concatenate([features(pixels[i:i + batch_size]) for i in range(0, len(pixels), batch_size)])
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

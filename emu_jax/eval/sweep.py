@@ -9,6 +9,10 @@ sweep started again) skips it. Demonstrations come from the task's train pool, c
 `results.csv`, `results.md` (one row per cell) and plots (metric vs shots per checkpoint and task;
 sample grids for text-to-image cells).
 
+Multi-process (a checkpoint sharded over several hosts, `config.distributed` as in training): every
+process runs every cell in step; process 0 writes the results, the others a private copy under
+`<out>/processes/<i>/`.
+
 A checkpoint entry names its model config, its checkpoint (and decoder checkpoint) and optional
 config overrides as a nested dict, e.g. {"mesh": {"fsdp": 8}} to shard a checkpoint that does not fit one device over
 the same mesh code as training.
@@ -20,6 +24,7 @@ import dataclasses
 import json
 import os
 
+import jax
 import numpy as np
 from absl import logging
 from PIL import Image
@@ -66,11 +71,33 @@ def demonstration_choices(sweep) -> tuple[str, ...]:
     return tuple(c.strip() for c in choices.split(",")) if isinstance(choices, str) else tuple(choices)
 
 
+def process_out(out: str) -> str:
+    """Where this process writes: `out` for process 0, a private copy below it for the others. In a
+    multi-process sweep every process computes every cell (the parameters span their devices) and
+    reads back what it wrote itself (text-to-image scores read the PNGs); only process 0's files are
+    the sweep's results."""
+    index = jax.process_index()
+    return out if index == 0 else os.path.join(out, "processes", str(index))
+
+
+def agreed(flag: bool, decide=all) -> bool:
+    """One decision for all processes from each one's own `flag` (process 0's files and the others'
+    private copies can differ, e.g. after a kill): every process must skip or run the same cells."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(decide(np.asarray(multihost_utils.process_allgather(np.int32(flag)))))
+
+
+def process_zero(flags) -> bool:
+    return bool(flags[0])
+
+
 class Runner:
     """Loads each checkpoint once, when its first unfinished cell needs it."""
 
     def __init__(self, sweep):
-        self.sweep, self.out = sweep, sweep.out
+        self.sweep, self.out = sweep, process_out(sweep.out)
         self._generator, self._generator_name, self._tasks = None, None, {}
 
     def generator(self, name: str):
@@ -105,10 +132,11 @@ class Runner:
             feature_dir = os.path.join(self.out, "features", cell.checkpoint)
             encode = self.features(generator)
             pool_features = rices.cached_features(os.path.join(feature_dir, f"{cell.task}_pool.npz"),
-                                                  lambda: np.stack([e.images[0] for e in pool]), encode, len(pool))
+                                                  lambda: np.stack([e.images[0] for e in pool]), encode, len(pool),
+                                                  agree=agreed)
             query_features = rices.cached_features(os.path.join(feature_dir, f"{cell.task}_queries.npz"),
                                                    lambda: np.stack([q.images[0] for q in queries]), encode,
-                                                   len(queries))
+                                                   len(queries), agree=agreed)
         else:
             pool_features, query_features = np.zeros((len(pool), 1)), np.zeros((len(queries), 1))
         chosen = []
@@ -123,8 +151,8 @@ class Runner:
     def run_cell(self, cell: Cell) -> dict:
         cell_dir = os.path.join(self.out, "cells", cell.path)
         score_path = os.path.join(cell_dir, "score.json")
-        if os.path.exists(score_path):
-            return read_json(score_path)
+        if agreed(os.path.exists(score_path), decide=process_zero):  # the others' copies may lack it
+            return read_json(score_path) if os.path.exists(score_path) else {}
         generator = self.generator(cell.checkpoint)
         generator.config = config_lib.with_overrides(
             generator.base_config, {f"generate.{k}": v for k, v in self.sweep.decodings[cell.decoding].items()})
@@ -165,11 +193,12 @@ def run(sweep) -> list[dict]:
     grid = cells(sweep)
     runner = Runner(sweep)
     rows = []
-    for cell in tqdm(grid, desc="cells", unit="cell"):
+    for cell in tqdm(grid, desc="cells", unit="cell", disable=jax.process_index() != 0):
         score = runner.run_cell(cell)
         rows.append(dict(dataclasses.asdict(cell), **score))
-    write_tables(rows, sweep.out)
-    plot(rows, sweep.out)
+    if jax.process_index() == 0:
+        write_tables(rows, sweep.out)
+        plot(rows, sweep.out)
     return rows
 
 
