@@ -33,7 +33,7 @@ def get_config(arg=None):
                                                  transformer_depth=(1, 1), num_heads=(4, 4), layers_per_block=1,
                                                  groups=8, addition_time_embed_dim=32)
         config.model.decoder = config_lib.decoder_options(image_size=32, sampler="euler", sampler_steps=25,
-                                                          guidance=4.0, condition_dropout=0.1)
+                                                          guidance=4.0, condition_dropout=0.1, autoencode=True)
         config.loss = config_lib.ml_collections.ConfigDict(dict(kl_weight=1e-4))
         config.data.global_batch_size = 16
         config.train.init_from.vae = ""

@@ -60,7 +60,7 @@ class Generator:
     def __init__(self, config, params, tokenizer, *, decoder_params=None, mesh=None):
         self.config, self.tokenizer, self.params = config, tokenizer, params
         self.special = dict(config.model.tokens)
-        self.model = build_model(config.model)
+        self.model = build_model(without_remat(config.model))
         self.visual_tokens = self.model.visual_tokens_per_image
         self.frame_tokens = self.model.visual_tokens_per_frame
         self.image_size = config.model.vit.image_size
@@ -71,6 +71,7 @@ class Generator:
             self.decoder = build_decoder(config.model)
         self.timing = Timing()
         self._uncond = None
+        self._noise = []  # initial latents given to `generate`, consumed image by image
 
     # ------------------------------------------------------------------ loading
 
@@ -99,10 +100,13 @@ class Generator:
 
     # ------------------------------------------------------------------ generation
 
-    def generate(self, batch: list[list], rng=None) -> list[Output]:
-        """Segment lists (see `prompts.parse`) -> one Output each, batched by `generate.batch_size`."""
+    def generate(self, batch: list[list], rng=None, noise=None) -> list[Output]:
+        """Segment lists (see `prompts.parse`) -> one Output each, batched by `generate.batch_size`.
+        `noise`: the initial latents [images, h, w, c] of the images in order (e.g. another
+        implementation's draws, to reproduce its pixels), instead of drawing them from `rng`."""
         gc = self.config.generate
         rng = jax.random.key(gc.seed) if rng is None else rng
+        self._noise = [] if noise is None else list(np.asarray(noise, np.float32))
         outputs = []
         for start in range(0, len(batch), gc.batch_size):
             rng, key = jax.random.split(rng)
@@ -111,6 +115,8 @@ class Generator:
 
     def _generate_batch(self, batch: list[list], rng) -> list[Output]:
         gc = self.config.generate
+        if self._autoencodes(batch):
+            return self._autoencode(batch, rng)
         chunked = [prompts_lib.split_at_requests(segments) for segments in batch]
         shape = [self._request_kinds(c) for c in chunked]
         if any(s != shape[0] for s in shape):
@@ -189,6 +195,31 @@ class Generator:
             images += 1
             state = self._image(state, outputs)
 
+    def _autoencodes(self, batch: list[list]) -> bool:
+        """Emu2-Gen's autoencoding mode (`model.decoder.autoencode`): a prompt that is one image and
+        an image request is redrawn from that image's encoder embeddings, not regressed."""
+        if self.decoder is None or not self.config.model.decoder.autoencode:
+            return False
+        alone = [len(s) == 2 and isinstance(s[0], prompts_lib.ImageInput) and isinstance(s[1], prompts_lib.ImageRequest)
+                 for s in batch]
+        if any(alone) and not all(alone):
+            raise prompts_lib.PromptError(f"prompt {alone.index(not alone[0])} and prompt 0 differ in kind (an image "
+                                          f"alone is autoencoded): rows of one batch must ask for the same outputs")
+        return all(alone)
+
+    def _encode(self, pixels) -> np.ndarray:
+        """Normalised pixels [B, S, S, 3] -> the visual encoder's embeddings [B, n, D]."""
+        targets = self.model.apply({"params": self.params}, jnp.asarray(pixels)[:, None], method="encode_images")[1]
+        return mesh_lib.to_host(targets).astype(np.float32)
+
+    def _autoencode(self, batch: list[list], rng) -> list[Output]:
+        """Guided against the embeddings of all-zero normalised pixels (the release's negative)."""
+        pixels = media.normalize(np.stack([segments[0].pixels for segments in batch]))
+        embeddings = self._encode(pixels)
+        null_image = np.broadcast_to(self._encode(np.zeros_like(pixels[:1])), embeddings.shape)
+        images = self.images_from_embeddings(embeddings, rng, negative=null_image)
+        return [Output([image], [e]) for image, e in zip(images, embeddings)]
+
     def unconditional(self) -> np.ndarray:
         """[n, D]: what guidance contrasts with (`generate.uncond`)."""
         if self._uncond is None:
@@ -205,15 +236,23 @@ class Generator:
                 raise ValueError(f"generate.uncond {kind!r}: choose empty_prompt or zeros")
         return self._uncond
 
-    def images_from_embeddings(self, embeddings: np.ndarray, rng) -> np.ndarray:
-        """Regressed embeddings [B, n, D] -> uint8 images [B, S, S, 3] through the visual decoder."""
-        from emu_jax.generate.images import sample_images
+    def images_from_embeddings(self, embeddings: np.ndarray, rng, negative=None) -> np.ndarray:
+        """Regressed embeddings [B, n, D] -> uint8 images [B, S, S, 3] through the visual decoder,
+        guided against `negative` (default: `unconditional()`); initial latents from `generate`'s
+        `noise` while it lasts, else drawn from `rng`."""
+        from emu_jax.generate.images import initial_noise, sample_pixels
+        from emu_jax.models.visual_decoder import to_uint8
         gc, dc = self.config.generate, self.config.model.decoder
         context = jnp.asarray(embeddings, jnp.float32)
-        uncond = jnp.broadcast_to(jnp.asarray(self.unconditional()), context.shape)
-        return np.asarray(sample_images(self.decoder, self.decoder_params, context, uncond, rng,
-                                        sampler=gc.sampler or dc.sampler, steps=gc.sampler_steps or dc.sampler_steps,
-                                        guidance=gc.guidance or dc.guidance))
+        negative = self.unconditional() if negative is None else negative
+        uncond = jnp.broadcast_to(jnp.asarray(negative, jnp.float32), context.shape)
+        count = len(context)
+        given, self._noise = self._noise[:count], self._noise[count:]
+        noise = jnp.asarray(np.stack(given)) if len(given) == count else initial_noise(self.decoder, rng, count)
+        pixels = sample_pixels(self.decoder, self.decoder_params, context, uncond, noise,
+                               sampler=gc.sampler or dc.sampler, steps=gc.sampler_steps or dc.sampler_steps,
+                               guidance=gc.guidance or dc.guidance)
+        return mesh_lib.to_host(to_uint8(pixels))
 
     def _decode_images(self, outputs, rng) -> None:
         """Fills each image's place (None) in the pieces; the j-th place holds the j-th embeddings."""
@@ -226,6 +265,18 @@ class Generator:
         for (out, i, _), image in zip(places, pixels):
             out.pieces[i] = image
         self.timing.decoder_seconds += time.perf_counter() - begin
+
+
+def without_remat(model_config):
+    """The model config for inference: rematerialisation only trades memory for compute in a
+    backward pass (and a cached layer under nn.remat sees its cache's layer index traced)."""
+    import copy
+    inference = copy.deepcopy(model_config)
+    with inference.unlocked():
+        for tower in ("vit", "connector", "llm"):
+            if "remat" in inference[tower]:
+                inference[tower].remat = "none"
+    return inference
 
 
 def load_tokenizer(config):

@@ -10,11 +10,17 @@ SD1.5 and SDXL scheduler configs do) with a denoiser `eps_fn(x, t) -> eps`:
       x <- sqrt(a_prev) x_0 + sqrt(1 - a_prev) eps.
   Euler discrete (Emu2-Gen): in sigma form x = x_0 + sigma eps with sigma_t = sqrt((1 - a_t) / a_t);
       the UNet sees x / sqrt(sigma^2 + 1); x <- x + eps (sigma_next - sigma), ending at sigma 0.
+  PNDM's PLMS steps (Emu1, SD1.5's scheduler: `skip_prk_steps`, no Runge-Kutta warm-up), diffusers'
+      PNDMScheduler exactly: the transfer x <- sqrt(a_prev / a_t) x - (a_prev - a_t) e /
+      (a_t sqrt(1 - a_prev) + sqrt(a_t (1 - a_t) a_prev)) with e a linear multistep mix of the
+      UNet's predictions (Adams-Bashforth orders 1..4); the first step is redone from its start with
+      the mean of two predictions, so n steps cost n + 1 UNet calls.
 Classifier-free guidance mixes conditional and unconditional predictions of one batched call.
 The loops are `lax.fori_loop`s over precomputed schedules, so a whole sampler jits into one program.
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Callable
 
 import jax
@@ -91,7 +97,74 @@ def euler_sample(eps_fn: Callable, noise, cumprod, num_steps: int) -> jax.Array:
     return jax.lax.fori_loop(0, num_steps, step, noise.astype(jnp.float32) * init_sigma)
 
 
-SAMPLERS = {"ddim": ddim_sample, "euler": euler_sample}
+# Adams-Bashforth weights on (newest, ..., oldest) prediction, by how many predictions are kept.
+_MULTISTEP = {1: (1.0,), 2: (3 / 2, -1 / 2), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
+_HISTORY = 3  # past predictions a PLMS step mixes in
+
+
+@dataclasses.dataclass(frozen=True)
+class PlmsPlan:
+    """One row per UNet call: the timestep fed, the transfer's (t, t_prev), the weights of the new
+    prediction and of the kept ones (newest first), whether the new one is kept, and whether the
+    step restarts from the first step's input."""
+    fed: np.ndarray  # [calls] int
+    alpha: np.ndarray  # [calls] a_t
+    alpha_prev: np.ndarray  # [calls] a_prev (a_0 below timestep 0: set_alpha_to_one=False)
+    weights: np.ndarray  # [calls, 1 + _HISTORY]
+    keep: np.ndarray  # [calls] bool
+    restart: np.ndarray  # [calls] bool
+
+
+def plms_plan(num_steps: int, cumprod) -> PlmsPlan:
+    """diffusers' PNDMScheduler(skip_prk_steps=True, leading spacing, offset 1), bookkeeping
+    replayed once in numpy: the leading timesteps, the second-to-last repeated (the repeat is the
+    second call of the first step)."""
+    cumprod = np.asarray(cumprod)
+    ratio = NUM_TRAIN_TIMESTEPS // num_steps
+    leading = leading_timesteps(num_steps)[::-1]
+    fed = np.concatenate([leading[:-1], leading[-2:-1], leading[-1:]])[::-1]
+    kept, rows = [], []  # kept: call indices of the predictions kept, oldest first
+    for call, t in enumerate(fed):
+        t, prev = int(t), int(t) - ratio
+        if call == 1:  # the first step again, from its start, with the mean of its two predictions
+            t, prev = t + ratio, t
+            weights = {call: 0.5, kept[-1]: 0.5}
+        else:
+            kept = kept[-_HISTORY:] + [call]
+            weights = dict(zip(reversed(kept), _MULTISTEP[len(kept)]))
+        slots = [call] + [c for c in reversed(kept) if c != call][:_HISTORY]
+        rows.append((int(fed[call]), cumprod[t], cumprod[prev] if prev >= 0 else cumprod[0],
+                     [weights.get(c, 0.0) for c in slots] + [0.0] * (1 + _HISTORY - len(slots)), call != 1, call == 1))
+    fed_t, alpha, alpha_prev, weights, keep, restart = (np.asarray(column) for column in zip(*rows))
+    return PlmsPlan(fed_t, alpha, alpha_prev, weights, keep, restart)
+
+
+def pndm_sample(eps_fn: Callable, noise, cumprod, num_steps: int) -> jax.Array:
+    """PLMS from `noise` ~ N(0, I) (PNDM's initial sigma is 1)."""
+    plan = plms_plan(num_steps, cumprod)
+    a, a_prev = plan.alpha, plan.alpha_prev
+    scale_x = np.sqrt(a_prev / a)
+    scale_eps = (a_prev - a) / (a * np.sqrt(1.0 - a_prev) + np.sqrt(a * (1.0 - a) * a_prev))
+    table = {k: jnp.asarray(v, jnp.float32) for k, v in dict(scale_x=scale_x, scale_eps=scale_eps,
+                                                              weights=plan.weights).items()}
+    fed, keep, restart = (jnp.asarray(v) for v in (plan.fed.astype(np.int32), plan.keep, plan.restart))
+    x = noise.astype(jnp.float32)
+
+    def step(i, carry):
+        x, start, history = carry  # history [_HISTORY, ...]: kept predictions, newest first
+        eps = eps_fn(x, fed[i]).astype(jnp.float32)
+        w = table["weights"][i]
+        mixed = w[0] * eps + jnp.tensordot(w[1:], history, axes=1)
+        base = jnp.where(restart[i], start, x)
+        start = jnp.where(i == 0, x, start)
+        history = jnp.where(keep[i], jnp.concatenate([eps[None], history[:-1]]), history)
+        return table["scale_x"][i] * base - table["scale_eps"][i] * mixed, start, history
+
+    history = jnp.zeros((_HISTORY,) + x.shape, jnp.float32)
+    return jax.lax.fori_loop(0, len(plan.fed), step, (x, x, history))[0]
+
+
+SAMPLERS = {"ddim": ddim_sample, "euler": euler_sample, "pndm": pndm_sample}
 
 
 def guided(eps_fn: Callable, scale: float) -> Callable:

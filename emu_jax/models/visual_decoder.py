@@ -39,8 +39,12 @@ class VisualDecoder(nn.Module):
         pixels = normalize(images)
         if pixels.shape[1] != size:
             pixels = jax.image.resize(pixels, (pixels.shape[0], size, size, 3), "bicubic")
-        _, targets = self.connector.encode(self.vit(pixels))
-        return targets
+        return self.condition_pixels(pixels)
+
+    def condition_pixels(self, pixels: jax.Array) -> jax.Array:
+        """Normalised pixels at the ViT's size -> embeddings (Emu2-Gen's autoencoding negative is
+        the embedding of all-zero normalised pixels, i.e. the dataset-mean image)."""
+        return self.connector.encode(self.vit(pixels))[1]
 
     def to_latents(self, images: jax.Array, rng=None) -> jax.Array:
         """uint8 images -> scaled latents (the posterior mean, or a sample when `rng` is given)."""
@@ -52,7 +56,8 @@ class VisualDecoder(nn.Module):
 
     def eps(self, latents, timesteps, context) -> jax.Array:
         """The UNet's noise prediction; SDXL-shaped UNets also get the mean embedding as the pooled
-        input and micro-conditioning ids (original size, crop (0, 0), target size)."""
+        input and micro-conditioning ids (original size, crop (0, 0), target size: Emu2-Gen's
+        defaults, 1024 px at full size, all the decoder's pixel size)."""
         extra = {}
         if self.unet.addition_time_embed_dim:
             side = float(self.image_size)
@@ -72,7 +77,8 @@ def to_signed(images: jax.Array) -> jax.Array:
 
 
 def to_uint8(images: jax.Array) -> jax.Array:
-    return jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+    """[-1, 1] -> uint8, in the released pipelines' order: x / 2 + 0.5, clip to [0, 1], x 255, round."""
+    return jnp.round(jnp.clip(images / 2 + 0.5, 0.0, 1.0) * 255).astype(jnp.uint8)
 
 
 def build_decoder(model_config) -> VisualDecoder:
