@@ -499,3 +499,24 @@ def test_a_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path, digits_world
     stderr = procs[0].stderr.read()
     assert time.time() - killed_at < 90
     assert "task" in stderr and ("died" in stderr or "heartbeat" in stderr.lower()), stderr[-3000:]
+
+
+# ----------------------------------------------------------------------------- generation inputs
+
+def test_generate_names_a_missing_checkpoint_or_an_open_placeholder_and_creates_nothing(tmp_path):
+    import subprocess
+    import sys
+    from conftest import ROOT
+    image = tmp_path / "ok.png"
+    image.write_bytes(digit_png(3))
+
+    def generate(*flags):
+        done = subprocess.run([sys.executable, "-m", "emu_jax.generate", f"--config={ROOT}/configs/tiny.py", *flags],
+                              cwd=ROOT, capture_output=True, text=True, timeout=300)
+        return done.returncode, done.stderr
+    code, stderr = generate(f"--checkpoint={tmp_path}/typo", "--prompt=a handwritten")
+    assert code == 1 and last_line(stderr) == f"error: no checkpoint directory {tmp_path}/typo", stderr[-2000:]
+    assert not (tmp_path / "typo").exists() and "Traceback" not in stderr
+    code, stderr = generate(f"--checkpoint={tmp_path}", f"--prompt=<image:{image} what digit")
+    assert code == 1 and last_line(stderr).startswith("error: ") and "<image:" in last_line(stderr), stderr[-2000:]
+    assert "Traceback" not in stderr

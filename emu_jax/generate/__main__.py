@@ -14,6 +14,7 @@ Prints each answer, writes images as PNGs (and `results.jsonl`) under --out, and
 """
 import json
 import os
+import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -58,10 +59,20 @@ def read_prompts(FLAGS) -> list[tuple[str, list[str]]]:
 def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
+    from emu_jax.generate import prompts as prompts_lib
+    try:
+        generate(flags.FLAGS)
+    except (prompts_lib.PromptError, FileNotFoundError) as e:  # a bad prompt, image or checkpoint: one line
+        sys.exit(f"error: {e}")
+
+
+def generate(FLAGS) -> None:
+    import jax
+
     from emu_jax.data.media import encode_png
     from emu_jax.generate import generator as generator_lib, prompts as prompts_lib
     from emu_jax.parallel import mesh as mesh_lib
-    FLAGS, config = flags.FLAGS, flags.FLAGS.config
+    config = FLAGS.config
     mesh_lib.maybe_initialize_distributed(config)
     rows = read_prompts(FLAGS)
     size, frames = config.model.vit.image_size, config.data.video_frames
@@ -71,7 +82,9 @@ def main(argv):
             FLAGS.out and FLAGS.decoder):
         raise app.UsageError("the prompts ask for images ([IMG]): give --decoder and --out")
     generator = generator_lib.Generator.from_checkpoints(config, FLAGS.checkpoint, FLAGS.decoder)
-    outputs = generator.generate(batch)
+    outputs = generator.generate(batch)  # every process of a multi-process run; process 0 writes and prints
+    if jax.process_index():
+        return
     results = []
     for n, ((prompt, _), out) in enumerate(zip(rows, outputs)):
         paths = []

@@ -114,6 +114,8 @@ def restore_params(directory: str, abstract_params, step: int | None = None, ite
     """The `params` item (or `item`, e.g. "ema") of a checkpoint written by the trainer or the
     converter (latest step by default), placed with the shardings of `abstract_params`, a tree of
     ShapeDtypeStructs that may name only some towers (e.g. {"llm": ...}): only those are read."""
+    if not os.path.isdir(directory):  # checked first: Orbax's manager would create it
+        raise FileNotFoundError(f"no checkpoint directory {directory}")
     manager = ocp.CheckpointManager(os.path.abspath(directory), item_names=ITEMS)
     step = manager.latest_step() if step is None else step
     if step is None:
