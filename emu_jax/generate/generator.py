@@ -160,7 +160,7 @@ class Generator:
         """Regresses one image per row at the [IMG] just fed, then closes the block."""
         begin = time.perf_counter()
         embeddings, state = decoding.regress_image(self.model, self.params, state, count=self.visual_tokens)
-        embeddings = np.asarray(embeddings)
+        embeddings = mesh_lib.to_host(embeddings)
         self.timing.image_seconds += time.perf_counter() - begin
         self.timing.image_embeddings += embeddings.shape[0] * embeddings.shape[1]
         for out, e in zip(outputs, embeddings):
@@ -183,7 +183,7 @@ class Generator:
                 tokens, lengths, _ = decoding.beam_search(self.model, self.params, state, settings)
             else:
                 tokens, lengths, state = decoding.decode_text(self.model, self.params, state, key, settings)
-            tokens, lengths = np.asarray(tokens), np.asarray(lengths)
+            tokens, lengths = mesh_lib.to_host((tokens, lengths))
             self.timing.text_seconds += time.perf_counter() - begin
             self.timing.text_tokens += int(lengths.sum())
             for out, row, n in zip(outputs, tokens, lengths):
@@ -230,8 +230,8 @@ class Generator:
                 ids = np.asarray([[self.tokenizer.bos_id, self.special["img"]]], np.int32)
                 state = decoding.start(self.model, 1, ids.shape[1] + self.visual_tokens)
                 state = self._feed(state, ids, np.ones_like(ids))
-                self._uncond = np.asarray(decoding.regress_image(self.model, self.params, state,
-                                                                 count=self.visual_tokens)[0][0])
+                self._uncond = mesh_lib.to_host(decoding.regress_image(self.model, self.params, state,
+                                                                       count=self.visual_tokens)[0][0])
             else:
                 raise ValueError(f"generate.uncond {kind!r}: choose empty_prompt or zeros")
         return self._uncond
