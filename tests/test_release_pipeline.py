@@ -75,7 +75,7 @@ def _generator(config, params, tokenizer_dir):
                      decoder_params={k: params[k] for k in ("unet", "vae")})
 
 
-def emu2_gen_config():
+def emu2_gen_config(steps: int):
     """The tiny official Emu2 (release_models) with configs/tiny_decoder.py's UNet and VAE in the
     release's diffusion_config layout (SDXL's: no attention at the top level, scaling 0.13025) and
     Emu2-Gen's sampling (Euler, guidance 3.0, autoencoding)."""
@@ -86,18 +86,23 @@ def emu2_gen_config():
         config.model.unet.update(cross_attention=(False, True), transformer_depth=(1, 2), num_heads=(2, 4))
         config.model.vae = decoder.vae
         config.model.vae.scaling_factor = 0.13025
-        config.model.decoder = config_lib.decoder_options(image_size=32, sampler="euler", sampler_steps=PIPELINE_STEPS,
+        config.model.decoder = config_lib.decoder_options(image_size=32, sampler="euler", sampler_steps=steps,
                                                           guidance=3.0, autoencode=True)
     return config
 
 
 @pytest.fixture(scope="module")
 def emu2_gen():
-    """(official EmuVisualGeneration, our Generator) on the same random weights: the official
-    tiny EmuModel as multimodal encoder, diffusers' UNet, VAE and Euler scheduler from the release's
-    diffusion_config (sizes shrunk), no safety checker; its state_dict through our `emu2_gen` layout."""
+    return build_emu2_gen(PIPELINE_STEPS)
+
+
+def build_emu2_gen(steps: int):
+    """(official EmuVisualGeneration, our Generator sampling `steps` steps) on the same random
+    weights: the official tiny EmuModel as multimodal encoder, diffusers' UNet, VAE and Euler
+    scheduler from the release's diffusion_config (sizes shrunk), no safety checker; its
+    state_dict through our `emu2_gen` layout. (benchmarks/t2i_vs_official.py builds it too.)"""
     import diffusers
-    config = emu2_gen_config()
+    config = emu2_gen_config(steps)
     m = config.model
     u, v = m.unet, m.vae
     unet = _diffusers_from_release(
@@ -171,7 +176,7 @@ def emu1_pipeline(tmp_path_factory):
     return pipeline, _generator(config, params, official.EMU1_LLAMA_CONFIG)
 
 
-def run_official(pipeline, inputs, size, seed, **kwargs):
+def run_official(pipeline, inputs, size, seed, steps=PIPELINE_STEPS, **kwargs):
     """The official pipeline on `inputs`: (its float pixels [S, S, 3] in [0, 1], the conditioning
     it computed [2, n, D] (prompt; negative), its initial latents NHWC)."""
     captured = {}
@@ -183,7 +188,7 @@ def run_official(pipeline, inputs, size, seed, **kwargs):
     noise = torch.randn(1, pipeline.unet.config.in_channels, side, side).permute(0, 2, 3, 1).numpy()
     torch.manual_seed(seed)  # the pipeline's own torch.randn draws the same latents
     try:
-        pipeline(inputs, height=size, width=size, num_inference_steps=PIPELINE_STEPS, **kwargs)
+        pipeline(inputs, height=size, width=size, num_inference_steps=steps, **kwargs)
     finally:
         del pipeline.decode_latents, pipeline._prepare_and_encode_inputs
     return captured["pixels"][0], captured["conditioning"].numpy(), noise
