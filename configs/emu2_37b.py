@@ -10,7 +10,7 @@ written by `python -m emu_jax.data.write`; the tokenizer is LLaMA's `tokenizer.m
     configs/emu2_37b.py:stage2   interleaved image-text, video, text-only; text + regression loss,
                                  visual encoder frozen
     configs/emu2_37b.py:chat     instruction fine-tune: text loss only
-    configs/emu2_37b.py:gen      generation fine-tune: regression loss only
+    configs/emu2_37b.py:gen      generation fine-tune: regression loss only; Emu2-Gen with its visual decoder
 e.g. python -m emu_jax.train --config=configs/emu2_37b.py:stage2 --workdir=gs://bucket/emu2/stage2 \\
          --config.train.init_from.vit=CONVERTED --config.train.init_from.llm=CONVERTED
 """
@@ -44,6 +44,8 @@ def get_config(arg=None):
         config.mesh.fsdp, config.mesh.data = -1, 1
     if variant == "stage1":
         config.model.vit.image_size, config.model.vit.pos_embed_grid = 224, 32  # keeps the 448 px table
+    if variant == "gen":  # Emu2-Gen: the visual decoder too (the emu2_gen file holds it)
+        config.model.update(config_lib.emu2_gen_decoder())
     if variant == "stage2":
         config.optimizer.freeze = r"^vit/"
     config.lock()

@@ -113,6 +113,22 @@ def decoder_options(**overrides) -> ml_collections.ConfigDict:
                                           sampler_steps=50, guidance=3.0, autoencode=False) | overrides)
 
 
+def emu2_gen_decoder() -> ml_collections.ConfigDict:
+    """Emu2-Gen's visual decoder (`Emu2/emu/conf/diffusion_config`, `EmuVisualGeneration.forward`):
+    SDXL's UNet and VAE (scaling 0.13025), 1024 px, Euler 50 steps, guidance 3.0, autoencoding."""
+    return ml_collections.ConfigDict(dict(
+        unet=sdxl_unet(), vae=vae(scaling_factor=0.13025),
+        decoder=decoder_options(image_size=1024, sampler="euler", sampler_steps=50, guidance=3.0, autoencode=True)))
+
+
+def emu1_decoder() -> ml_collections.ConfigDict:
+    """Emu1's visual decoder (`EmuGenerationPipeline.forward`): SD1.5's UNet and VAE, 512 px, PNDM
+    50 steps, guidance 7.5."""
+    return ml_collections.ConfigDict(dict(
+        unet=sd15_unet(), vae=vae(),
+        decoder=decoder_options(image_size=512, sampler="pndm", sampler_steps=50, guidance=7.5)))
+
+
 def generation_config(**overrides) -> ml_collections.ConfigDict:
     """Inference settings (`python -m emu_jax.generate`). Text: strategy "greedy" | "sample" |
     "beam" and the knobs of `emu_jax.generate.decoding.TextSettings`; `interleave`: a batch of one

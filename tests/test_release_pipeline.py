@@ -62,6 +62,40 @@ def test_sampler_trajectory_equals_diffusers_scheduler(scheduler, sampler, steps
     np.testing.assert_allclose(ours, x.numpy().transpose(0, 2, 3, 1), atol=5e-5)
 
 
+def test_released_decoder_configs_are_the_releases():
+    """configs/emu2_37b.py:gen's decoder read against the release's diffusion_config and the
+    official pipelines' defaults (steps, guidance, size); Emu1's against its pipeline's defaults."""
+    import inspect
+    import diffusers
+    gen = load_config("emu2_37b", "gen").model
+    unet = diffusers.UNet2DConditionModel.load_config(official.EMU2_DIFFUSION_CONFIG / "unet")
+    assert tuple(unet["block_out_channels"]) == gen.unet.block_out_channels
+    assert tuple(unet["transformer_layers_per_block"]) == gen.unet.transformer_depth
+    assert tuple(unet["attention_head_dim"]) == gen.unet.num_heads  # diffusers' name for the head count
+    assert tuple(t.startswith("CrossAttn") for t in unet["down_block_types"]) == gen.unet.cross_attention
+    assert (unet["addition_time_embed_dim"], unet["use_linear_projection"], unet["layers_per_block"],
+            unet["norm_num_groups"], unet["norm_eps"], unet["flip_sin_to_cos"], unet["freq_shift"]) == (
+        gen.unet.addition_time_embed_dim, gen.unet.linear_projection, gen.unet.layers_per_block, gen.unet.groups,
+        gen.unet.norm_eps, gen.unet.flip_sin_to_cos, gen.unet.freq_shift)
+    assert unet["cross_attention_dim"] == load_config("emu2_37b").model.vit.width
+    vae = diffusers.AutoencoderKL.load_config(official.EMU2_DIFFUSION_CONFIG / "vae")
+    assert (tuple(vae["block_out_channels"]), vae["layers_per_block"], vae["latent_channels"], vae["norm_num_groups"],
+            vae["scaling_factor"]) == (gen.vae.block_out_channels, gen.vae.layers_per_block, gen.vae.latent_channels,
+                                       gen.vae.groups, gen.vae.scaling_factor)
+    scheduler = diffusers.EulerDiscreteScheduler.load_config(SCHEDULER_CONFIG)
+    betas = diffusion.scaled_linear_betas()
+    assert (scheduler["_class_name"], scheduler["timestep_spacing"], scheduler["steps_offset"]) == (
+        "EulerDiscreteScheduler", "leading", 1) and gen.decoder.sampler == "euler"
+    assert (scheduler["beta_start"], scheduler["beta_end"]) == pytest.approx((betas[0], betas[-1]))
+    assert official.emu1("pipeline").PNDMScheduler is diffusers.PNDMScheduler  # Emu1's sampler class
+    assert config_lib.emu1_decoder().decoder.sampler == "pndm"
+    for pipeline, decoder in ((official.emu2("diffusion").EmuVisualGeneration, gen.decoder),
+                              (official.emu1("pipeline").EmuGenerationPipeline, config_lib.emu1_decoder().decoder)):
+        defaults = inspect.signature(pipeline.forward).parameters
+        assert (defaults["num_inference_steps"].default, defaults["guidance_scale"].default,
+                defaults["height"].default) == (decoder.sampler_steps, decoder.guidance, decoder.image_size)
+
+
 # ----------------------------------------------------------------------------- the tiny official pipelines
 
 def _diffusers_from_release(cls, name, **shrink):
@@ -220,14 +254,33 @@ def test_emu2_gen_autoencoding_equals_official_pipeline(emu2_gen):
     """An image alone is Emu2-Gen's autoencoding mode: the encoder's pooled embeddings, guided
     against those of an all-zero normalised image (not an LLM regression)."""
     from PIL import Image
-    from skimage import data as photos
     pipeline, ours = emu2_gen
     size = ours.config.model.decoder.image_size
-    side = ours.config.model.vit.image_size  # both sides read it at the encoder's size, unresized
-    photo = np.asarray(Image.fromarray(photos.astronaut()).resize((side, side), Image.BICUBIC))
+    photo = _photo(ours.config.model.vit.image_size)  # both sides read it at the encoder's size, unresized
     pixels, conditioning, noise = run_official(pipeline, [Image.fromarray(photo)], size, seed=4,
                                                original_size=[size, size])
     out = ours.generate([[prompts.ImageInput(photo), prompts.ImageRequest()]], noise=noise)[0]
+    np.testing.assert_allclose(out.embeddings[0], conditioning[0], atol=EMBEDDING_TOLERANCE)
+    assert_pixels_match(out.images[0], pixels)
+
+
+def _photo(size):
+    from PIL import Image
+    from skimage import data as photos
+    return np.asarray(Image.fromarray(photos.astronaut()).resize((size, size), Image.BICUBIC))
+
+
+@pytest.mark.slow
+def test_emu2_gen_text_and_image_prompt_equals_official_pipeline(emu2_gen):
+    """Text around an image: the release splices the image's 64 embeddings (through project_up)
+    into `[IMG] <image> x 64 [/IMG]` and regresses after the text; the negative is still the
+    empty prompt's."""
+    from PIL import Image
+    pipeline, ours = emu2_gen
+    size, photo = ours.config.model.decoder.image_size, _photo(ours.config.model.vit.image_size)
+    pixels, conditioning, noise = run_official(pipeline, ["a cat like ", Image.fromarray(photo), " but red"], size,
+                                               seed=6, original_size=[size, size])
+    out = ours.generate([prompts.parse("a cat like <image> but red[IMG]", size, [photo])], noise=noise)[0]
     np.testing.assert_allclose(out.embeddings[0], conditioning[0], atol=EMBEDDING_TOLERANCE)
     assert_pixels_match(out.images[0], pixels)
 
@@ -244,3 +297,13 @@ def test_emu1_text_to_image_equals_official_pipeline(emu1_pipeline):
     np.testing.assert_allclose(out.embeddings[0], conditioning[0], atol=EMBEDDING_TOLERANCE)
     np.testing.assert_allclose(ours.unconditional(), conditioning[1], atol=EMBEDDING_TOLERANCE)
     assert_pixels_match(out.images[0], pixels)
+
+
+def test_a_batch_mixing_autoencoding_and_regression_is_refused(emu2_gen):
+    """Rows of a batch advance together: an image alone (autoencoded) beside a text prompt
+    (regressed) would silently be regressed; it is an error naming the row."""
+    _, ours = emu2_gen
+    photo = _photo(ours.config.model.vit.image_size)
+    batch = [prompts.parse("a red cat[IMG]", 32), [prompts.ImageInput(photo), prompts.ImageRequest()]]
+    with pytest.raises(prompts.PromptError, match="prompt 1 and prompt 0 differ in kind"):
+        ours.generate(batch)
