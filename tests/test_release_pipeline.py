@@ -21,6 +21,7 @@ from emu_jax.data.tokenizer import Tokenizer  # noqa: E402
 from emu_jax.generate import prompts  # noqa: E402
 from emu_jax.generate.generator import Generator  # noqa: E402
 from emu_jax.models import diffusion  # noqa: E402
+from emu_jax.models.unet import UNet  # noqa: E402
 
 # float32 on both sides. Regressed embeddings (values ~2.5): each of the 64 is fed back as the
 # next input, and the random-weight LLM amplifies rounding differences along the image (observed:
@@ -78,6 +79,13 @@ def test_released_decoder_configs_are_the_releases():
         gen.unet.addition_time_embed_dim, gen.unet.linear_projection, gen.unet.layers_per_block, gen.unet.groups,
         gen.unet.norm_eps, gen.unet.flip_sin_to_cos, gen.unet.freq_shift)
     assert unet["cross_attention_dim"] == load_config("emu2_37b").model.vit.width
+    with torch.device("meta"):  # the whole UNet, counted without memory
+        released_count = sum(p.numel() for p in diffusers.UNet2DConditionModel.from_config(unet).parameters())
+    width = unet["cross_attention_dim"]
+    shapes = jax.eval_shape(lambda: UNet(**gen.unet).init(
+        jax.random.key(0), jnp.zeros((1, 8, 8, 4)), jnp.zeros((1,)), jnp.zeros((1, 64, width)),
+        pooled=jnp.zeros((1, width)), time_ids=jnp.zeros((1, 6))))
+    assert sum(x.size for x in jax.tree.leaves(shapes)) == released_count == 2_525_520_644
     vae = diffusers.AutoencoderKL.load_config(official.EMU2_DIFFUSION_CONFIG / "vae")
     assert (tuple(vae["block_out_channels"]), vae["layers_per_block"], vae["latent_channels"], vae["norm_num_groups"],
             vae["scaling_factor"]) == (gen.vae.block_out_channels, gen.vae.layers_per_block, gen.vae.latent_channels,
