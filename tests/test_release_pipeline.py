@@ -214,7 +214,8 @@ def emu1_pipeline(tmp_path_factory):
         pipeline_cls.prepare_emu = original
     pipeline.safety_checker = None  # a random checker may black images out; the release's is not part of decoding
     params = rel.ours(state, "emu1", config)  # the release ships the UNet and VAE as diffusers directories
-    params |= rel.ours(unet.state_dict(), "diffusers_unet", config) | rel.ours(vae.state_dict(), "diffusers_vae", config)
+    for tower, layout in ((unet, "diffusers_unet"), (vae, "diffusers_vae")):
+        params |= rel.ours(tower.state_dict(), layout, config)
     return pipeline, _generator(config, params, official.EMU1_LLAMA_CONFIG)
 
 
