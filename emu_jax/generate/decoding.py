@@ -180,9 +180,11 @@ def beam_search(model, params, state: State, settings: TextSettings):
 
     Each step scores the alive beams' continuations, keeps the best 2k; those among the best k that
     end in a stop token join the row's k finished hypotheses (length-normalised), the best k
-    non-stop ones stay alive.
-    A row is done when it holds k finished hypotheses that no alive beam can beat any more;
-    at max_new_tokens the alive beams count as finished."""
+    non-stop ones stay alive. At max_new_tokens the alive beams count as finished.
+    A row is done, and takes no more finished hypotheses, once it holds k and its best alive beam,
+    normalised at its current length, does not beat the worst of them: transformers' rule
+    (`early_stopping=False`, what the release's `generate` calls run). With a positive penalty
+    that is a heuristic (a longer hypothesis could still score higher, and is not looked for)."""
     k, steps, penalty = settings.num_beams, settings.max_new_tokens, settings.length_penalty
     batch, vocab = state.hidden.shape[0], model.llm.vocab_size
     stop_ids = jnp.asarray(settings.stop_ids or (-1,))
@@ -201,21 +203,19 @@ def beam_search(model, params, state: State, settings: TextSettings):
         best, idx = jax.lax.top_k(all_score, k)
         return all_seq[rows, idx], all_len[rows, idx], best
 
-    def bound(alive_score, i):
-        """The best normalised score an alive beam could still reach."""
-        best = alive_score.max(axis=1)
-        if penalty > 0:  # longer divides more: the most it can gain is at the longest length
-            return _normalised(best, jnp.int32(steps), penalty)
-        return _normalised(best, i + 1, penalty)
+    def settled(done, alive_score, fin, length):
+        """Rows done once full and their best alive beam, at its current `length`, cannot beat
+        the worst finished one (transformers' early_stopping=False heuristic)."""
+        worst = fin[2].min(axis=1)
+        full = worst > NEG_INF / 2
+        return done | (full & (_normalised(alive_score.max(axis=1), length, penalty) <= worst))
 
     def cond(carry):
-        i, _, _, alive_score, fin = carry
-        full = fin[2].min(axis=1) > NEG_INF / 2
-        done = full & (bound(alive_score, i) < fin[2].min(axis=1))
+        i, _, _, _, _, done = carry
         return (i < steps) & ~jnp.all(done)
 
     def body(carry):
-        i, state, alive_seq, alive_score, fin = carry
+        i, state, alive_seq, alive_score, fin, done = carry
         log_probs = jax.nn.log_softmax(_forbid_stops(_logits(model, params, state), i, settings), axis=-1).reshape(batch, k, vocab)
         candidates = (alive_score[..., None] + log_probs).reshape(batch, k * vocab)
         scores, flat = jax.lax.top_k(candidates, 2 * k)
@@ -225,19 +225,19 @@ def beam_search(model, params, state: State, settings: TextSettings):
         length = jnp.full(token.shape, i + 1, jnp.int32)
         # only stops ranked among the best k finish a hypothesis (as transformers does): with k=1 a
         # runner-up stop token must not end the answer when greedy would go on
-        finishes = is_stop & (jnp.arange(2 * k) < k)
+        finishes = is_stop & (jnp.arange(2 * k) < k) & ~done[:, None]
         fin = merge_finished(fin, seq, length, jnp.where(finishes, _normalised(scores, length, penalty), NEG_INF))
         alive_score, pick = jax.lax.top_k(jnp.where(is_stop, NEG_INF, scores), k)
         alive_seq, chosen = seq[rows, pick], token[rows, pick]
         parents = (rows * k + parent[rows, pick]).reshape(-1)
         state = _rows(state, lambda x, axis: jnp.take(x, parents, axis=axis))
         state = _feed_tokens(model, params, state, chosen.reshape(-1))
-        return i + 1, state, alive_seq, alive_score, fin
+        return i + 1, state, alive_seq, alive_score, fin, settled(done, alive_score, fin, i + 1)
 
-    carry = (jnp.int32(0), state, alive_seq, alive_score, (fin_seq, fin_len, fin_score))
-    i, _, alive_seq, alive_score, fin = jax.lax.while_loop(cond, body, carry)
+    carry = (jnp.int32(0), state, alive_seq, alive_score, (fin_seq, fin_len, fin_score), jnp.zeros((batch,), bool))
+    i, _, alive_seq, alive_score, fin, done = jax.lax.while_loop(cond, body, carry)
     # rows that ran out of steps: their alive beams compete as finished at full length
-    ran_out = (i >= steps) & (alive_score > NEG_INF / 2)
+    ran_out = (i >= steps) & (alive_score > NEG_INF / 2) & ~done[:, None]
     length = jnp.full((batch, k), i, jnp.int32)
     fin_seq, fin_len, fin_score = merge_finished(
         fin, alive_seq, length, jnp.where(ran_out, _normalised(alive_score, length, penalty), NEG_INF))
