@@ -162,7 +162,7 @@ def official_emu2(config_name: str = "emu2_37b", chat: bool = False, seed: int =
 @functools.cache
 def official_emu2_gen(seed: int = 0):
     """(official Emu2-Gen `EmuVisualGeneration`: multimodal_encoder an official EmuModel, diffusers'
-    unet and vae at configs/tiny_decoder.py's shape, a tiny CLIP safety checker; its state_dict)."""
+    unet and vae at the tests' small decoder shape, a tiny CLIP safety checker; its state_dict)."""
     from diffusers import EulerDiscreteScheduler
     from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
     from transformers import CLIPConfig, CLIPImageProcessor
@@ -178,9 +178,11 @@ def official_emu2_gen(seed: int = 0):
 
 
 def gen_config():
-    """tiny_release_config("emu2_37b") with configs/tiny_decoder.py's UNet and VAE."""
+    """tiny_release_config("emu2_37b") with the tests' small UNet and VAE (conftest.SMALL_DECODER: the
+    layouts of configs/tiny_decoder.py's at 8-16 channels; conversion needs names and shapes, not quality)."""
+    from conftest import small_decoder_config
     config = tiny_release_config("emu2_37b")
-    decoder = config_lib.load(os.path.join(os.path.dirname(__file__), "..", "configs", "tiny_decoder.py:decoder"))
+    decoder = small_decoder_config()
     with config.unlocked():
         config.model.unet, config.model.vae = decoder.model.unet, decoder.model.vae
         config.model.decoder = decoder.model.decoder

@@ -228,11 +228,13 @@ def final_state(workdir):
 @pytest.mark.slow
 def test_run_killed_with_sigkill_resumes_bit_identical(tmp_path, data_dir):
     """Killed outright mid-run, then relaunched: the same parameters and data position as a run never
-    killed, and the killed run's data workers did not outlive it."""
+    killed, and the killed run's data workers did not outlive it (nor, after a normal end, their
+    shared memory: test_faults covers SIGTERM and Ctrl-C)."""
     import psutil
     steps = ["--config.train.steps=40", "--config.train.checkpoint_every=10", "--config.train.log_every=10"]
     reference = cli(tmp_path / "reference", data_dir, *steps)
     assert reference.wait(timeout=600) == 0, reference.stderr.read()
+    assert "leaked shared_memory" not in reference.stderr.read()  # data workers' batches released at the end
 
     victim = cli(tmp_path / "killed", data_dir, *steps)
     first_checkpoint = tmp_path / "killed" / "checkpoints" / "10"
