@@ -21,7 +21,17 @@ import pathlib
 import sys
 import types
 
-REFERENCE = pathlib.Path(__file__).resolve().parents[2] / "shared" / "reference"
+
+def _find_reference() -> pathlib.Path:
+    """`shared/reference` beside the checkout (or inside it): where the project's shared files are laid."""
+    for parent in pathlib.Path(__file__).resolve().parents:
+        if (parent / "shared" / "reference").is_dir():
+            return parent / "shared" / "reference"
+    raise FileNotFoundError(f"no shared/reference beside or above {__file__}: the official release the tests "
+                            f"compare with is laid there")
+
+
+REFERENCE = _find_reference()
 RELEASE = REFERENCE / "baaivision-emu"
 VQA = REFERENCE / "gt-vision-lab-vqa"
 
