@@ -442,13 +442,19 @@ def small_disk(tmp_path):
 
 @pytest.mark.slow
 def test_a_full_disk_stops_the_run_with_one_line_and_leaves_no_half_written_step(small_disk, digits_world):
+    import subprocess
     from emu_jax.train.checkpoint import Checkpointer
     workdir = small_disk / "run"
     run = train_cli(workdir, digits_world, "--config.train.steps=6", "--config.train.checkpoint_every=1",
                     "--config.data.worker_count=0")
-    assert run.wait(timeout=300) == 1
+    try:
+        stderr = run.communicate(timeout=300)[1]
+    except subprocess.TimeoutExpired:  # say where it hung
+        run.kill()
+        raise AssertionError(f"the run did not end: {run.communicate()[1][-3000:]}") from None
+    assert run.returncode == 1, stderr[-3000:]
     # one line of ours (Orbax's writer threads may still log their own failure around it)
-    (error,) = [line for line in run.stderr.read().splitlines() if line.startswith("error: ")]
+    (error,) = [line for line in stderr.splitlines() if line.startswith("error: ")]
     assert error.startswith(f"error: writing a checkpoint to {workdir}/checkpoints failed: No space left on device;")
     kept = sorted(os.listdir(workdir / "checkpoints"))
     assert kept and all(name.isdigit() for name in kept), kept  # no *.orbax-checkpoint-tmp left behind

@@ -4,6 +4,7 @@ Trains (or resumes) what the config describes (`config.task`: the Emu model, or 
 visual decoder). On the embedded digits world the Emu run ends by printing `held-out caption
 accuracy: <fraction>`, a decoder stage `held-out recognisability: <fraction>`.
 """
+import os
 import sys
 
 from absl import app, flags, logging
@@ -24,7 +25,10 @@ def main(argv):
     try:
         result = train(flags.FLAGS.config, flags.FLAGS.workdir)
     except RUN_ERRORS as e:  # what a user did or the run met, said in one line (no traceback)
-        sys.exit(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        # Exit now: after a failed checkpoint write, Orbax's writer threads may never finish, and the
+        # interpreter would wait for them at exit (a run that reported a full disk, then hung).
+        os._exit(1)
     if result["skipped_updates"]:
         print(f"skipped {result['skipped_updates']} non-finite update(s) (see data/ and skipped_updates in "
               f"metrics.jsonl)")
