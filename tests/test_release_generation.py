@@ -211,3 +211,25 @@ def test_left_padded_batch_text_equals_official_generate_of_each_prompt(name, se
     generator.tokenizer = _Recording(generator.tokenizer)
     generator.generate(_our_segments(release, range(len(PROMPTS))))
     assert generator.tokenizer.decoded == expected
+
+
+def test_video_prompt_text_equals_official_generate_with_video():
+    """Emu2 video: two frames as `[VIDEO]` + per frame `[IMG]` + `[gIMG]` x v_query + `[/IMG]`, each
+    pooled to the video grid and placed at its `[gIMG]`s (the official `generate(video=...)`): greedy
+    token ids equal."""
+    release = release_for("emu2")
+    frames = np.stack(release.images[:2])
+    constants = official.emu2("constants")
+    text = f"a clip {constants.DEFAULT_VIDEO_TOKEN}" + constants.DEFAULT_VID_PLACEHOLDER * 2 + " of a dog"
+    lm, captured = release.official.decoder.lm, []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(lm, "generate", lambda *a, **k: captured.append(type(lm).generate(lm, *a, **k)) or captured[-1])
+        release.official.generate([text], video=_release_pixels(list(frames)), num_beams=1,
+                                  max_new_tokens=MAX_NEW_TOKENS)
+    expected = captured[0][0].tolist()
+    eos = release.official.decoder.tokenizer.eos_token_id
+    expected = expected[:expected.index(eos) + 1] if eos in expected else expected
+    generator = _generator(release, max_new_tokens=MAX_NEW_TOKENS, strategy="greedy")
+    generator.tokenizer = _Recording(generator.tokenizer)
+    generator.generate([["a clip ", prompts.VideoInput(frames), " of a dog"]])
+    assert generator.tokenizer.decoded == [expected]
