@@ -202,7 +202,15 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         tokenizer="",  # sentencepiece model: LLaMA's tokenizer.model for the released configs
         train_sources=ml_collections.ConfigDict(), eval_sources=ml_collections.ConfigDict(),
         seq_len=2048, max_images=8, video_frames=8, global_batch_size=256, pack=True, packing_bins=16,
-        seed=0, worker_count=2, worker_buffer_size=2, strict=False) | overrides)
+        seed=0, worker_count=2, worker_buffer_size=2, strict=False,
+        augment=augment_config()) | overrides)
+
+
+def augment_config(kind: str = "none", **affine) -> ml_collections.ConfigDict:
+    """Training-time image augmentation (data/augment.py): `kind` names one, its options live
+    under its name (so `--config.data.augment.kind=affine` switches it on with the defaults)."""
+    defaults = dict(min_scale=0.85, max_scale=1.1, max_rotation=12.0, max_shift=0.1)
+    return ml_collections.ConfigDict(dict(kind=kind, affine=ml_collections.ConfigDict(defaults | affine)))
 
 
 def digits_data(**overrides) -> ml_collections.ConfigDict:

@@ -11,7 +11,7 @@ from conftest import load_config
 from PIL import Image
 
 from emu_jax import config_lib
-from emu_jax.data import digits, media, pipeline, records, write
+from emu_jax.data import augment, digits, media, pipeline, records, write
 from emu_jax.data.records import RecordError
 from emu_jax.data.tokenizer import Tokenizer
 from emu_jax.models import tokens as tokens_lib
@@ -214,6 +214,50 @@ def test_restored_iterator_yields_the_same_following_batches(world, workers):
         got = next(restored)
         for key in want:
             np.testing.assert_array_equal(got[key], want[key], err_msg=key)
+
+
+def test_affine_views_move_pixels_exactly_as_asked():
+    images, _ = digits.load_digits()
+    image = images[7]
+    warp = lambda *args: np.asarray(Image.fromarray(image).transform(  # noqa: E731
+        (32, 32), Image.AFFINE, augment.affine_matrix(32, *args), Image.BICUBIC, fillcolor=(255, 255, 255)))
+    np.testing.assert_array_equal(warp(1.0, 0.0, (0.0, 0.0)), image)
+    np.testing.assert_array_equal(warp(1.0, 0.0, (3.0, -2.0))[:30, 3:], image[2:, :29])  # 3 right, 2 up
+    turned = warp(1.0, 90.0, (0.0, 0.0)).astype(int)  # about the centre (cos 90 is 6e-17 in floating point)
+    assert np.abs(turned - np.rot90(image, -1)).max() <= 1
+    assert augment.border_colour(image) == (255, 255, 255)  # white paper, although the ink touches the edge
+
+
+def test_training_reads_fresh_views_of_the_same_documents_and_evaluation_reads_the_originals(world):
+    """data.augment changes pixels only, the same way on every run, and only for training."""
+    data_dir, _ = world
+    augmented = tiny_config(data_dir, global_batch_size=4)
+    plain = tiny_config(data_dir, global_batch_size=4, augment=config_lib.augment_config("none"))
+    assert augmented.data.augment.kind == "affine"  # the quickstart recipe's setting
+    views, originals, again = (first_batches(c, 2) for c in (augmented, plain, augmented))
+    for view, original, same in zip(views, originals, again):
+        for key in original:
+            if key != "images":
+                np.testing.assert_array_equal(view[key], original[key], err_msg=key)
+        np.testing.assert_array_equal(view["images"], same["images"])
+        filled = original["image_mask"]
+        assert (view["images"][filled] != original["images"][filled]).any(axis=(1, 2, 3)).mean() > 0.9
+    for view, original in zip(first_batches(augmented, 2, "eval"), first_batches(plain, 2, "eval")):
+        np.testing.assert_array_equal(view["images"], original["images"])
+    with pytest.raises(ValueError, match="unknown data.augment.kind 'flip'; choose one of none, affine"):
+        augment.from_config(config_lib.augment_config("flip"))
+
+
+def test_a_documents_view_does_not_depend_on_how_many_processes_share_the_data(world):
+    """The view is drawn by the document's place in the mixture, so a run over two processes
+    trains on the same pixels as one process (test_train compares their losses)."""
+    data_dir, _ = world
+    config = tiny_config(data_dir, global_batch_size=2, pack=False, packing_bins=1)
+    (alone,) = first_batches(config, 1)
+    shared = [first_batches(config, 1, process_index=p, process_count=2)[0] for p in range(2)]
+    for p in range(2):
+        np.testing.assert_array_equal(shared[p]["tokens"][0], alone["tokens"][p])
+        np.testing.assert_array_equal(shared[p]["images"][0], alone["images"][p])
 
 
 # ----------------------------------------------------------------------------- bad records

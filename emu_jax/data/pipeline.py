@@ -1,7 +1,9 @@
 """The Grain input pipeline: records -> documents -> token and image arrays -> packed rows -> batches.
 
     per source: records (ArrayRecord shards or a TFDS split) -> tag (source, index) -> shuffle -> repeat
-    -> mix by weight -> this process's slice -> decode + tokenise (worker processes)
+    -> mix by weight -> decode + tokenise (worker processes) -> (training) a random view of the
+    document's images (`data.augment`, see augment.py) -> this process's slice (lazily: a process
+    decodes only its own records)
     -> first-fit packing of tokens and image slots -> loss masks -> batch -> multiprocess prefetch
 
 A packed row holds `tokens`, `positions` and `segment_ids` [seq_len] (0 = padding), `images`
@@ -28,7 +30,7 @@ import numpy as np
 from absl import logging
 from grain.experimental import FirstFitPackIterDataset
 
-from emu_jax.data import media, records
+from emu_jax.data import augment, media, records
 from emu_jax.data.records import RecordError
 from emu_jax.data.tokenizer import Tokenizer
 from emu_jax.models import tokens as tokens_lib
@@ -210,9 +212,9 @@ class FinishRow:
 
 # ----------------------------------------------------------------------------- the dataset
 
-def documents(data_config, sources, *, shuffle: bool, process_index: int, process_count: int) -> grain.MapDataset:
-    """Tagged records of the weighted mixture of `sources`, this process's share. Shuffled and
-    repeated forever when `shuffle` (training); one pass in order otherwise (evaluation)."""
+def mixture(data_config, sources, *, shuffle: bool) -> grain.MapDataset:
+    """Tagged records of the weighted mixture of `sources`, every process's. Shuffled and repeated
+    forever when `shuffle` (training); one pass in order otherwise (evaluation)."""
     datasets, weights = [], []
     for i, (name, source) in enumerate(sorted(sources.items())):
         ds = SOURCES[source.kind](source, data_config).map_with_index(Tag(name))
@@ -220,8 +222,12 @@ def documents(data_config, sources, *, shuffle: bool, process_index: int, proces
             ds = ds.shuffle(seed=data_config.seed + i).repeat()
         datasets.append(ds)
         weights.append(source.weight)
-    ds = datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
-    return ds[process_index::process_count]
+    return datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+
+
+def documents(data_config, sources, *, shuffle: bool, process_index: int, process_count: int) -> grain.MapDataset:
+    """This process's share of the mixture."""
+    return mixture(data_config, sources, shuffle=shuffle)[process_index::process_count]
 
 
 def _process_share(data_config, process_index, process_count) -> tuple[int, int]:
@@ -263,10 +269,15 @@ def make_dataset(data_config, model_config, visual_tokens: int, *, split: str = 
     process_index, process_count = _process_share(data_config, process_index, process_count)
     layout = Layout.from_configs(model_config, data_config, visual_tokens)
     sources = data_config.train_sources if split == "train" else data_config.eval_sources
-    ds = documents(data_config, sources, shuffle=split == "train", process_index=process_index,
-                   process_count=process_count)
     tokenizer = Tokenizer(expand(data_config.tokenizer, data_config.data_dir), layout.special)
-    ds = ds.map(TokenizeDocument(tokenizer, layout, data_config.strict)).to_iter_dataset()
+    ds = mixture(data_config, sources, shuffle=split == "train").map(TokenizeDocument(tokenizer, layout,
+                                                                                      data_config.strict))
+    augmentation = augment.from_config(data_config.augment)
+    if split == "train" and augmentation is not None:
+        # drawn before the split over processes: a record's view depends on its place in the
+        # mixture, not on how many processes share it
+        ds = ds.random_map(augmentation, seed=data_config.seed)
+    ds = ds[process_index::process_count].to_iter_dataset()
     ds = FirstFitPackIterDataset(
         ds, length_struct={"tokens": layout.seq_len, "images": layout.max_images, "events": layout.seq_len},
         padding_struct={"tokens": layout.special["pad"], "images": 0, "events": 0},
