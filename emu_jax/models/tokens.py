@@ -14,7 +14,6 @@ model predicts at t about position t + 1 (same document only).
 """
 from __future__ import annotations
 
-import ml_collections
 import numpy as np
 
 EMU1_SPECIALS = ("pad", "img", "img_end", "image")
@@ -35,18 +34,26 @@ TEXT_FORMS = {"pad": "[PAD]", "img": "[IMG]", "img_end": "[/IMG]", "image": "<im
               "assistant": "[ASSISTANT]"}
 
 
-def emu1_tokens(base: int = 32000, instruct: bool = False) -> tuple[ml_collections.ConfigDict, int]:
+def emu1_tokens(base: int = 32000, instruct: bool = False) -> tuple["ml_collections.ConfigDict", int]:
     """(special token ids, vocab size) of Emu1: 32004 ids, 32006 for the instruct model."""
+    import ml_collections  # here, not at the top: the models, losses and decoding import without it
     names = EMU1_SPECIALS + (EMU1_INSTRUCT if instruct else ())
     return ml_collections.ConfigDict({n: base + i for i, n in enumerate(names)}), base + len(names)
 
 
-def emu2_tokens(base: int = 32000, chat: bool = False) -> tuple[ml_collections.ConfigDict, int]:
-    """(special token ids, vocab size) of Emu2: 32272 ids, 32274 for Emu2-Chat."""
+def emu2_token_ids(base: int = 32000, chat: bool = False) -> tuple[dict[str, int], int]:
+    """(special token ids as a plain dict, vocab size) of Emu2: 32272 ids, 32274 for Emu2-Chat."""
     ids = {n: base + i for i, n in enumerate(EMU2_SPECIALS)}
     if chat:
         ids.update({n: base + EMU2_RESERVED + i for i, n in enumerate(EMU2_CHAT)})
-    return ml_collections.ConfigDict(ids), base + EMU2_RESERVED + (len(EMU2_CHAT) if chat else 0)
+    return ids, base + EMU2_RESERVED + (len(EMU2_CHAT) if chat else 0)
+
+
+def emu2_tokens(base: int = 32000, chat: bool = False) -> tuple["ml_collections.ConfigDict", int]:
+    """(special token ids, vocab size) of Emu2 as a config section (see `emu2_token_ids`)."""
+    import ml_collections
+    ids, vocab = emu2_token_ids(base, chat)
+    return ml_collections.ConfigDict(ids), vocab
 
 
 def text_forms(special) -> dict[str, int]:
