@@ -1,0 +1,277 @@
+"""The README's result tables, measured by running the commands the README gives users:
+
+    python benchmarks/readme_figures.py                         # quickstart x 3 seeds, decoder stages, sweep
+    python benchmarks/readme_figures.py --label=newest --stages=quickstart   # from a virtualenv of the newest releases
+
+Stages (each run is a subprocess of the CLI a user types, one at a time: they use every core):
+  quickstart  `python -m emu_jax.train --config=configs/tiny.py` per seed (`--config.seed` and
+              `--config.data.seed`): held-out caption accuracy, held-out text loss, wall time
+  decoder     `configs/tiny_decoder.py:vae`, then `:decoder` on that seed's quickstart encoder:
+              held-out recognisability of each stage, wall times
+  sweep       `python -m emu_jax.evaluate --config=configs/eval/digits.py` on seed 0's checkpoints
+  benchmarks  each `python benchmarks/<name>.py` with its defaults: the lines it prints (ratios
+              measured side by side in one run), verbatim
+
+A finished run leaves `<out>/<label>/<run>.json` (its figures, wall time, and the versions of the
+packages it ran on; committed) and its workdir under `--work`, so a re-run only runs what is missing
+and the tables gather every label measured so far (`locked`, the constraints.txt set, beside
+`newest`). The tables are written between
+the README's `<!-- figures:<table>:begin -->` / `<!-- figures:<table>:end -->` markers.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import sys
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "pillow", "sentencepiece",
+            "tensorflow-datasets")
+STAGES = ("quickstart", "decoder", "sweep", "benchmarks")
+BENCHMARKS = ("pipeline_throughput", "train_step_flops", "generate_speed", "convert_throughput", "t2i_vs_official")
+
+
+def versions() -> dict:
+    found = {p: importlib.metadata.version(p) for p in PACKAGES}
+    return dict(found, python=platform.python_version(), cpus=os.cpu_count(),
+                date=datetime.date.today().isoformat())
+
+
+def last_metric(workdir: pathlib.Path, name: str) -> float:
+    """The last value of `name` in a run's metrics.jsonl."""
+    values = [json.loads(line)[name] for line in open(workdir / "metrics.jsonl") if f'"{name}"' in line]
+    if not values:
+        raise RuntimeError(f"{workdir}/metrics.jsonl has no {name}")
+    return values[-1]
+
+
+def run_cli(args: list[str], log: pathlib.Path) -> float:
+    """Runs `python -m <args>` from the repository root; returns its wall time in seconds."""
+    start = time.perf_counter()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as stream:
+        done = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, stdout=stream, stderr=subprocess.STDOUT,
+                              check=False)
+    if done.returncode:
+        raise RuntimeError(f"`{' '.join(args)}` failed; see {log}")
+    return time.perf_counter() - start
+
+
+def measured(result: pathlib.Path, run_dir: pathlib.Path, measure, needs: tuple[pathlib.Path, ...] = ()) -> dict:
+    """The run's figures from `result` (json), measuring them in `run_dir` first if the run has not
+    finished or if what a later stage `needs` of it (a checkpoint) is gone."""
+    if not result.exists() or not all(p.exists() for p in needs):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        figures = measure(run_dir) | {"versions": versions()}
+        result.parent.mkdir(parents=True, exist_ok=True)
+        result.with_suffix(".tmp").write_text(json.dumps(figures, indent=1) + "\n")
+        os.replace(result.with_suffix(".tmp"), result)
+    return json.loads(result.read_text())
+
+
+def train(run_dir: pathlib.Path, config: str, overrides: list[str]) -> float:
+    workdir = run_dir / "workdir"
+    return run_cli(["emu_jax.train", f"--config={config}", f"--workdir={workdir}", *overrides], run_dir / "log.txt")
+
+
+def quickstart(results: pathlib.Path, work: pathlib.Path, seed: int, needs_checkpoint: bool = False) -> dict:
+    run_dir = work / f"quickstart_seed{seed}"
+
+    def measure(run_dir):
+        wall = train(run_dir, "configs/tiny.py", [f"--config.seed={seed}", f"--config.data.seed={seed}"])
+        workdir = run_dir / "workdir"
+        return dict(seed=seed, accuracy=last_metric(workdir, "eval/held_out_caption_accuracy"),
+                    text_loss=last_metric(workdir, "eval/text_loss"), wall_s=wall)
+    needs = (run_dir / "workdir" / "checkpoints",) if needs_checkpoint else ()
+    return measured(results / f"quickstart_seed{seed}.json", run_dir, measure, needs)
+
+
+def decoder(results: pathlib.Path, work: pathlib.Path, seed: int, needs_checkpoint: bool = False) -> dict:
+    encoder = work / f"quickstart_seed{seed}" / "workdir" / "checkpoints"
+    run_dir = work / f"decoder_seed{seed}"
+
+    def measure(run_dir):
+        quickstart(results, work, seed, needs_checkpoint=True)
+        seeds = [f"--config.seed={seed}", f"--config.data.seed={seed}"]
+        vae_wall = train(run_dir / "vae", "configs/tiny_decoder.py:vae", seeds)
+        vae = run_dir / "vae" / "workdir"
+        wall = train(run_dir / "decoder", "configs/tiny_decoder.py:decoder", seeds + [
+            f"--config.train.init_from.vae={vae}/checkpoints", f"--config.train.init_from.vit={encoder}",
+            f"--config.train.init_from.connector={encoder}"])
+        return dict(seed=seed, vae=last_metric(vae, "eval/vae_recognisability"), vae_wall_s=vae_wall,
+                    decoder=last_metric(run_dir / "decoder" / "workdir", "eval/decoder_recognisability"),
+                    decoder_wall_s=wall)
+    needs = (run_dir / "decoder" / "workdir" / "checkpoints",) if needs_checkpoint else ()
+    return measured(results / f"decoder_seed{seed}.json", run_dir, measure, needs)
+
+
+def sweep(results: pathlib.Path, work: pathlib.Path) -> dict:
+    def measure(run_dir):
+        quickstart(results, work, 0, needs_checkpoint=True)
+        decoder(results, work, 0, needs_checkpoint=True)
+        tiny, dec = work / "quickstart_seed0" / "workdir", work / "decoder_seed0" / "decoder" / "workdir"
+        wall = run_cli(["emu_jax.evaluate", "--config=configs/eval/digits.py", f"--config.out={run_dir / 'sweep'}",
+                        f"--config.checkpoints.tiny.checkpoint={tiny}/checkpoints",
+                        f"--config.checkpoints.tiny.decoder={dec}/checkpoints"], run_dir / "log.txt")
+        with open(run_dir / "sweep" / "results.csv") as f:
+            return dict(rows=list(csv.DictReader(f)), wall_s=wall)
+    return measured(results / "sweep.json", work / "sweep", measure)
+
+
+def benchmark(results: pathlib.Path, work: pathlib.Path, name: str) -> dict:
+    def measure(run_dir):
+        log = run_dir / "log.txt"
+        start = time.perf_counter()
+        done = subprocess.run([sys.executable, f"benchmarks/{name}.py"], cwd=ROOT, capture_output=True, text=True,
+                              check=False)
+        log.write_text(done.stdout + done.stderr)
+        if done.returncode:
+            raise RuntimeError(f"benchmarks/{name}.py failed; see {log}")
+        return dict(name=name, printed=done.stdout.strip().splitlines(), wall_s=time.perf_counter() - start)
+    return measured(results / f"benchmark_{name}.json", work / f"benchmark_{name}", measure)
+
+
+def gathered(out: pathlib.Path, pattern: str) -> list[tuple[str, dict]]:
+    """(label, figures) of every finished run matching `pattern` under every label."""
+    return [(path.parent.name, json.loads(path.read_text())) for path in sorted(out.glob(f"*/{pattern}.json"))]
+
+
+def versions_line(label: str, v: dict) -> str:
+    packages = ", ".join(f"{p} {v[p]}" for p in PACKAGES)
+    return f"`{label}`: {packages}; Python {v['python']}, {v['cpus']} CPUs, {v['date']}"
+
+
+def footnotes(runs: list[tuple[str, dict]]) -> list[str]:
+    seen = {}
+    for label, figures in runs:
+        seen.setdefault(label, figures["versions"])
+    return [""] + [versions_line(label, v) + "  " for label, v in seen.items()]
+
+
+def quickstart_table(out: pathlib.Path) -> str:
+    runs = gathered(out, "quickstart_seed*")
+    if not runs:
+        return ""
+    lines = ["| dependency set | seed | held-out caption accuracy | held-out text loss | wall time (2 cores) |",
+             "|---|---|---|---|---|"]
+    lines += [f"| {label} | {f['seed']} | {f['accuracy']:.3f} | {f['text_loss']:.3f} | {f['wall_s'] / 60:.1f} min |"
+              for label, f in runs]
+    return "\n".join(lines + footnotes(runs))
+
+
+def real_digits_recognisability() -> float:
+    """The classifier's accuracy on the real held-out digits: the ceiling for generated ones."""
+    from emu_jax.data import digits
+    from emu_jax.eval import recognisability
+    images, labels = digits.load_digits()
+    held_out = digits.split_indices(len(images), "test")
+    return recognisability.digit_accuracy(images[held_out], list(labels[held_out]))
+
+
+def decoder_table(out: pathlib.Path) -> str:
+    runs = gathered(out, "decoder_seed*")
+    if not runs:
+        return ""
+    lines = ["| dependency set | seed | VAE recognisability | VAE wall time | decoder recognisability | decoder wall time |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {f['seed']} | {f['vae']:.3f} | {f['vae_wall_s'] / 60:.1f} min | {f['decoder']:.3f} | "
+              f"{f['decoder_wall_s'] / 60:.1f} min |" for label, f in runs]
+    lines.append(f"| real held-out digits | | {real_digits_recognisability():.3f} | | | |")
+    return "\n".join(lines + footnotes(runs))
+
+
+SWEEP_ROWS = (  # (README row, task, demonstrations, metric columns joined by " / ")
+    ("caption accuracy", "caption", "none", ("accuracy",)),
+    ("VQA accuracy (\"what digit is this?\")", "vqa", "none", ("accuracy",)),
+    ("in-context labelling, random demonstrations", "labelling", "random", ("accuracy",)),
+    ("in-context labelling, RICES demonstrations", "labelling", "rices", ("accuracy",)),
+    ("video caption accuracy: digit and direction / digit / direction", "video", "none",
+     ("accuracy", "digit_accuracy", "direction_accuracy")),
+    ("text-to-image: classifier accuracy / FID (encoder features)", "t2i", "none", ("accuracy", "FID")),
+)
+
+
+def sweep_cell(rows: list[dict], task: str, demonstrations: str, shots: int, metrics) -> str:
+    for r in rows:
+        if r["task"] == task and int(r["shots"]) == shots and r["demonstrations"] in (demonstrations, "none"):
+            return " / ".join(f"{float(r[m]):.2f}" if m == "FID" else f"{float(r[m]):.1f}" for m in metrics)
+    return ""
+
+
+def sweep_table(out: pathlib.Path) -> str:
+    runs = gathered(out, "sweep")
+    if not runs:
+        return ""
+    label, figures = runs[0]
+    shots = sorted({int(r["shots"]) for r in figures["rows"]})
+    lines = ["| task | " + " | ".join(f"{k}-shot" if k == 0 else str(k) for k in shots) + " |",
+             "|---|" + "---|" * len(shots)]
+    for name, task, demonstrations, metrics in SWEEP_ROWS:
+        lines.append(f"| {name} | " + " | ".join(sweep_cell(figures["rows"], task, demonstrations, k, metrics)
+                                                for k in shots) + " |")
+    return "\n".join(lines + footnotes(runs[:1]))
+
+
+def benchmarks_table(out: pathlib.Path) -> str:
+    runs = gathered(out, "benchmark_*")
+    if not runs:
+        return ""
+    blocks = []
+    for label, figures in sorted(runs, key=lambda run: BENCHMARKS.index(run[1]["name"])):
+        blocks += [f"`python benchmarks/{figures['name']}.py` ({label}):", "", "```", *figures["printed"], "```", ""]
+    return "\n".join(blocks + footnotes(runs)[1:])
+
+
+TABLES = {"quickstart": quickstart_table, "decoder": decoder_table, "sweep": sweep_table,
+          "benchmarks": benchmarks_table}
+
+
+def rewrite(readme: pathlib.Path, name: str, markdown: str) -> None:
+    begin, end = f"<!-- figures:{name}:begin -->", f"<!-- figures:{name}:end -->"
+    text = readme.read_text()
+    if begin not in text or end not in text:
+        raise SystemExit(f"{readme} has no {begin} ... {end} markers")
+    before, rest = text.split(begin, 1)
+    readme.write_text(before + begin + "\n" + markdown + "\n" + end + rest.split(end, 1)[1])
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--label", default="locked", help="Names the dependency set these runs use.")
+    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "figures"), help="Where the figures go (json).")
+    parser.add_argument("--work", default="~/.cache/emu_jax/figures", help="Where the runs go (workdirs, logs).")
+    parser.add_argument("--readme", default=str(ROOT / "README.md"))
+    parser.add_argument("--tables_only", action="store_true", help="Rewrite the tables from finished runs only.")
+    args = parser.parse_args()
+    out = pathlib.Path(args.out)
+    stages = args.stages.split(",")
+    if not args.tables_only:
+        results, work = out / args.label, pathlib.Path(args.work).expanduser() / args.label
+        seeds = [int(s) for s in args.seeds.split(",")]
+        for seed in seeds if "quickstart" in stages else ():
+            quickstart(results, work, seed)
+        for seed in seeds if "decoder" in stages else ():
+            decoder(results, work, seed)
+        if "sweep" in stages:
+            sweep(results, work)
+        for name in BENCHMARKS if "benchmarks" in stages else ():
+            benchmark(results, work, name)
+    for name, table in TABLES.items():
+        markdown = table(out)
+        print(markdown, end="\n\n")
+        if markdown:
+            rewrite(pathlib.Path(args.readme), name, markdown)
+
+
+if __name__ == "__main__":
+    main()
