@@ -299,14 +299,7 @@ def train_speed(args, remat: str, peaks: dict, attention: str) -> dict:
         if memory is not None:
             row["step_memory_bytes"] = int(memory.temp_size_in_bytes + memory.argument_size_in_bytes +
                                            memory.output_size_in_bytes - memory.alias_size_in_bytes)
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(args.steps):
-            start = time.perf_counter()
-            state, metrics = step(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
+        state, metrics, times = flops_lib.time_train_steps(step, state, batch, args.steps)
         row.update(step_s=min(times), median_step_s=float(np.median(times)), loss=float(metrics["loss"]),
                    tokens_per_s=args.batch * args.seq_len / min(times))
         row["model_flops_per_s"] = row["model_flops"] / row["step_s"]

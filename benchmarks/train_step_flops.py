@@ -12,8 +12,6 @@ that also makes the reference matmul fastest, so the ratio is against the best m
 """
 from __future__ import annotations
 
-import time
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -72,14 +70,7 @@ def main(argv):
         state = TrainState(jnp.int32(0), params, jax.jit(optimizer.tx.init)(params), jnp.int32(0))
         step = jax.jit(make_train_step(task, optimizer), donate_argnums=0)
         batch = jax.device_put(random_batch(config, model, np.random.RandomState(0)))
-        state, metrics = step(state, batch)
-        jax.block_until_ready(metrics)
-        times = []
-        for _ in range(FLAGS.steps):
-            start = time.perf_counter()
-            state, metrics = step(state, batch)
-            jax.block_until_ready(metrics)
-            times.append(time.perf_counter() - start)
+        state, metrics, times = flops_lib.time_train_steps(step, state, batch, FLAGS.steps)
         seconds, median = min(times), float(np.median(times))
     step_flops = flops_lib.step_flops(abstract, config.model, FLAGS.batch, FLAGS.seq_len, FLAGS.images)
     achieved = step_flops / seconds

@@ -7,8 +7,11 @@ experiment files only state what differs.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import ml_collections
 
+from emu_jax.data import augment
 from emu_jax.data.digits import VERSION as DIGITS_VERSION
 from emu_jax.models import tokens as tokens_lib
 
@@ -209,7 +212,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
 def augment_config(kind: str = "none", **affine) -> ml_collections.ConfigDict:
     """Training-time image augmentation (data/augment.py): `kind` names one, its options live
     under its name (so `--config.data.augment.kind=affine` switches it on with the defaults)."""
-    defaults = dict(min_scale=0.85, max_scale=1.1, max_rotation=12.0, max_shift=0.1)
+    defaults = dataclasses.asdict(augment.RandomAffine())
     return ml_collections.ConfigDict(dict(kind=kind, affine=ml_collections.ConfigDict(defaults | affine)))
 
 

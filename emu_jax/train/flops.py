@@ -52,6 +52,20 @@ def measure_matmul_flops(size: int = 1024, dtype=jnp.float32, repeats: int = 10)
     return 2 * size ** 3 / best
 
 
+def time_train_steps(step, state, batch, count: int):
+    """Runs `step` once (warm-up), then `count` timed steps to completion; returns
+    (state, last metrics, seconds per step) for best-of / median reporting."""
+    state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        state, metrics = step(state, batch)
+        jax.block_until_ready(metrics)
+        times.append(time.perf_counter() - start)
+    return state, metrics, times
+
+
 def peak_flops_per_device(device=None) -> float:
     device = device or jax.devices()[0]
     for prefix, flops in PEAK_FLOPS.items():
