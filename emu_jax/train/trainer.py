@@ -84,15 +84,32 @@ class SkipGuard:
 RUN_ERRORS = (WorkdirBusy, FloatingPointError, mesh_lib.MeshError, CheckpointWriteError)
 
 
-class Preemption:
-    """Turns SIGTERM into a flag the loop checks, so the run saves and exits cleanly."""
+class StopRequests:
+    """SIGTERM (a preemption) and a first Ctrl-C become flags the loop checks between steps, so the
+    data workers and their shared-memory batches are shut down from a known state and an async
+    checkpoint in flight is finished. SIGTERM saves the step reached and returns normally; Ctrl-C
+    saves nothing and ends as an interrupted run (KeyboardInterrupt). A second Ctrl-C interrupts at
+    once, e.g. during a long compile."""
 
     def __init__(self):
-        self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.preempted = self.interrupted = False
+        signal.signal(signal.SIGTERM, self._preempt)
+        signal.signal(signal.SIGINT, self._interrupt)
 
-    def _handle(self, *unused):
-        self.requested = True
+    @property
+    def requested(self) -> bool:
+        return self.preempted or self.interrupted
+
+    def _preempt(self, *unused):
+        self.preempted = True
+
+    def _interrupt(self, *unused):
+        self.interrupted = True
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+
+    def end_of_loop(self):
+        """Past the loop (final evaluation, or an error on its way out) Ctrl-C interrupts at once."""
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def init_params(model, inputs, shardings, seed: int, prng: str = "threefry2x32"):
@@ -211,7 +228,7 @@ def train(config, workdir: str) -> dict:
     os.makedirs(workdir, exist_ok=True)
     workdir_lock = lock_workdir(workdir)
     writer = MetricsWriter(workdir, enabled=is_main)
-    preemption = Preemption()
+    stops = StopRequests()
     skips = SkipGuard(tc.max_skipped_updates, tc.max_consecutive_skipped)
     rules = config.mesh.rules
     batch_sharding, replicated = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
@@ -279,20 +296,25 @@ def train(config, workdir: str) -> dict:
                     writer.scalars(step, held_out_loss(eval_step, state.params, task, mesh, tc.eval_batches))
                 if tc.sample_every and step % tc.sample_every == 0:  # every process: params span them all
                     task.samples(step, eval_params(), workdir, writer)
+                if stops.interrupted:
+                    break
                 checkpointer.save(step, state, train_iter, {"skipped_updates": int(state.skipped_updates)},
-                                  force=step == tc.steps or preemption.requested)
+                                  force=step == tc.steps or stops.preempted)
                 progress.update(1)
-                if preemption.requested:
+                if stops.preempted:
                     break
         finally:  # also on an error or Ctrl-C: stop the data workers and free their prefetched batches
+            stops.end_of_loop()
             progress.close()
             train_iter.close()
         checkpointer.wait()
         checkpointer.close()
+        if stops.interrupted:
+            raise KeyboardInterrupt
 
         # ------------------------------------------------------------ final evaluation (every process)
         result = {"step": int(state.step), "skipped_updates": int(jax.device_get(state.skipped_updates))}
-        if tc.final_eval and not preemption.requested:
+        if tc.final_eval and not stops.preempted:
             result.update(task.final_eval(eval_params(), int(state.step), writer))
         writer.close()
         workdir_lock.close()
