@@ -55,10 +55,10 @@ def get_config(arg=None):
                                         llm=config_lib.llama("33b", vocab, **llm), special_tokens=special)
     config.data = config_lib.digits_data(seq_len=128, max_images=8, video_frames=4, global_batch_size=16,
                                          packing_bins=8, augment=config_lib.augment_config("affine"))
-    config.loss.regression_from_step = 2000
+    config.loss.regression_from_step = 2300
     config.optimizer = config_lib.optimizer_config(learning_rate=2e-3, warmup_steps=100, weight_decay=0.01,
-                                                   freeze_from=r"^vit/", freeze_from_step=2000)
-    config.train = config_lib.train_config(steps=2500, log_every=50, eval_every=500, checkpoint_every=500,
+                                                   freeze_from=r"^vit/", freeze_from_step=2300)
+    config.train = config_lib.train_config(steps=2800, log_every=50, eval_every=500, checkpoint_every=500,
                                            sample_every=500, final_eval="digit_captions")
     config.lock()
     return config

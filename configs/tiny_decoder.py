@@ -38,6 +38,8 @@ def get_config(arg=None):
                                                           guidance=4.0, condition_dropout=0.1, autoencode=True)
         config.loss = config_lib.ml_collections.ConfigDict(dict(kl_weight=1e-4))
         config.data.global_batch_size = 16
+        config.data.augment.kind = "none"
+        config.data.image_documents_where = {"view": 0}
         config.train.init_from.vae = ""
         if stage == "vae":
             config.optimizer = config_lib.optimizer_config(learning_rate=1e-3, warmup_steps=100, weight_decay=0.0,

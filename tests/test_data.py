@@ -3,6 +3,7 @@ import io
 import json
 import os
 
+import ml_collections
 import msgpack
 import numpy as np
 import pytest
@@ -258,6 +259,28 @@ def test_a_documents_view_does_not_depend_on_how_many_processes_share_the_data(w
     for p in range(2):
         np.testing.assert_array_equal(shared[p]["tokens"][0], alone["tokens"][p])
         np.testing.assert_array_equal(shared[p]["images"][0], alone["images"][p])
+
+
+def test_image_batches_take_fresh_views_and_only_the_documents_asked_for(world):
+    """The visual decoder's image batches honour data.augment as documents do (a view per read,
+    the same on every run), and data.image_documents_where keeps only the matching documents:
+    {"view": 0} reads the digits world's original images, never its fixed extra views."""
+    data_dir, _ = world
+    none = config_lib.augment_config("none")
+
+    def images(count=4, **data):
+        it = iter(pipeline.make_image_dataset(tiny_config(data_dir, global_batch_size=8, **data).data, 32,
+                                              worker_count=0))
+        return np.concatenate([next(it)["images"] for _ in range(count)])
+
+    views, plain = images(), images(augment=none)
+    np.testing.assert_array_equal(views, images())
+    assert (views != plain).any(axis=(1, 2, 3)).mean() > 0.9
+    pictures, _ = digits.load_digits()
+    originals = {pictures[i].tobytes() for i in digits.split_indices(len(pictures), "train")}
+    assert not all(image.tobytes() in originals for image in plain)  # the world's extra views are read too
+    chosen = images(count=8, augment=none, image_documents_where=ml_collections.ConfigDict({"view": 0}))
+    assert all(image.tobytes() in originals for image in chosen)
 
 
 # ----------------------------------------------------------------------------- bad records

@@ -63,11 +63,15 @@ AUGMENTATIONS = {"affine": RandomAffine}
 
 @dataclasses.dataclass(frozen=True)
 class AugmentImages:
-    """Grain random map over tokenised examples: applies `augmentation` to `images` [n, S, S, 3]."""
+    """Grain random map: applies `augmentation` to an example's `images`, a document's [n, S, S, 3]
+    or the one image [S, S, 3] of an image batch's example (the visual decoder's stages)."""
     augmentation: RandomAffine
 
     def __call__(self, example: dict, rng: np.random.Generator) -> dict:
-        return example | {"images": self.augmentation(example["images"], rng)}
+        images = example["images"]
+        if images.ndim == 3:
+            return example | {"images": self.augmentation(images[None], rng)[0]}
+        return example | {"images": self.augmentation(images, rng)}
 
 
 def from_config(augment_config) -> AugmentImages | None:

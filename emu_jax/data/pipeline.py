@@ -230,6 +230,16 @@ def documents(data_config, sources, *, shuffle: bool, process_index: int, proces
     return mixture(data_config, sources, shuffle=shuffle)[process_index::process_count]
 
 
+def augmented(ds: grain.MapDataset, data_config, split: str) -> grain.MapDataset:
+    """Training examples with fresh random views of their images (`data.augment`), drawn before
+    the split over processes: a record's view depends on its place in the mixture, not on how many
+    processes share it. Evaluation reads the originals."""
+    augmentation = augment.from_config(data_config.augment)
+    if split != "train" or augmentation is None:
+        return ds
+    return ds.random_map(augmentation, seed=data_config.seed)
+
+
 def _process_share(data_config, process_index, process_count) -> tuple[int, int]:
     process_index = jax.process_index() if process_index is None else process_index
     process_count = jax.process_count() if process_count is None else process_count
@@ -272,12 +282,7 @@ def make_dataset(data_config, model_config, visual_tokens: int, *, split: str = 
     tokenizer = Tokenizer(expand(data_config.tokenizer, data_config.data_dir), layout.special)
     ds = mixture(data_config, sources, shuffle=split == "train").map(TokenizeDocument(tokenizer, layout,
                                                                                       data_config.strict))
-    augmentation = augment.from_config(data_config.augment)
-    if split == "train" and augmentation is not None:
-        # drawn before the split over processes: a record's view depends on its place in the
-        # mixture, not on how many processes share it
-        ds = ds.random_map(augmentation, seed=data_config.seed)
-    ds = ds[process_index::process_count].to_iter_dataset()
+    ds = augmented(ds, data_config, split)[process_index::process_count].to_iter_dataset()
     ds = FirstFitPackIterDataset(
         ds, length_struct={"tokens": layout.seq_len, "images": layout.max_images, "events": layout.seq_len},
         padding_struct={"tokens": layout.special["pad"], "images": 0, "events": 0},
@@ -286,6 +291,23 @@ def make_dataset(data_config, model_config, visual_tokens: int, *, split: str = 
     ds = ds.map(FinishRow(layout.special)).batch(data_config.global_batch_size // process_count,
                                                  drop_remainder=split == "train")
     return _prefetch(ds, data_config, worker_count)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetaMatches:
+    """Keeps the documents whose meta holds every (key, value) of `where` (a record that does not
+    decode is kept, for `FirstImage` to count)."""
+    where: tuple
+
+    def __call__(self, element) -> bool:
+        _, _, record = element
+        try:
+            meta = records.decode(record)["meta"]
+        except RecordError:
+            return True
+        text = lambda x: x.decode() if isinstance(x, bytes) else x  # noqa: E731  (msgpack's raw strings)
+        meta = {text(k): text(v) for k, v in meta.items()}
+        return all(meta.get(key) == value for key, value in self.where)
 
 
 class FirstImage(grain.transforms.Map):
@@ -318,9 +340,11 @@ def make_image_dataset(data_config, image_size: int, *, split: str = "train", pr
     """Batches of single images (the first image of each document) with `valid` and `events`."""
     process_index, process_count = _process_share(data_config, process_index, process_count)
     sources = data_config.train_sources if split == "train" else data_config.eval_sources
-    ds = documents(data_config, sources, shuffle=split == "train", process_index=process_index,
-                   process_count=process_count)
-    ds = ds.map(FirstImage(image_size, data_config.strict)).to_iter_dataset()
+    ds = mixture(data_config, sources, shuffle=split == "train")
+    if data_config.image_documents_where:
+        ds = ds.filter(MetaMatches(tuple(sorted(data_config.image_documents_where.items()))))
+    ds = ds.map(FirstImage(image_size, data_config.strict))
+    ds = augmented(ds, data_config, split)[process_index::process_count].to_iter_dataset()
     ds = ds.batch(data_config.global_batch_size // process_count, drop_remainder=split == "train")
     return _prefetch(ds, data_config, worker_count)
 
