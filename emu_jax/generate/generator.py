@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from emu_jax.checkpoint import abstract_with_shardings, restore_params
 from emu_jax.data import media
 from emu_jax.generate import decoding, prompts as prompts_lib
 from emu_jax.models.emu import build_model, example_inputs
@@ -79,7 +80,6 @@ class Generator:
     def from_checkpoints(cls, config, checkpoint: str, decoder_checkpoint: str = "", tokenizer=None):
         """Restores the Emu towers from `checkpoint` (trained or converted) and, given one, the UNet
         and VAE from `decoder_checkpoint` (its EMA when it has one), sharded over the config's mesh."""
-        from emu_jax.train.checkpoint import abstract_with_shardings, restore_params
         mesh = mesh_lib.make_mesh(config.mesh, allow_subset=True)
         rules = config.mesh.rules
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
