@@ -45,7 +45,7 @@ def setup_state(config, mesh):
     """What the trainer builds before its loop, on `mesh` (its own build and jitted step)."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
         setup = trainer.build(config, mesh)
-        params = trainer.init_params(setup.task.model, setup.task.example_inputs(), setup.param_shardings,
+        params = trainer.init_params(setup.task.model, setup.task.example_inputs(), setup.shardings.params,
                                      config.seed)
         opt_state = jax.jit(setup.optimizer.tx.init, out_shardings=setup.shardings.opt_state)(params)
         state = TrainState(jnp.int32(0), params, opt_state, jnp.int32(0))

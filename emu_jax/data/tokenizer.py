@@ -13,11 +13,12 @@ Emu's added tokens) does: `" [USER]: "` is `▁▁ [USER] ▁: ▁`, token for t
 from __future__ import annotations
 
 import io
+import os
 import re
 
 import sentencepiece as spm
 
-from emu_jax.models.tokens import text_forms
+from emu_jax.tokens import text_forms
 
 
 class Tokenizer:
@@ -88,3 +89,15 @@ def train_sentencepiece(sentences, path: str, vocab_size: int) -> str:
     with open(path, "wb") as f:
         f.write(model.getvalue())
     return path
+
+
+def load_tokenizer(data_config, special) -> Tokenizer:
+    """`data.tokenizer` (a sentencepiece model; `{data_dir}` in it expanded) with the model's
+    special tokens; the embedded digits world is built first when its tokenizer is asked for and
+    missing."""
+    data_dir = os.path.expanduser(data_config.data_dir)
+    path = os.path.expanduser(data_config.tokenizer.replace("{data_dir}", data_dir))
+    if not os.path.exists(path) and "digits_world" in data_config.tokenizer:
+        from emu_jax.data import digits
+        digits.build(data_dir)
+    return Tokenizer(path, special)

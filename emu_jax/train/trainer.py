@@ -181,7 +181,6 @@ class Setup:
     task: Any
     optimizer: Any
     abstract_params: Any
-    param_shardings: Any
     abstract_opt: Any
     shardings: TrainState  # of NamedShardings
     batch_sharding: jax.sharding.NamedSharding
@@ -196,7 +195,7 @@ def build(config, mesh) -> Setup:
     optimizer = make_optimizer(config.optimizer, abstract_params, config.train.steps)
     abstract_opt, shardings = state_shardings(optimizer, abstract_params, param_shardings, mesh,
                                               config.train.ema_decay > 0)
-    return Setup(task, optimizer, abstract_params, param_shardings, abstract_opt, shardings,
+    return Setup(task, optimizer, abstract_params, abstract_opt, shardings,
                  mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh))
 
 
@@ -212,7 +211,7 @@ def jit_train_step(config, setup: Setup):
 def abstract_state(setup: Setup) -> TrainState:
     """The train state as ShapeDtypeStructs carrying their shardings (nothing allocated)."""
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=setup.replicated)
-    params = abstract_with_shardings(setup.abstract_params, setup.param_shardings)
+    params = abstract_with_shardings(setup.abstract_params, setup.shardings.params)
     opt_state = abstract_with_shardings(setup.abstract_opt, setup.shardings.opt_state)
     return TrainState(step=scalar, params=params, opt_state=opt_state, skipped_updates=scalar,
                       ema=params if setup.shardings.ema is not None else None)
@@ -237,7 +236,7 @@ def train(config, workdir: str) -> dict:
         # ------------------------------------------------------------ model, optimizer, shardings
         setup = build(config, mesh)
         task, optimizer, shardings = setup.task, setup.optimizer, setup.shardings
-        param_shardings = setup.param_shardings
+        param_shardings = setup.shardings.params
         model, inputs = task.model, task.example_inputs()
         use_ema = tc.ema_decay > 0
 
