@@ -266,7 +266,9 @@ def test_few_shot_prompt_layout(tokenizer):
     config = load_config("tiny")
     special, n = config.model.tokens, 4
     images = [np.full((32, 32, 3), v, np.uint8) for v in (1, 2, 3)]
-    segments = prompts.few_shot([(images[0], "this is a dax."), (images[1], "this is a wug.")], images[2], "this is a")
+    from emu_jax.eval.tasks import Example, Task  # the sweep's few-shot prompt
+    segments = Task().prompt([Example(0, [images[0]], target="this is a dax."),
+                              Example(1, [images[1]], target="this is a wug.")], Example(2, [images[2]], question="this is a"))
     ids, placed = prompts.encode(segments, tokenizer, special, n, n)
     block = tokens_lib.image_block(special, n)
     expected = ([tokenizer.bos_id] + block + tokenizer.encode("this is a dax.") + block
