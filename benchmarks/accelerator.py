@@ -9,7 +9,7 @@ included; --budget_s=420 skips the remaining remat policies once the next would 
 Needs only jax (with its CUDA or TPU plugin), flax, optax, orbax-checkpoint and numpy; run it from a
 checkout (it puts the checkout on sys.path; `pip install -e .` is not needed). No data, tokenizer,
 grain, tensorflow-datasets, sentencepiece or ml_collections: the model is built from the attribute
-dicts below, with random weights, tokens and (already normalised) images. One device is used.
+dicts below, with random weights, tokens and uint8 images. One device is used.
 
 What it measures, and against what (each figure beside its reference, in one table, and in --json):
 
@@ -64,9 +64,9 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from emu_jax import tokens as tokens_lib  # noqa: E402
 from emu_jax.generate import decoding  # noqa: E402
 from emu_jax.models import layers  # noqa: E402
-from emu_jax.models import tokens as tokens_lib  # noqa: E402
 from emu_jax.models.emu import build_model, example_inputs  # noqa: E402
 from emu_jax.parallel import mesh as mesh_lib  # noqa: E402
 from emu_jax.train import flops as flops_lib  # noqa: E402
@@ -235,8 +235,8 @@ def decode_speed(args, bandwidth: float, attention: str) -> list[dict]:
 # ----------------------------------------------------------------------------- 5: train step
 
 class BenchTask:
-    """What `make_train_step` needs of a task: `tasks.EmuTask`'s loss, norms and counters on batches
-    whose images are already normalised floats (`tasks` imports the Grain pipeline)."""
+    """What `make_train_step` needs of a task: `tasks.EmuTask`'s loss, norms and counters (`tasks`
+    imports the Grain pipeline)."""
 
     def __init__(self, model):
         self.model = model
@@ -267,7 +267,7 @@ def random_batch(args, config, model) -> dict:
     segments = np.ones((b, t), np.int32)
     text_mask, regression_mask = tokens_lib.loss_masks(tokens, segments, special)
     size = config.vit.image_size
-    images = rng.standard_normal((b, n, size, size, 3)).astype(jnp.bfloat16)
+    images = rng.randint(0, 256, (b, n, size, size, 3)).astype(np.uint8)
     return jax.device_put({"tokens": tokens, "positions": np.tile(np.arange(t, dtype=np.int32), (b, 1)),
                            "segment_ids": segments, "images": images, "text_mask": text_mask,
                            "regression_mask": regression_mask})

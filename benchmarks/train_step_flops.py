@@ -19,7 +19,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from emu_jax.models import tokens as tokens_lib
+from emu_jax import tokens as tokens_lib
 from emu_jax.parallel import mesh as mesh_lib
 from emu_jax.train import flops as flops_lib
 from emu_jax.train import trainer

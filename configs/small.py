@@ -6,7 +6,7 @@ stack's per-layer slicing and stacking cost about 5% of the step.
     python -m emu_jax.summary --config=configs/small.py
 """
 from emu_jax import config_lib
-from emu_jax.models import tokens as tokens_lib
+from emu_jax import tokens as tokens_lib
 
 
 def get_config(arg=None):

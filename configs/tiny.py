@@ -31,7 +31,7 @@ step 1000); a 3x learning rate for the ViT shortens it (0.320 at step 1000) but 
 0.939 and the larger ViT features kept the regression loss at 4.9 after its 500 steps.
 """
 from emu_jax import config_lib
-from emu_jax.models import tokens as tokens_lib
+from emu_jax import tokens as tokens_lib
 
 SP_VOCAB = 512
 

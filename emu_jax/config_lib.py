@@ -11,9 +11,9 @@ import dataclasses
 
 import ml_collections
 
+from emu_jax import tokens as tokens_lib
 from emu_jax.data import augment
 from emu_jax.data.digits import VERSION as DIGITS_VERSION
-from emu_jax.models import tokens as tokens_lib
 
 
 def eva_clip_g(**overrides) -> ml_collections.ConfigDict:
@@ -58,7 +58,6 @@ def llama(size: str, vocab_size: int, **overrides) -> ml_collections.ConfigDict:
 LOGICAL_AXIS_RULES = (
     ("act_batch", ("data", "fsdp")),
     ("act_len", None),
-    ("act_kv_len", None),
     ("act_embed", None),
     ("act_heads", "tensor"),
     ("act_head_dim", None),

@@ -51,7 +51,8 @@ import pytest  # noqa: E402
 def tokenizer(tmp_path_factory):
     """A sentencepiece model trained in a second on a few digits-world sentences (the real one
     needs the whole digits world built first)."""
-    from emu_jax.data.tokenizer import Tokenizer, train_sentencepiece
+    from emu_jax.data.digits import train_sentencepiece
+    from emu_jax.data.tokenizer import Tokenizer
     sentences = ["a handwritten three", "this is a dax.", "question: what digit is this? answer: four",
                  "this is a wug.", "a handwritten seven moving left"] * 20
     path = train_sentencepiece(sentences, str(tmp_path_factory.mktemp("sp") / "sp.model"), 64)

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 from conftest import init_key, load_config
 
-from emu_jax.models import tokens as tokens_lib
+from emu_jax import tokens as tokens_lib
 from emu_jax.models.emu import build_model, example_inputs
 
 
@@ -42,7 +42,8 @@ def batch_of(rows, images, pad_to=None, left=False):
 
 
 def random_images(rng, batch, count, size=32):
-    return rng.normal(size=(batch, count, size, size, 3)).astype(np.float32)
+    """uint8 [batch, count, size, size, 3], as the pipeline hands images to the model."""
+    return rng.randint(0, 256, size=(batch, count, size, size, 3)).astype(np.uint8)
 
 
 _PARAMS = {}
@@ -66,3 +67,26 @@ def save_params(directory, params, item="params"):
     manager.save(0, args=ocp.args.Composite(**{item: ocp.args.PyTreeSave(params)}))
     manager.wait_until_finished()
     manager.close()
+
+
+def stack_layer_params(tree: dict, prefix: str) -> dict:
+    """Per-layer children `{prefix}_{i}` -> one `{prefix}` child with a leading layer axis (the
+    scanned layout); other entries untouched. Works on any nested dict of arrays."""
+    names = sorted((k for k in tree if k.startswith(prefix + "_") and k[len(prefix) + 1:].isdigit()),
+                   key=lambda k: int(k[len(prefix) + 1:]))
+    if not names:
+        return tree
+    out = {k: v for k, v in tree.items() if k not in names}
+    out[prefix] = jax.tree.map(lambda *a: jnp.stack(a), *[tree[k] for k in names])
+    return out
+
+
+def unstack_layer_params(tree: dict, prefix: str) -> dict:
+    """Inverse of `stack_layer_params`."""
+    if prefix not in tree:
+        return tree
+    out = {k: v for k, v in tree.items() if k != prefix}
+    count = jax.tree.leaves(tree[prefix])[0].shape[0]
+    for i in range(count):
+        out[f"{prefix}_{i}"] = jax.tree.map(lambda a: a[i], tree[prefix])
+    return out

@@ -192,13 +192,13 @@ def gen_config():
 # ----------------------------------------------------------------------------- one interleaved input
 
 def interleaved_input(config, seed: int = 0, text: int = 5):
-    """(tokens [2, T], images [2, 1, H, W, 3]): per row `<s> text [IMG] <image> x n [/IMG] text`."""
+    """(tokens [2, T], uint8 images [2, 1, H, W, 3]): per row `<s> text [IMG] <image> x n [/IMG] text`."""
     m, rng = config.model, np.random.RandomState(seed)
     n = m.connector.num_queries if m.connector.kind == "causal_former" else m.connector.pool_grid ** 2
     t = m.tokens
     rows = [[1, *rng.randint(3, 32000, text), t.img, *[t.image] * n, t.img_end, *rng.randint(3, 32000, text)]
             for _ in range(2)]
-    images = rng.randn(2, 1, m.vit.image_size, m.vit.image_size, 3).astype(np.float32)
+    images = rng.randint(0, 256, (2, 1, m.vit.image_size, m.vit.image_size, 3)).astype(np.uint8)
     return np.array(rows), images
 
 
@@ -212,8 +212,12 @@ def official_forward(model, tokens: np.ndarray, images: np.ndarray) -> dict:
     """The official pieces on one input: {vit, connector, logits, regression} as numpy.
     vit: all ViT tokens; connector: the LLM inputs at the `<image>` positions (Emu1: ln_visual +
     cformer; Emu2: pooled + project_up); logits and regression (stu_regress_head / project_down) of
-    the final-normed hidden state at every position."""
-    pixels = torch.tensor(images.reshape((-1,) + images.shape[2:])).permute(0, 3, 1, 2)
+    the final-normed hidden state at every position. uint8 images are normalised as the release's
+    transforms do (ToTensor, then OPENAI_DATASET_MEAN / STD; Emu1/utils.py holds the same)."""
+    constants = official.emu2("constants")
+    pixels = (images.reshape((-1,) + images.shape[2:]) / np.float32(255.0) - np.float32(constants.OPENAI_DATASET_MEAN)
+              ) / np.float32(constants.OPENAI_DATASET_STD)
+    pixels = torch.tensor(pixels.astype(np.float32)).permute(0, 3, 1, 2)
     ids = torch.tensor(tokens)
     emu1 = hasattr(model, "cformer")
     if emu1:
@@ -238,13 +242,13 @@ def ours(state: dict, layout: str, config, **kwargs) -> dict:
 
 
 def our_forward(config, params: dict, tokens: np.ndarray, images: np.ndarray) -> dict:
-    """Our model on the same input, the same four outputs."""
+    """Our model on the same input (uint8 images: it normalises them itself), the same four outputs."""
     import jax.numpy as jnp
     from emu_jax.models.emu import build_model
     model = build_model(config.model)
     variables = {"params": params}
     flat = jnp.asarray(images.reshape((-1,) + images.shape[2:]))
-    vit = model.apply(variables, flat, method=lambda m, x: m.vit(x))
+    vit = model.apply(variables, flat, method="image_features")
     connector = model.apply(variables, jnp.asarray(images), method=lambda m, x: m.encode_images(x)[0])
     positions = np.tile(np.arange(tokens.shape[1]), (tokens.shape[0], 1))
     out = model.apply(variables, jnp.asarray(tokens), positions, np.ones_like(tokens), jnp.asarray(images))

@@ -24,7 +24,7 @@ from emu_jax.models.emu import build_model  # noqa: E402
 from emu_jax.models.unet import UNet  # noqa: E402
 from emu_jax.models.vae import AutoencoderKL  # noqa: E402
 from emu_jax.parallel import mesh as mesh_lib  # noqa: E402
-from emu_jax.train.checkpoint import restore_params  # noqa: E402
+from emu_jax.checkpoint import restore_params  # noqa: E402
 
 TOLERANCE = 1e-4
 # (config variant, what differs): Emu1 with a multi-head LLaMA, Emu2 with grouped kv heads, and

@@ -12,10 +12,10 @@ from conftest import load_config
 from PIL import Image
 
 from emu_jax import config_lib
+from emu_jax import tokens as tokens_lib
 from emu_jax.data import augment, digits, media, pipeline, records, write
 from emu_jax.data.records import RecordError
 from emu_jax.data.tokenizer import Tokenizer
-from emu_jax.models import tokens as tokens_lib
 
 flags.FLAGS.mark_as_parsed()  # grain reads absl flags
 VISUAL = 4  # tiny emu2: 2x2 pooled tokens per image

@@ -443,7 +443,7 @@ def small_disk(tmp_path):
 @pytest.mark.slow
 def test_a_full_disk_stops_the_run_with_one_line_and_leaves_no_half_written_step(small_disk, digits_world):
     import subprocess
-    from emu_jax.train.checkpoint import Checkpointer
+    from emu_jax.checkpoint import Checkpointer
     workdir = small_disk / "run"
     run = train_cli(workdir, digits_world, "--config.train.steps=6", "--config.train.checkpoint_every=1",
                     "--config.data.worker_count=0")
@@ -480,7 +480,7 @@ def test_a_run_exits_cleanly_with_no_leaked_shared_memory_or_stray_workers(tmp_p
     _, alive = psutil.wait_procs(children, timeout=20)
     assert not alive, [p.cmdline()[-1][:80] for p in alive]
     if ending == "SIGTERM":  # preemption: the step it reached is saved
-        from emu_jax.train.checkpoint import Checkpointer
+        from emu_jax.checkpoint import Checkpointer
         assert Checkpointer(str(tmp_path / "checkpoints"), keep=3, every=1).latest_step() >= 2
 
 

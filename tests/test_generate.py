@@ -10,12 +10,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import ROOT, SMALL_DECODER, as_flags, init_key, load_config, small_decoder_config
-from model_helpers import init_params, random_images, row, save_params, tiny
+from model_helpers import init_params, row, save_params, tiny
 
+from emu_jax import tokens as tokens_lib
 from emu_jax.data import media
 from emu_jax.generate import decoding, prompts
 from emu_jax.generate.decoding import TextSettings
-from emu_jax.models import tokens as tokens_lib
 
 STEPS = 6
 
@@ -25,16 +25,15 @@ def prompt_batch(config, model, layouts, seed=0):
     rng = np.random.RandomState(seed)
     rows = [row(config, model, layout, rng) for layout in layouts]
     count = max(sum(p == "img" for p in layout) for layout in layouts)
-    images = [list(random_images(rng, 1, count)[0][:sum(p == "img" for p in layout)]) for layout in layouts]
-    batch = prompts.left_pad(rows, [[np.clip(i * 40 + 128, 0, 255).astype(np.uint8) for i in im] for im in images],
-                             model.vit.image_size, config.model.tokens.pad)
+    noise = [rng.normal(size=(count, 32, 32, 3)).astype(np.float32)[:sum(p == "img" for p in layout)] for layout in layouts]
+    images = [list(np.clip(n * 40 + 128, 0, 255).astype(np.uint8)) for n in noise]
+    batch = prompts.left_pad(rows, images, model.vit.image_size, config.model.tokens.pad)
     return rows, batch
 
 
 def prefill(model, params, batch, extra):
     state = decoding.start(model, batch["tokens"].shape[0], batch["tokens"].shape[1] + extra)
-    images = None if batch["images"] is None else media.normalize(batch["images"])
-    return decoding.feed(model, params, state, batch["tokens"], batch["valid"], images)
+    return decoding.feed(model, params, state, batch["tokens"], batch["valid"], batch["images"])
 
 
 _FULL = {}
@@ -47,10 +46,9 @@ def full_outputs(model, params, batch, appended_tokens=None):
     valid = batch["valid"] if appended_tokens is None else np.concatenate(
         [batch["valid"], np.ones_like(appended_tokens)], 1)
     positions = np.maximum(np.cumsum(valid, 1) - 1, 0)
-    images = None if batch["images"] is None else media.normalize(batch["images"])
     if model not in _FULL:
         _FULL[model] = jax.jit(lambda p, *a: model.apply({"params": p}, *a))
-    return _FULL[model](params, tokens, positions, valid, images)
+    return _FULL[model](params, tokens, positions, valid, batch["images"])
 
 
 @pytest.fixture(scope="module", params=["emu2", "emu1"])
@@ -90,7 +88,7 @@ def test_cached_image_regression_equals_the_reference_rerun(setup):
     cached, state = decoding.regress_image(model, params, prefill(model, params, batch, n), count=n)
     positions = np.arange(batch["tokens"].shape[1])[None]
     reference = decoding.regress_image_uncached(model, params, batch["tokens"], positions, batch["valid"],
-                                                media.normalize(batch["images"]), count=n)
+                                                batch["images"], count=n)
     assert cached.shape == (1, n, model.connector.target_width)
     np.testing.assert_allclose(np.asarray(cached), np.asarray(reference), atol=1e-5, rtol=1e-4)
     assert int(state.cache.index) == batch["tokens"].shape[1] + n and int(state.position[0]) == len(rows[0]) + 1 + n
@@ -268,7 +266,9 @@ def test_few_shot_prompt_layout(tokenizer):
     config = load_config("tiny")
     special, n = config.model.tokens, 4
     images = [np.full((32, 32, 3), v, np.uint8) for v in (1, 2, 3)]
-    segments = prompts.few_shot([(images[0], "this is a dax."), (images[1], "this is a wug.")], images[2], "this is a")
+    from emu_jax.eval.tasks import Example, Task  # the sweep's few-shot prompt
+    segments = Task().prompt([Example(0, [images[0]], target="this is a dax."),
+                              Example(1, [images[1]], target="this is a wug.")], Example(2, [images[2]], question="this is a"))
     ids, placed = prompts.encode(segments, tokenizer, special, n, n)
     block = tokens_lib.image_block(special, n)
     expected = ([tokenizer.bos_id] + block + tokenizer.encode("this is a dax.") + block

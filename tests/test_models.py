@@ -4,9 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from model_helpers import batch_of, init_params, random_images, row, tiny
+from model_helpers import batch_of, init_params, random_images, row, stack_layer_params, tiny, unstack_layer_params
 
-from emu_jax.models import layers, tokens as tokens_lib
+from emu_jax import tokens as tokens_lib
+from emu_jax.models import layers
 from emu_jax.train.losses import emu_loss
 
 VARIANTS = ["emu2", "emu1"]
@@ -34,7 +35,7 @@ def test_changing_a_later_token_or_image_never_changes_an_earlier_output(variant
     assert np.abs(out.logits[:, j:] - base.logits[:, j:]).max() > 1e-4
 
     second_image = ids.index(config.model.tokens.image, j)  # first <image> of the second block
-    changed = dict(batch, images=batch["images"].at[0, 1].add(1.0))
+    changed = dict(batch, images=batch["images"].at[0, 1].add(1))
     out = apply(model, params, changed)
     np.testing.assert_array_equal(out.logits[:, :second_image], base.logits[:, :second_image])
     assert np.abs(out.logits[:, second_image:] - base.logits[:, second_image:]).max() > 1e-4
@@ -178,11 +179,11 @@ def test_scanned_and_per_layer_layouts_compute_the_same_model(variant):
     rng = np.random.RandomState(6)
     batch = batch_of([row(config, model, ["t3", "img", "t3"], rng)], random_images(rng, 1, 1))
     params = init_params(model, batch)
-    stacked = dict(params, llm=layers.stack_layer_params(params["llm"], "layers"))
+    stacked = dict(params, llm=stack_layer_params(params["llm"], "layers"))
     assert jax.tree.structure(stacked) == jax.tree.structure(init_params(scanned, batch))
     np.testing.assert_allclose(apply(scanned, stacked, batch).logits, apply(model, params, batch).logits,
                                atol=1e-5, rtol=1e-5)
-    roundtrip = layers.unstack_layer_params(stacked["llm"], "layers")
+    roundtrip = unstack_layer_params(stacked["llm"], "layers")
     jax.tree.map(np.testing.assert_array_equal, roundtrip, params["llm"])
 
 

@@ -22,10 +22,10 @@ import pytest
 from conftest import load_config
 from PIL import Image
 
+from emu_jax import tokens as tokens_lib
 from emu_jax.data import media
 from emu_jax.data.tokenizer import Tokenizer
 from emu_jax.generate import prompts
-from emu_jax.models import tokens as tokens_lib
 
 SIZE = 32  # our images' size here: the ids do not depend on it
 
@@ -228,9 +228,10 @@ def test_emu_i_prompts_equal_the_release(files, clip):
         ids, images = our_ids("emu1", instruct, prompt)
         assert ids == release_tokenizer("emu1", instruct)(release).input_ids, prompt
         assert len(images) == release.count("[IMG]") - release.count("[IMG]ImageContent")
-    config, tokenizer = ours("emu1", False)  # the few-shot builder lays out the same in-context prompt
-    segments = prompts.few_shot([(colour(1), "There are two dogs."), (colour(2), "There are three pandas.")],
-                                colour(3))
+    from emu_jax.eval.tasks import Example, Task
+    config, tokenizer = ours("emu1", False)  # the sweep's few-shot prompt lays out the same in-context prompt
+    segments = Task().prompt([Example(1, [colour(1)], target="There are two dogs."),
+                              Example(2, [colour(2)], target="There are three pandas.")], Example(3, [colour(3)]))
     ids, _ = prompts.encode(segments, tokenizer, config.model.tokens, 32, 32)
     assert ids == release_tokenizer("emu1", False)(cases[-1][1]).input_ids
 
@@ -383,7 +384,7 @@ def test_video_frames_are_pooled_to_the_video_grid_at_their_gimg_positions():
     images = rng.normal(size=(1, 3, 32, 32, 3)).astype(np.float32)
     params = init_params(model)
     embeds, targets, vit, text = jax.jit(lambda p, t, i: model.apply({"params": p}, t, i, method=lambda m, t, i: (
-        *m.embed(t, i), m.vit(i[0]), m.llm.embed(t))))(params, tokens, images)
+        *m.embed(t, i), m.image_features(i[0]), m.llm.embed(t))))(params, tokens, images)
     vit, kernel = np.asarray(vit)[:, 1:], np.asarray(params["connector"]["project_up"]["kernel"])
 
     def pooled(slot, grid):  # average the 4x4 patch grid of image `slot` into grid x grid windows

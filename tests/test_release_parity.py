@@ -17,8 +17,8 @@ import official  # noqa: E402
 import release_models as rm  # noqa: E402
 from conftest import load_config  # noqa: E402
 
+from emu_jax import tokens as tokens_lib  # noqa: E402
 from emu_jax.convert import exporter, importer, layouts, tensors  # noqa: E402
-from emu_jax.models import tokens as tokens_lib  # noqa: E402
 
 TOLERANCE = 1e-4
 # name: (our release config, layout, builder(seed) -> (official model, state dict))

@@ -14,10 +14,10 @@ import pytest
 from absl import flags
 from conftest import ROOT, load_config
 
+from emu_jax.checkpoint import Checkpointer, abstract_with_shardings
 from emu_jax.data import pipeline
 from emu_jax.parallel import mesh as mesh_lib
 from emu_jax.train import trainer
-from emu_jax.train.checkpoint import Checkpointer, abstract_with_shardings
 from emu_jax.train.step import TrainState
 from emu_jax.train.tasks import make_task
 
@@ -45,7 +45,7 @@ def setup_state(config, mesh):
     """What the trainer builds before its loop, on `mesh` (its own build and jitted step)."""
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
         setup = trainer.build(config, mesh)
-        params = trainer.init_params(setup.task.model, setup.task.example_inputs(), setup.param_shardings,
+        params = trainer.init_params(setup.task.model, setup.task.example_inputs(), setup.shardings.params,
                                      config.seed)
         opt_state = jax.jit(setup.optimizer.tx.init, out_shardings=setup.shardings.opt_state)(params)
         state = TrainState(jnp.int32(0), params, opt_state, jnp.int32(0))
@@ -191,10 +191,11 @@ def test_checkpoint_restores_onto_a_different_mesh_and_initialises_a_tower(tmp_p
         inputs = make_task(config).example_inputs()
         abstract, shardings = mesh_lib.abstract_model(model, inputs, cube, config.mesh.rules)
         abstract_opt, state_shardings = trainer.state_shardings(optimizer, abstract, shardings, cube)
-        params, _, _, _ = Checkpointer(str(tmp_path), keep=1, every=1).restore(
-            1, abstract_with_shardings(abstract, shardings), abstract_with_shardings(abstract_opt,
-                                                                                     state_shardings.opt_state),
-            iter(pipeline.make_dataset(config.data, config.model, 4, worker_count=0)))
+        target = TrainState(step=None, params=abstract_with_shardings(abstract, shardings), skipped_updates=None,
+                            opt_state=abstract_with_shardings(abstract_opt, state_shardings.opt_state))
+        restored, _ = Checkpointer(str(tmp_path), keep=1, every=1).restore(
+            1, target, iter(pipeline.make_dataset(config.data, config.model, 4, worker_count=0)))
+        params = restored.params
         assert params["llm"]["lm_head"]["kernel"].sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
         jax.tree.map(np.testing.assert_array_equal, jax.device_get(params), jax.device_get(state.params))
         fresh = trainer.init_params(model, inputs, shardings, seed=123)
@@ -295,7 +296,7 @@ def test_restoring_a_parameter_the_checkpoint_lacks_names_it(tmp_path):
     """A checkpoint of another model version must not come back with holes (abstract leaves)."""
     from model_helpers import save_params
 
-    from emu_jax.train.checkpoint import restore_params
+    from emu_jax.checkpoint import restore_params
     save_params(tmp_path, {"vae": {"to_q": jnp.ones(3)}})
     sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
     wanted = {"vae": {name: jax.ShapeDtypeStruct((3,), jnp.float32, sharding=sharding) for name in ("to_q", "query")}}

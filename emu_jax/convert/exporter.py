@@ -17,37 +17,9 @@ import zlib
 
 import numpy as np
 
+from emu_jax import checkpoint
 from emu_jax.convert import importer, layouts, plan as plan_lib
 from emu_jax.convert.tensors import write_safetensors
-
-
-class _LeafReader:
-    """Restores one parameter at a time (the last one is kept: a stacked leaf serves many keys)."""
-
-    def __init__(self, checkpoint_dir: str, targets: dict):
-        import orbax.checkpoint as ocp
-        self.manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir), item_names=("params", "meta"))
-        self.step = self.manager.latest_step()
-        if self.step is None:
-            raise FileNotFoundError(f"no finished checkpoint in {checkpoint_dir}")
-        self.targets, self._path, self._value = targets, None, None
-
-    def get(self, path: plan_lib.Path) -> np.ndarray:
-        import orbax.checkpoint as ocp
-        if path != self._path:
-            t = self.targets[path]
-            item = plan_lib.nested({path: ocp.RestoreArgs(restore_type=np.ndarray)})
-            abstract = plan_lib.nested({path: np.zeros((0,), t.dtype)})  # structure only
-            restored = self.manager.restore(self.step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
-                item=abstract, restore_args=item, partial_restore=True))).params
-            node = restored
-            for part in path:
-                node = node[part]
-            self._path, self._value = path, np.asarray(node)
-        return self._value
-
-    def close(self):
-        self.manager.close()
 
 
 def _lora_entries(layout: layouts.Layout, key: str, shape: tuple, dtype: str) -> list:
@@ -104,7 +76,7 @@ def export_entries(checkpoint_dir: str, layout_name: str, config, dtype: str | N
             keyed.append((*found, dtype or record["dtypes"][key]))
     else:
         keyed = [(path, layer, dtype or "float32") for path, t in targets.items() for layer in range(t.num_layers)]
-    reader = _LeafReader(checkpoint_dir, targets)
+    reader = checkpoint.ParamReader(checkpoint_dir)
     entries = []
     for path, layer, key_dtype in keyed:
         t = targets[path]

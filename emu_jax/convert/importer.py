@@ -17,14 +17,13 @@ interrupted conversion leaves nothing `latest_step` would pick.
 """
 from __future__ import annotations
 
-import json
 import os
-import shutil
 from functools import partial
 
 import jax
 import numpy as np
 
+from emu_jax import checkpoint
 from emu_jax.convert import layouts, plan as plan_lib
 from emu_jax.convert.tensors import TensorSource, open_source, write_safetensors
 
@@ -90,65 +89,41 @@ def import_checkpoint(source: TensorSource, layout_name: str, config, out_dir: s
     Each group of about `flush_bytes` is written asynchronously while the next is read, so peak
     memory is about two groups plus the largest parameter. `compress` turns on Orbax's zstd
     (released weights barely compress, and it costs more time than the write)."""
-    from orbax.checkpoint.experimental import v1 as ocp_v1
     from tqdm import tqdm
     layout = layouts.get_layout(layout_name)
     plan = plan_lib.make_plan(source, layout, plan_lib.targets(config, layout, mesh), strict, lora_alpha)
     _refuse_existing_steps(out_dir)
-    final = os.path.join(os.path.abspath(out_dir), "checkpoints", str(STEP))
-    staging = os.path.join(os.path.abspath(out_dir), ".convert-staging")
-    lead = jax.process_index() == 0
-    if lead and os.path.exists(staging):
-        shutil.rmtree(staging)  # an earlier conversion that was interrupted
-    _barrier("staging cleared")
-    step_dir = os.path.join(staging, str(STEP))
+    staged = checkpoint.StagedParams(os.path.join(os.path.abspath(out_dir), "checkpoints"), STEP, compress)
     total = sum(source.nbytes(k) for k in plan.source_keys())
-    bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert", disable=not (progress and lead))
-    context = ocp_v1.Context()
-    context.array.saving.use_compression = compress
-    with context:
-        _write(plan, source, _order(plan, source), step_dir, flush_bytes, bar, ocp_v1)
-        ocp_v1.partial.finalize(step_dir)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="convert",
+               disable=not (progress and jax.process_index() == 0))
+    _write(plan, source, _order(plan, source), staged, flush_bytes, bar)
     bar.close()
     converted = plan.source_keys()
     meta = {"converted_from": {"layout": layout.name, "source": source.description,
                                "keys": [k for k in source.keys() if k in set(converted)],
                                "dtypes": {k: source.dtypes[k] for k in converted}, "dropped": plan.dropped,
                                "carried": plan.carried, "lora_alpha": plan.lora_alpha if plan.adapters else None}}
-    if lead:
-        os.rename(os.path.join(step_dir, "state"), os.path.join(step_dir, "params"))
-        os.makedirs(os.path.join(step_dir, "meta"))
-        with open(os.path.join(step_dir, "meta", "metadata"), "w") as f:
-            json.dump(meta, f)
-        _write_carried(plan, source, os.path.join(step_dir, "meta", CARRIED))
-        os.makedirs(os.path.dirname(final), exist_ok=True)
-        os.rename(step_dir, final)
-        shutil.rmtree(staging)
-    _barrier("checkpoint committed")
+    files = {CARRIED: partial(_write_carried, plan, source)} if plan.carried else {}
+    directory = staged.commit(meta, files)
     return {"tensors": len(converted), "bytes": total, "dropped": plan.dropped, "carried": plan.carried,
-            "checkpoint": os.path.dirname(final)}
+            "checkpoint": directory}
 
 
 def _write_carried(plan: plan_lib.Plan, source: TensorSource, path: str) -> None:
     """The carried keys, verbatim (dtype and bytes), for export to write back."""
-    if plan.carried:
-        write_safetensors(path, [(k, source.shapes[k], source.dtypes[k], lambda k=k: source.read(k))
-                                 for k in plan.carried])
+    write_safetensors(path, [(k, source.shapes[k], source.dtypes[k], lambda k=k: source.read(k)) for k in plan.carried])
 
 
 def carried_source(checkpoint_dir: str) -> TensorSource | None:
     """The carried keys of a converted checkpoint's latest step (None when it carries none)."""
-    import orbax.checkpoint as ocp
-    manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir), item_names=("params", "meta"))
-    step = manager.latest_step()
-    manager.close()
-    path = os.path.join(os.path.abspath(checkpoint_dir), str(step), "meta", CARRIED)
-    return open_source(path) if step is not None and os.path.exists(path) else None
+    path = checkpoint.meta_file(checkpoint_dir, CARRIED)
+    return open_source(path) if os.path.exists(path) else None
 
 
-def _write(plan, source, order, step_dir, flush_bytes, bar, ocp_v1) -> None:
+def _write(plan, source, order, staged: checkpoint.StagedParams, flush_bytes, bar) -> None:
     """Reads, places and appends parameters group by group; a group's write overlaps the next read."""
-    pending, pending_bytes, done, writing = {}, 0, 0, None
+    pending, pending_bytes, done = {}, 0, 0
     try:
         for path in order:
             host = params_from_plan(plan, source, path)
@@ -159,33 +134,14 @@ def _write(plan, source, order, step_dir, flush_bytes, bar, ocp_v1) -> None:
             bar.update(sum(source.nbytes(k) for k in plan.assignments[path].values()))
             bar.set_postfix(tensors=f"{done}/{len(plan.source_keys())}")
             if pending_bytes >= flush_bytes:
-                if writing is not None:
-                    writing.result()
-                writing = ocp_v1.partial.save_async(step_dir, plan_lib.nested(pending))
+                staged.append(plan_lib.nested(pending))
                 pending, pending_bytes = {}, 0
     finally:  # also on a failed read: no write may still be running when the error reaches the caller
-        if writing is not None:
-            writing.result()
+        staged.wait()
     if pending:
-        ocp_v1.partial.save(step_dir, plan_lib.nested(pending))
-
-
-def _barrier(name: str) -> None:
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        multihost_utils.sync_global_devices(name)
+        staged.append(plan_lib.nested(pending), wait=True)
 
 
 def recorded_source(checkpoint_dir: str) -> dict | None:
     """The `converted_from` record of a converted checkpoint (None for trained ones)."""
-    import orbax.checkpoint as ocp
-    manager = ocp.CheckpointManager(os.path.abspath(checkpoint_dir), item_names=("params", "meta"))
-    step = manager.latest_step()
-    if step is None:
-        raise FileNotFoundError(f"no finished checkpoint in {checkpoint_dir}")
-    path = os.path.join(os.path.abspath(checkpoint_dir), str(step), "meta", "metadata")
-    manager.close()
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        return json.load(f).get("converted_from")
+    return checkpoint.read_meta(checkpoint_dir).get("converted_from")

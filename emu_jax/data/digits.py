@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import fcntl
 import functools
+import io
 import os
 
 import numpy as np
+import sentencepiece as spm
 from absl import app, flags
 from PIL import Image
 
@@ -155,10 +157,22 @@ def _builder_class():
     return DigitsWorld
 
 
+def train_sentencepiece(sentences, path: str, vocab_size: int) -> str:
+    """Trains a BPE model with LLaMA's id conventions (unk 0, bos 1, eos 2) on `sentences`;
+    the vocabulary may come out smaller than `vocab_size` on a small corpus."""
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, hard_vocab_limit=False,
+        model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
+        minloglevel=2)
+    with open(path, "wb") as f:
+        f.write(model.getvalue())
+    return path
+
+
 def build(data_dir: str, vocab_size: int = 512) -> str:
     """Builds (once) the TFDS dataset and its tokenizer; returns the dataset directory, which
     holds the array_record shards and `tokenizer.model`."""
-    from emu_jax.data.tokenizer import train_sentencepiece
     data_dir = os.path.expanduser(data_dir)
     dataset_dir = os.path.join(data_dir, "digits_world", VERSION)
     tokenizer_path = os.path.join(dataset_dir, "tokenizer.model")

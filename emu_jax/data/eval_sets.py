@@ -16,22 +16,15 @@ image followed by its caption / question and answer) so the same split can also 
 from __future__ import annotations
 
 import functools
-import json
 import os
 
 import numpy as np
 from absl import app, flags
 
 from emu_jax.data import records
+from emu_jax.files import read_json
 
 VQA_SPLITS = {"train": "train2014", "validation": "val2014"}
-
-
-def read_json(path: str) -> dict:
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"{path} is missing from manual_dir")
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def karpathy_examples(manual_dir: str, split: str):

@@ -1,8 +1,8 @@
 """Decoding images and videos into the model's square RGB inputs.
 
 Images are squash-resized (no crop, aspect ratio not kept) with bicubic filtering, as the Emu
-release preprocesses; the pipeline hands uint8 [H, W, 3] to the device, where
-`normalize` applies the EVA-CLIP mean/std (a quarter of the host-to-device bytes of float32).
+release preprocesses; the pipeline hands uint8 [H, W, 3] to the device (a quarter of the
+host-to-device bytes of float32), where the model normalises them itself.
 Videos give n frames, one from the middle of each of n equal segments of the clip; only those
 are decoded (and the frames they depend on: from the keyframe before each), not the whole clip.
 """
@@ -15,7 +15,6 @@ import numpy as np
 from PIL import Image
 
 from emu_jax.data.records import RecordError
-from emu_jax.models.eva_vit import EVA_MEAN, EVA_STD
 
 
 def decode_image(encoded: bytes, size: int) -> np.ndarray:
@@ -118,13 +117,6 @@ def decode_frames(encoded_frames: list[bytes], size: int, count: int) -> np.ndar
         raise RecordError("bad_video", "frame list is empty")
     return np.stack([decode_image(encoded_frames[i], size)
                      for i in segment_midpoints(len(encoded_frames), count)])
-
-
-def normalize(images_uint8):
-    """uint8 [..., 3] -> float32 normalised with the EVA-CLIP mean and std (numpy or jax arrays)."""
-    mean = np.asarray(EVA_MEAN, np.float32) * 255.0
-    std = np.asarray(EVA_STD, np.float32) * 255.0
-    return (images_uint8.astype(np.float32) - mean) / std
 
 
 def encode_png(pixels: np.ndarray) -> bytes:

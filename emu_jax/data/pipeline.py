@@ -30,10 +30,10 @@ import numpy as np
 from absl import logging
 from grain.experimental import FirstFitPackIterDataset
 
+from emu_jax import tokens as tokens_lib
 from emu_jax.data import augment, media, records
 from emu_jax.data.records import RecordError
-from emu_jax.data.tokenizer import Tokenizer
-from emu_jax.models import tokens as tokens_lib
+from emu_jax.data.tokenizer import Tokenizer, load_tokenizer
 
 EVENTS = ("unreadable", "malformed", "empty_document", "invalid_utf8", "missing_image", "bad_image",
           "missing_video", "bad_video", "too_long", "truncated")
@@ -279,7 +279,7 @@ def make_dataset(data_config, model_config, visual_tokens: int, *, split: str = 
     process_index, process_count = _process_share(data_config, process_index, process_count)
     layout = Layout.from_configs(model_config, data_config, visual_tokens)
     sources = data_config.train_sources if split == "train" else data_config.eval_sources
-    tokenizer = Tokenizer(expand(data_config.tokenizer, data_config.data_dir), layout.special)
+    tokenizer = load_tokenizer(data_config, layout.special)
     ds = mixture(data_config, sources, shuffle=split == "train").map(TokenizeDocument(tokenizer, layout,
                                                                                       data_config.strict))
     ds = augmented(ds, data_config, split)[process_index::process_count].to_iter_dataset()
@@ -358,6 +358,5 @@ def to_global(batch: dict, mesh, batch_axes=("data", "fsdp")) -> dict:
 
 
 def model_inputs(batch: dict) -> dict:
-    """Device-side: the model's keyword inputs from a batch (images normalised here, on device)."""
-    return {"tokens": batch["tokens"], "positions": batch["positions"], "segment_ids": batch["segment_ids"],
-            "images": media.normalize(batch["images"])}
+    """The model's keyword inputs from a batch (uint8 images: the model normalises them)."""
+    return {key: batch[key] for key in ("tokens", "positions", "segment_ids", "images")}

@@ -1,8 +1,8 @@
 """Sentencepiece tokenisation with Emu's special tokens at the ids the model config gives them.
 
 The sentencepiece model is LLaMA's `tokenizer.model` for real runs (the release's own copy, in
-its `llama_config` directories, is a supported one), or one trained by `train_sentencepiece` on
-the embedded corpus. Special tokens written in text ("[IMG]", "<image>", "[USER]", "</s>", ...)
+its `llama_config` directories, is a supported one), or one trained on
+the embedded corpus (`digits.train_sentencepiece`). Special tokens written in text ("[IMG]", "<image>", "[USER]", "</s>", ...)
 map to their ids whatever the sentencepiece vocabulary holds; the sentencepiece vocabulary must
 end below the first special id.
 
@@ -12,12 +12,12 @@ Emu's added tokens) does: `" [USER]: "` is `▁▁ [USER] ▁: ▁`, token for t
 """
 from __future__ import annotations
 
-import io
+import os
 import re
 
 import sentencepiece as spm
 
-from emu_jax.models.tokens import text_forms
+from emu_jax.tokens import text_forms
 
 
 class Tokenizer:
@@ -77,14 +77,13 @@ class Tokenizer:
         return "".join(out)
 
 
-def train_sentencepiece(sentences, path: str, vocab_size: int) -> str:
-    """Trains a BPE model with LLaMA's id conventions (unk 0, bos 1, eos 2) on `sentences`;
-    the vocabulary may come out smaller than `vocab_size` on a small corpus."""
-    model = io.BytesIO()
-    spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(sentences), model_writer=model, vocab_size=vocab_size, hard_vocab_limit=False,
-        model_type="bpe", unk_id=0, bos_id=1, eos_id=2, pad_id=-1, character_coverage=1.0,
-        minloglevel=2)
-    with open(path, "wb") as f:
-        f.write(model.getvalue())
-    return path
+def load_tokenizer(data_config, special) -> Tokenizer:
+    """`data.tokenizer` (a sentencepiece model; `{data_dir}` in it expanded) with the model's
+    special tokens; the embedded digits world is built first when its tokenizer is asked for and
+    missing."""
+    data_dir = os.path.expanduser(data_config.data_dir)
+    path = os.path.expanduser(data_config.tokenizer.replace("{data_dir}", data_dir))
+    if not os.path.exists(path) and "digits_world" in data_config.tokenizer:
+        from emu_jax.data import digits
+        digits.build(data_dir)
+    return Tokenizer(path, special)

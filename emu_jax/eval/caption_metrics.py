@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import shutil
 
-from emu_jax.eval.vqa import FormatError, MissingTool, check_id, read_entries, read_json, require_same_ids
+from emu_jax.eval.vqa import MissingTool, check_id, read_entries, require_same_ids
+from emu_jax.files import FormatError, read_json
 
 METRICS = ("BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 

@@ -12,11 +12,11 @@ import re
 import jax
 import numpy as np
 
+from emu_jax import tokens as tokens_lib
 from emu_jax.data import media, pipeline, records
 from emu_jax.data.digits import NAMES
 from emu_jax.data.tokenizer import Tokenizer
 from emu_jax.generate import decoding
-from emu_jax.models import tokens as tokens_lib
 from emu_jax.parallel import mesh as mesh_lib
 
 
@@ -55,7 +55,7 @@ def generate_captions(model, params, tokenizer: Tokenizer, special, images: np.n
         chunk = images[start:start + batch_size]
         tokens = np.tile(np.asarray(prompt, np.int32), (len(chunk), 1))
         state = decoding.start(model, len(chunk), len(prompt) + max_new_tokens)
-        state = decoding.feed(model, params, state, tokens, np.ones_like(tokens), media.normalize(chunk[:, None]))
+        state = decoding.feed(model, params, state, tokens, np.ones_like(tokens), chunk[:, None])
         out, lengths, _ = decoding.decode_text(model, params, state, jax.random.key(0), settings)
         out, lengths = mesh_lib.to_host((out, lengths))
         captions += [tokenizer.decode(row[:n]) for row, n in zip(out, lengths)]

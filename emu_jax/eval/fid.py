@@ -62,16 +62,15 @@ def torchscript_features(path: str, device: str = "cpu") -> FeatureFn:
 
 
 def encoder_features(model, params) -> FeatureFn:
-    """Mean-pooled output tokens of the Emu model's visual encoder on normalised pixels, jitted."""
+    """Mean-pooled output tokens of the Emu model's visual encoder on uint8 images, jitted."""
     import jax
 
-    from emu_jax.data import media
     from emu_jax.parallel import mesh as mesh_lib
 
     @jax.jit
-    def encode(params, pixels):
-        return model.apply({"params": params}, pixels, method=lambda m, x: m.vit(x)).mean(axis=1)
+    def encode(params, images):
+        return model.apply({"params": params}, images, method="image_features").mean(axis=1)
 
     def run(images: np.ndarray) -> np.ndarray:
-        return mesh_lib.to_host(encode(params, media.normalize(images))).astype(np.float64)
+        return mesh_lib.to_host(encode(params, images)).astype(np.float64)
     return run

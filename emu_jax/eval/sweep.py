@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import json
 import os
 
 import jax
@@ -33,6 +32,7 @@ from tqdm import tqdm
 from emu_jax import config_lib
 from emu_jax.eval import fid, rices
 from emu_jax.eval.tasks import make_task, task_class, write_json
+from emu_jax.files import read_json
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,11 +181,6 @@ def flatten(tree, prefix: str = ""):
             yield from flatten(value, f"{prefix}{key}.")
         else:
             yield f"{prefix}{key}", value
-
-
-def read_json(path: str) -> dict:
-    with open(path, encoding="utf-8") as f:
-        return json.load(f)
 
 
 def run(sweep) -> list[dict]:

@@ -20,7 +20,7 @@ import numpy as np
 
 from emu_jax.data import digits, media
 from emu_jax.eval import caption_metrics, vqa
-from emu_jax.eval.vqa import FormatError
+from emu_jax.files import FormatError, read_json
 from emu_jax.generate import prompts
 
 
@@ -261,7 +261,7 @@ class CocoCaption(_FileTask):
 
     def _load(self, split):
         path, image_dir = self.files[split]
-        data = vqa.read_json(path)
+        data = read_json(path)
         if not isinstance(data, dict) or not isinstance(data.get("images"), list):
             raise FormatError(f'{path}: expected a COCO caption file with an "images" list')
         refs = caption_metrics.load_references(path)
@@ -331,7 +331,7 @@ class VideoQa(_FileTask):
         path, video_dir = self.files[split]
         vqa.load_video_annotations(path)  # validates
         out = []
-        for entry in vqa.read_json(path)[:self._count(split)]:
+        for entry in read_json(path)[:self._count(split)]:
             key = entry.get("question_id", entry.get("id"))
             frames = prompts.load_video(_image_path(video_dir, self.pattern, entry), self.image_size, self.frames)
             out.append(Example(key, frames, self.template.format(question=entry["question"]), entry["answer"]))

@@ -32,6 +32,8 @@ import json
 import re
 from typing import Callable
 
+from emu_jax.files import FormatError, read_json
+
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've", "couldnt": "couldn't",
     "couldn'tve": "couldn't've", "couldnt've": "couldn't've", "didnt": "didn't", "doesnt": "doesn't",
@@ -70,10 +72,6 @@ DIGIT_COMMA_DIGIT = re.compile(r"(\d)(,)(\d)")
 
 # The official call passes re.UNICODE (32) where `sub` takes its count: at most 32 periods go.
 OFFICIAL_PERIOD_LIMIT = 32
-
-
-class FormatError(ValueError):
-    """A result, question or annotation file that cannot be read or is not in the official format."""
 
 
 class MissingTool(RuntimeError):
@@ -188,16 +186,6 @@ def exact_match(prediction: str, answer: str) -> float:
 
 # ----------------------------------------------------------------------------- official files
 
-def read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except OSError as e:
-        raise FormatError(f"{path}: cannot read ({e.strerror or e})") from e
-    except UnicodeDecodeError as e:
-        raise FormatError(f"{path}: not UTF-8 text (byte {e.start})") from e
-    except json.JSONDecodeError as e:
-        raise FormatError(f"{path}: not valid JSON ({e})") from e
 
 
 def _shown(value) -> str:

@@ -21,7 +21,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from emu_jax.data import media
+from emu_jax.checkpoint import abstract_with_shardings, restore_params
+from emu_jax.data.tokenizer import load_tokenizer
 from emu_jax.generate import decoding, prompts as prompts_lib
 from emu_jax.models.emu import build_model, example_inputs
 from emu_jax.parallel import mesh as mesh_lib
@@ -79,7 +80,6 @@ class Generator:
     def from_checkpoints(cls, config, checkpoint: str, decoder_checkpoint: str = "", tokenizer=None):
         """Restores the Emu towers from `checkpoint` (trained or converted) and, given one, the UNet
         and VAE from `decoder_checkpoint` (its EMA when it has one), sharded over the config's mesh."""
-        from emu_jax.train.checkpoint import abstract_with_shardings, restore_params
         mesh = mesh_lib.make_mesh(config.mesh, allow_subset=True)
         rules = config.mesh.rules
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
@@ -96,7 +96,7 @@ class Generator:
                     decoder_params = restore_params(decoder_checkpoint, wanted, item="ema")
                 except FileNotFoundError:
                     decoder_params = restore_params(decoder_checkpoint, wanted)
-        return cls(config, params, tokenizer or load_tokenizer(config), decoder_params=decoder_params, mesh=mesh)
+        return cls(config, params, tokenizer or load_tokenizer(config.data, config.model.tokens), decoder_params=decoder_params, mesh=mesh)
 
     # ------------------------------------------------------------------ generation
 
@@ -153,8 +153,8 @@ class Generator:
                      for chunk in chunks)
 
     def _feed(self, state, tokens, valid, images=None):
-        pixels = None if images is None else media.normalize(images)
-        return decoding.feed(self.model, self.params, state, jnp.asarray(tokens), jnp.asarray(valid), pixels)
+        images = None if images is None else jnp.asarray(images)
+        return decoding.feed(self.model, self.params, state, jnp.asarray(tokens), jnp.asarray(valid), images)
 
     def _image(self, state, outputs) -> decoding.State:
         """Regresses one image per row at the [IMG] just fed, then closes the block."""
@@ -207,16 +207,18 @@ class Generator:
                                           f"alone is autoencoded): rows of one batch must ask for the same outputs")
         return all(alone)
 
-    def _encode(self, pixels) -> np.ndarray:
-        """Normalised pixels [B, S, S, 3] -> the visual encoder's embeddings [B, n, D]."""
-        targets = self.model.apply({"params": self.params}, jnp.asarray(pixels)[:, None], method="encode_images")[1]
+    def _encode(self, images, method: str = "encode_images") -> np.ndarray:
+        """uint8 images [B, S, S, 3] (normalised pixels with method="encode_pixels") -> the visual
+        encoder's embeddings [B, n, D]."""
+        targets = self.model.apply({"params": self.params}, jnp.asarray(images)[:, None], method=method)[1]
         return mesh_lib.to_host(targets).astype(np.float32)
 
     def _autoencode(self, batch: list[list], rng) -> list[Output]:
         """Guided against the embeddings of all-zero normalised pixels (the release's negative)."""
-        pixels = media.normalize(np.stack([segments[0].pixels for segments in batch]))
-        embeddings = self._encode(pixels)
-        null_image = np.broadcast_to(self._encode(np.zeros_like(pixels[:1])), embeddings.shape)
+        images = np.stack([segments[0].pixels for segments in batch])
+        embeddings = self._encode(images)
+        null_image = np.broadcast_to(self._encode(np.zeros(images[:1].shape, np.float32), "encode_pixels"),
+                                     embeddings.shape)
         images = self.images_from_embeddings(embeddings, rng, negative=null_image)
         return [Output([image], [e]) for image, e in zip(images, embeddings)]
 
@@ -279,14 +281,3 @@ def without_remat(model_config):
     return inference
 
 
-def load_tokenizer(config):
-    """The config's sentencepiece model with its special tokens (the digits world is built first
-    when the config reads it and it is missing)."""
-    import os
-    from emu_jax.data.tokenizer import Tokenizer
-    data = config.data
-    path = os.path.expanduser(data.tokenizer.replace("{data_dir}", data.data_dir))
-    if not os.path.exists(path) and "digits_world" in data.tokenizer:
-        from emu_jax.data import digits
-        digits.build(os.path.expanduser(data.data_dir))
-    return Tokenizer(path, config.model.tokens)

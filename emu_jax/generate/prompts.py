@@ -30,8 +30,8 @@ import re
 import numpy as np
 from PIL import Image
 
+from emu_jax import tokens as tokens_lib
 from emu_jax.data import media
-from emu_jax.models import tokens as tokens_lib
 
 IMAGE_REQUEST = "[IMG]"
 _PLACEHOLDER = r"<image:[^>]*>|<video:[^>]*>|<box:[^>]*>|<image>|\[IMG\]"
@@ -189,16 +189,6 @@ def emu_i_chat(user: str, system: str = "", history: tuple[tuple[str, str], ...]
     System messages: EMU_I_IMAGE_SYSTEM, EMU_I_VIDEO_SYSTEM."""
     turns = [f"[USER]: {u} [ASSISTANT]: {a}" for u, a in history] + [f"[USER]: {user} [ASSISTANT]:"]
     return f"{system} {' '.join(turns)}".strip()
-
-
-def few_shot(demonstrations, query: np.ndarray, query_text: str = "") -> list:
-    """k (image, text) demonstrations then the query image (and the start of its text, e.g. a
-    question), as the in-context documents are laid out: image, its text, image, its text, ..."""
-    segments = []
-    for pixels, text in demonstrations:
-        segments += [ImageInput(np.asarray(pixels, np.uint8)), text]
-    segments.append(ImageInput(np.asarray(query, np.uint8)))
-    return segments + ([query_text] if query_text else [])
 
 
 # ----------------------------------------------------------------------------- token ids

@@ -8,10 +8,10 @@
 
 Each image is one block `[IMG] <image> x n [/IMG]` in `tokens` and one slot in `images`, in the
 same order; an Emu2 video frame is one block `[IMG] [gIMG] x m [/IMG]` and one slot, its m
-embeddings pooled to the connector's video grid (see `emu_jax.models.tokens`). The regression
+embeddings pooled to the connector's video grid (see `emu_jax.tokens`). The regression
 target of position t is the visual target of position t + 1 when that position is an `<image>`,
 so predictions at `[IMG]` and at every `<image>` but a block's last are scored (the loss applies
-the masks; see `emu_jax.models.tokens`).
+the masks; see `emu_jax.tokens`).
 """
 from __future__ import annotations
 
@@ -22,10 +22,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from emu_jax import tokens as tokens_lib
 from emu_jax.models.causal_former import CausalFormerConnector
 from emu_jax.models.connector import PooledConnector
-from emu_jax.models.eva_vit import EvaVit
-from emu_jax.models import tokens as tokens_lib
+from emu_jax.models.eva_vit import EvaVit, normalize
 from emu_jax.models.llama import Llama
 
 CONNECTORS = {"causal_former": CausalFormerConnector, "pooled": PooledConnector}
@@ -77,27 +77,38 @@ class Emu(nn.Module):
     def visual_tokens_per_frame(self) -> int:
         return self.connector.num_frame_tokens if self.frame_token_id >= 0 else self.visual_tokens_per_image
 
-    def _vit(self, images: jax.Array) -> jax.Array:
-        return self.vit(images.reshape((-1,) + images.shape[2:]))
+    def _vit(self, pixels: jax.Array) -> jax.Array:
+        """Normalised pixels [B, N, H, W, 3] -> the ViT's tokens for every slot [B*N, t, D]."""
+        return self.vit(pixels.reshape((-1,) + pixels.shape[2:]))
+
+    def image_features(self, images: jax.Array) -> jax.Array:
+        """uint8 [B, H, W, 3] -> the ViT's output tokens [B, t, D] (e.g. a feature space for FID)."""
+        return self.vit(normalize(images))
 
     def encode_images(self, images: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """[B, N, H, W, 3] -> (LLM inputs [B, N*n, D_llm], regression targets [B, N*n, D_target])."""
-        b, n = images.shape[:2]
-        inputs, targets = self.connector.encode(self._vit(images))
+        """uint8 [B, N, H, W, 3] -> (LLM inputs [B, N*n, D_llm], regression targets [B, N*n, D_target])."""
+        return self.encode_pixels(normalize(images))
+
+    def encode_pixels(self, pixels: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """`encode_images` of pixels already normalised (Emu2-Gen's autoencoding negative is the
+        all-zero normalised image, i.e. the dataset-mean image, which no uint8 image equals)."""
+        b, n = pixels.shape[:2]
+        inputs, targets = self.connector.encode(self._vit(pixels))
         flat = lambda x: x.reshape(b, n * x.shape[1], x.shape[2])  # noqa: E731
         return flat(inputs), flat(targets)
 
     def embed(self, tokens: jax.Array, images: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         """Input embeddings with visual inputs spliced in (an image's at its `<image>`s, a video
         frame's at its `[gIMG]`s), and the per-position regression targets (the NEXT position's
-        visual target, stop-gradient; images only: frames are never regressed)."""
+        visual target, stop-gradient; images only: frames are never regressed). `images` are
+        uint8 [B, N, H, W, 3], normalised here."""
         embeddings = self.llm.embed(tokens)
         target_shape = tokens.shape + (self.connector.target_width,)
         if images is None or images.shape[1] == 0:
             return embeddings, jnp.zeros(target_shape, embeddings.dtype)
         b, n = images.shape[:2]
         per_slot = lambda x: x.reshape((b, n) + x.shape[1:])  # noqa: E731
-        vit_tokens = self._vit(images)
+        vit_tokens = self._vit(normalize(images))
         visual_inputs, visual_targets = self.connector.encode(vit_tokens)
         block, offset = block_offsets(tokens, self.block_start_id)
         is_image = tokens == self.image_token_id
@@ -152,4 +163,4 @@ def example_inputs(model: Emu, batch: int = 1, images_per_row: int = 1) -> dict[
     size = model.vit.image_size
     ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     return dict(tokens=ids, positions=ids, segment_ids=ids,
-                images=jax.ShapeDtypeStruct((batch, images_per_row, size, size, 3), jnp.float32))
+                images=jax.ShapeDtypeStruct((batch, images_per_row, size, size, 3), jnp.uint8))

@@ -12,6 +12,7 @@ is fc1 -> exact GELU -> fc2 with biases. Names follow `visual.*` in the released
 from __future__ import annotations
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -20,6 +21,14 @@ from emu_jax.models.layers import Attention, Mlp, constrain
 
 EVA_MEAN = (0.48145466, 0.4578275, 0.40821073)  # CLIP image normalisation, used by both EVA variants
 EVA_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+def normalize(images: jax.Array) -> jax.Array:
+    """uint8 [..., 3] (or 0-255 floats) -> float32 with the EVA-CLIP mean and std: what the towers
+    read. Models take uint8 images and call this themselves (on device, inside the step)."""
+    mean = jnp.asarray(EVA_MEAN, jnp.float32) * 255.0
+    std = jnp.asarray(EVA_STD, jnp.float32) * 255.0
+    return (images.astype(jnp.float32) - mean) / std
 
 
 def bicubic_matrix(in_size: int, out_size: int, a: float = -0.75) -> np.ndarray:

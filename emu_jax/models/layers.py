@@ -3,7 +3,7 @@
 Logical axis names (the config's rules table is the only place that maps them to mesh axes):
   weights      embed, mlp, heads, kv_heads, head_dim, qkv, vocab, norm, layers, patch_height, patch_width,
                channels, conv_height, conv_width, conv_in, conv_out, latent
-  activations  act_batch, act_len, act_kv_len, act_embed, act_heads, act_head_dim, act_mlp, act_vocab
+  activations  act_batch, act_len, act_embed, act_heads, act_head_dim, act_mlp, act_vocab
 """
 from __future__ import annotations
 
@@ -473,26 +473,3 @@ def apply_stack(stack, num_layers: int, x, cache=None, shared=()):
                    in_axes=(0, nn.broadcast), length=num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     (x, cache), _ = scan(stack, (x, cache), jnp.arange(num_layers), shared)
     return x, cache
-
-
-def stack_layer_params(tree: dict, prefix: str) -> dict:
-    """Per-layer children `{prefix}_{i}` -> one `{prefix}` child with a leading layer axis (the
-    scanned layout); other entries untouched. Works on any nested dict of arrays."""
-    names = sorted((k for k in tree if k.startswith(prefix + "_") and k[len(prefix) + 1:].isdigit()),
-                   key=lambda k: int(k[len(prefix) + 1:]))
-    if not names:
-        return tree
-    out = {k: v for k, v in tree.items() if k not in names}
-    out[prefix] = jax.tree.map(lambda *a: jnp.stack(a), *[tree[k] for k in names])
-    return out
-
-
-def unstack_layer_params(tree: dict, prefix: str) -> dict:
-    """Inverse of `stack_layer_params`."""
-    if prefix not in tree:
-        return tree
-    out = {k: v for k, v in tree.items() if k != prefix}
-    count = jax.tree.leaves(tree[prefix])[0].shape[0]
-    for i in range(count):
-        out[f"{prefix}_{i}"] = jax.tree.map(lambda a: a[i], tree[prefix])
-    return out

@@ -15,7 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from emu_jax.data.media import normalize
+from emu_jax.models.eva_vit import normalize
 from emu_jax.models.unet import UNet
 from emu_jax.models.vae import AutoencoderKL, posterior_sample
 

@@ -1,6 +1,6 @@
 """Emu's training objective: next-text-token cross-entropy plus next-visual-embedding regression.
 
-Both terms are means over the positions their masks select (see `emu_jax.models.tokens.loss_masks`)
+Both terms are means over the positions their masks select (see `emu_jax.tokens.loss_masks`)
 and are weighted by the config (stage 1: text only; gen fine-tune: regression only; ...).
 """
 from __future__ import annotations

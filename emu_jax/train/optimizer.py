@@ -2,10 +2,13 @@
 per-tower freezing and learning-rate multipliers chosen by regular expressions over parameter
 paths such as `vit/blocks_3/attn/qkv/kernel` (config.optimizer; no branches in code).
 
-Frozen parameters get no optimizer state (`optax.set_to_zero`) and their gradients are zeroed
-before clipping, so XLA drops their weight-gradient computations. `freeze_from` (a regex) with
-`freeze_from_step` freezes parameters part-way through a run (a two-stage recipe in one run):
-from that step on, their gradients and updates are zero.
+The whole policy is the optax transformation: the train step only computes gradients, updates
+and applies them. Frozen parameters get no optimizer state (`optax.set_to_zero`); the step also
+zeroes their gradients statically (`Optimizer.frozen`), so XLA drops their weight-gradient
+computations. `freeze_from` (a regex) with `freeze_from_step` freezes parameters part-way through a
+run (a two-stage recipe in one run): from the optimizer's update number `freeze_from_step` on,
+their gradients are zeroed before clipping (the global norm no longer counts them) and their
+updates after Adam (whose moments would otherwise keep moving them).
 """
 from __future__ import annotations
 
@@ -13,15 +16,33 @@ import re
 from typing import Any, NamedTuple
 
 import jax
+import jax.numpy as jnp
 import optax
 
 
 class Optimizer(NamedTuple):
     tx: optax.GradientTransformation
     schedule: optax.Schedule
-    frozen: Any  # tree of bools, True where the parameter is frozen
-    frozen_later: Any = None  # tree of bools: frozen from `freeze_step` on
-    freeze_step: int = 0
+    frozen: Any  # tree of bools, True where the parameter is frozen from the start
+
+
+class FreezeState(NamedTuple):
+    count: jax.Array  # updates made so far
+
+
+def zero_from_step(mask, step: int) -> optax.GradientTransformation:
+    """Zeroes the updates of the parameters `mask` selects from the `step`-th update on."""
+    def init(params):
+        del params
+        return FreezeState(count=jnp.zeros([], jnp.int32))
+
+    def update(updates, state, params=None):
+        del params
+        frozen_now = state.count >= step
+        updates = jax.tree.map(lambda u, m: jnp.where(frozen_now, jnp.zeros_like(u), u) if m else u, updates, mask)
+        return updates, FreezeState(count=optax.safe_increment(state.count))
+
+    return optax.GradientTransformation(init, update)
 
 
 def path_name(path) -> str:
@@ -66,6 +87,9 @@ def make_optimizer(config, params, total_steps: int) -> Optimizer:
         transforms[label] = optax.adamw(lambda step, m=multiplier: lr(step) * m, b1=config.b1, b2=config.b2,
                                         eps=config.eps, weight_decay=config.weight_decay, mask=decay_mask)
     tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.multi_transform(transforms, labels))
-    later = jax.tree_util.tree_map_with_path(
-        lambda path, _: bool(config.freeze_from) and bool(re.search(config.freeze_from, path_name(path))), params)
-    return Optimizer(tx, lr, jax.tree.map(lambda label: label == "frozen", labels), later, config.freeze_from_step)
+    if config.freeze_from:
+        later = jax.tree_util.tree_map_with_path(lambda path, _: bool(re.search(config.freeze_from, path_name(path))),
+                                                 params)
+        step = config.freeze_from_step
+        tx = optax.chain(zero_from_step(later, step), tx, zero_from_step(later, step))
+    return Optimizer(tx, lr, jax.tree.map(lambda label: label == "frozen", labels))

@@ -61,15 +61,11 @@ def make_train_step(task, optimizer, accum_steps: int = 1, *, seed: int = 0, ema
 
     def train_step(state: TrainState, batch: dict):
         (loss, metrics), grads = gradients(state.params, batch, step_key(seed, state.step), state.step)
+        # Static: XLA drops the weight-gradient matmuls of parameters frozen from the start.
         grads = jax.tree.map(lambda g, frozen: jnp.zeros_like(g) if frozen else g, grads, optimizer.frozen)
-        frozen_now = state.step >= optimizer.freeze_step
-        hold = lambda tree: tree if optimizer.frozen_later is None else jax.tree.map(  # noqa: E731
-            lambda x, later: jnp.where(frozen_now, jnp.zeros_like(x), x) if later else x, tree, optimizer.frozen_later)
-        grads = hold(grads)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
-        updates = hold(updates)
         params = optax.apply_updates(state.params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
         ema = state.ema

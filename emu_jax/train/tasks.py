@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from emu_jax.data import pipeline
+from emu_jax.data.tokenizer import load_tokenizer
 from emu_jax.parallel import mesh as mesh_lib
 from emu_jax.train import flops as flops_lib
 
@@ -83,10 +84,8 @@ class EmuTask:
 
     @property
     def tokenizer(self):
-        from emu_jax.data.tokenizer import Tokenizer
         if self._tokenizer is None:
-            data = self.config.data
-            self._tokenizer = Tokenizer(pipeline.expand(data.tokenizer, data.data_dir), self.config.model.tokens)
+            self._tokenizer = load_tokenizer(self.config.data, self.config.model.tokens)
         return self._tokenizer
 
     def samples(self, step, params, workdir, writer):

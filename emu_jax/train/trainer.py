@@ -23,10 +23,10 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
+from emu_jax.checkpoint import Checkpointer, CheckpointWriteError, abstract_with_shardings, restore_params
 from emu_jax.data import pipeline
 from emu_jax.parallel import mesh as mesh_lib
 from emu_jax.train import flops as flops_lib
-from emu_jax.train.checkpoint import Checkpointer, CheckpointWriteError, abstract_with_shardings, restore_params
 from emu_jax.train.metrics import MetricsWriter
 from emu_jax.train.optimizer import make_optimizer
 from emu_jax.train.step import TrainState, make_eval_step, make_train_step
@@ -181,7 +181,6 @@ class Setup:
     task: Any
     optimizer: Any
     abstract_params: Any
-    param_shardings: Any
     abstract_opt: Any
     shardings: TrainState  # of NamedShardings
     batch_sharding: jax.sharding.NamedSharding
@@ -196,7 +195,7 @@ def build(config, mesh) -> Setup:
     optimizer = make_optimizer(config.optimizer, abstract_params, config.train.steps)
     abstract_opt, shardings = state_shardings(optimizer, abstract_params, param_shardings, mesh,
                                               config.train.ema_decay > 0)
-    return Setup(task, optimizer, abstract_params, param_shardings, abstract_opt, shardings,
+    return Setup(task, optimizer, abstract_params, abstract_opt, shardings,
                  mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh))
 
 
@@ -212,7 +211,7 @@ def jit_train_step(config, setup: Setup):
 def abstract_state(setup: Setup) -> TrainState:
     """The train state as ShapeDtypeStructs carrying their shardings (nothing allocated)."""
     scalar = jax.ShapeDtypeStruct((), jnp.int32, sharding=setup.replicated)
-    params = abstract_with_shardings(setup.abstract_params, setup.param_shardings)
+    params = abstract_with_shardings(setup.abstract_params, setup.shardings.params)
     opt_state = abstract_with_shardings(setup.abstract_opt, setup.shardings.opt_state)
     return TrainState(step=scalar, params=params, opt_state=opt_state, skipped_updates=scalar,
                       ema=params if setup.shardings.ema is not None else None)
@@ -237,7 +236,7 @@ def train(config, workdir: str) -> dict:
         # ------------------------------------------------------------ model, optimizer, shardings
         setup = build(config, mesh)
         task, optimizer, shardings = setup.task, setup.optimizer, setup.shardings
-        param_shardings = setup.param_shardings
+        param_shardings = setup.shardings.params
         model, inputs = task.model, task.example_inputs()
         use_ema = tc.ema_decay > 0
 
@@ -249,19 +248,18 @@ def train(config, workdir: str) -> dict:
                                     every=tc.checkpoint_every, async_save=tc.async_checkpoints)
         latest = checkpointer.latest_step()
         if latest is not None:
-            target = abstract_state(setup)
-            params, opt_state, ema, meta = checkpointer.restore(latest, target.params, target.opt_state, train_iter,
-                                                                target.ema)
+            state, meta = checkpointer.restore(latest, abstract_state(setup), train_iter)
             skipped = meta["skipped_updates"]
         else:
             params = init_params(model, inputs, param_shardings, config.seed, config.init_prng)
             params = load_towers(params, tc.init_from, setup.abstract_params, param_shardings)
             opt_state = jax.jit(optimizer.tx.init, out_shardings=shardings.opt_state)(params)
             copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)
-            ema = copy(params) if use_ema else None
+            state = TrainState(step=None, params=params, opt_state=opt_state, skipped_updates=None,
+                               ema=copy(params) if use_ema else None)
             latest, skipped = 0, 0
-        state = TrainState(step=jax.device_put(jnp.int32(latest), replicated), params=params, opt_state=opt_state,
-                           skipped_updates=jax.device_put(jnp.int32(skipped), replicated), ema=ema)
+        state = state.replace(step=jax.device_put(jnp.int32(latest), replicated),
+                              skipped_updates=jax.device_put(jnp.int32(skipped), replicated))
 
         # ------------------------------------------------------------ steps
         train_step = jit_train_step(config, setup)
