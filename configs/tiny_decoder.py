@@ -30,7 +30,7 @@ def get_config(arg=None):
     with config.unlocked():
         config.task = stage
         config.model.vae = config_lib.vae(block_out_channels=(16, 32, 32), layers_per_block=1, groups=8,
-                                          scaling_factor=1.0)
+                                          scaling_factor=0.2)
         config.model.unet = config_lib.sdxl_unet(block_out_channels=(32, 64), cross_attention=(True, True),
                                                  transformer_depth=(1, 1), num_heads=(4, 4), layers_per_block=1,
                                                  groups=8, addition_time_embed_dim=32)

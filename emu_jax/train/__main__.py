@@ -36,6 +36,9 @@ def main(argv):
         print(f"held-out caption accuracy: {result['held_out_caption_accuracy']:.4f}")
     if "recognisability" in result:
         print(f"held-out recognisability: {result['recognisability']:.4f}")
+    if "latent_std" in result:
+        print(f"latent standard deviation: {result['latent_std']:.3f} (a decoder's model.vae.scaling_factor near "
+              f"{1 / result['latent_std']:.3f} gives the diffusion model unit-variance latents)")
 
 
 if __name__ == "__main__":
