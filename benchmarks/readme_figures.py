@@ -110,6 +110,7 @@ def decoder(results: pathlib.Path, work: pathlib.Path, seed: int, needs_checkpoi
             f"--config.train.init_from.vae={vae}/checkpoints", f"--config.train.init_from.vit={encoder}",
             f"--config.train.init_from.connector={encoder}"])
         return dict(seed=seed, vae=last_metric(vae, "eval/vae_recognisability"), vae_wall_s=vae_wall,
+                    vae_latent_std=last_metric(vae, "eval/vae_latent_std"),
                     decoder=last_metric(run_dir / "decoder" / "workdir", "eval/decoder_recognisability"),
                     decoder_wall_s=wall)
     needs = (run_dir / "decoder" / "workdir" / "checkpoints",) if needs_checkpoint else ()
@@ -183,11 +184,11 @@ def decoder_table(out: pathlib.Path) -> str:
     runs = gathered(out, "decoder_seed*")
     if not runs:
         return ""
-    lines = ["| dependency set | seed | VAE recognisability | VAE wall time | decoder recognisability | decoder wall time |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {label} | {f['seed']} | {f['vae']:.3f} | {f['vae_wall_s'] / 60:.1f} min | {f['decoder']:.3f} | "
-              f"{f['decoder_wall_s'] / 60:.1f} min |" for label, f in runs]
-    lines.append(f"| real held-out digits | | {real_digits_recognisability():.3f} | | | |")
+    lines = ["| dependency set | seed | VAE recognisability | VAE latent std | VAE wall time | decoder recognisability "
+             "| decoder wall time |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {f['seed']} | {f['vae']:.3f} | {f['vae_latent_std']:.2f} | {f['vae_wall_s'] / 60:.1f} min "
+              f"| {f['decoder']:.3f} | {f['decoder_wall_s'] / 60:.1f} min |" for label, f in runs]
+    lines.append(f"| real held-out digits | | {real_digits_recognisability():.3f} | | | | |")
     return "\n".join(lines + footnotes(runs))
 
 

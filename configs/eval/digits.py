@@ -10,7 +10,8 @@ text-to-image digits judged by an independent classifier.
     python -m emu_jax.evaluate --config=configs/eval/digits.py
 
 Paths are overridable (`--config.checkpoints.tiny.checkpoint=DIR`, `--config.out=DIR`). A re-run skips
-finished cells; a killed sweep resumes.
+finished cells; a killed sweep resumes. Measured on seed 0's checkpoints by `python
+benchmarks/readme_figures.py --stages=sweep`: the README's sweep table.
 """
 import ml_collections
 
