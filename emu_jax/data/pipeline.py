@@ -305,8 +305,6 @@ class MetaMatches:
             meta = records.decode(record)["meta"]
         except RecordError:
             return True
-        text = lambda x: x.decode() if isinstance(x, bytes) else x  # noqa: E731  (msgpack's raw strings)
-        meta = {text(k): text(v) for k, v in meta.items()}
         return all(meta.get(key) == value for key, value in self.where)
 
 

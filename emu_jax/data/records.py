@@ -120,8 +120,10 @@ def decode(record: bytes | Unreadable) -> dict:
     if not segments or all(segment_kind(s) == "text" and not s["text"].strip() for s in segments):
         raise RecordError("empty_document", "document has no content")
     source = doc.get(b"source", b"")
-    return {"segments": segments, "source": source.decode("utf-8", "replace") if isinstance(source, bytes) else "",
-            "meta": doc.get(b"meta", {})}
+    text = lambda x: x.decode("utf-8", "replace") if isinstance(x, bytes) else x  # noqa: E731  (raw msgpack strings)
+    meta = doc.get(b"meta", {})
+    return {"segments": segments, "source": text(source) if isinstance(source, bytes) else "",
+            "meta": {text(k): text(v) for k, v in meta.items()} if isinstance(meta, dict) else {}}
 
 
 def _temporary(path: str) -> str:

@@ -30,7 +30,7 @@ def held_out_images(data_config, image_size: int, count: int, require_meta: str 
             doc = records.decode(docs[i][2])
         except records.RecordError:
             continue
-        meta = {k.decode() if isinstance(k, bytes) else k: v for k, v in doc["meta"].items()}
+        meta = doc["meta"]
         first = doc["segments"][0]
         if "image" not in first or (require_meta and require_meta not in meta):
             continue
