@@ -38,7 +38,7 @@ What it measures, and against what (each figure beside its reference, in one tab
    parameters and optimizer state (the trainer's mixed precision), scanned layers, attention "auto"
    (`layers.choose_attention`: cuDNN on GPU where it applies; the table says what each tower got),
    once per --remat policy (`layers.REMAT_POLICIES`, applied to both towers). MFU = analytic model
-   FLOPs of the step (`flops.step_flops`: 6 per matmul parameter per token plus attention; never
+   FLOPs of the step (`emu.train_flops`: 6 per matmul parameter per token plus attention; never
    counting recomputation) / best step time / the matmul peak of (1). Goal (issue #25): >= 0.6. A
    policy whose step does not fit in memory is reported as such; a policy is skipped when the time
    already spent plus the previous policy's time would pass --budget_s.
@@ -67,7 +67,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from emu_jax import tokens as tokens_lib  # noqa: E402
 from emu_jax.generate import decoding  # noqa: E402
 from emu_jax.models import layers  # noqa: E402
-from emu_jax.models.emu import build_model, example_inputs  # noqa: E402
+from emu_jax.models.emu import build_model, example_inputs, train_flops  # noqa: E402
 from emu_jax.parallel import mesh as mesh_lib  # noqa: E402
 from emu_jax.train import flops as flops_lib  # noqa: E402
 from emu_jax.train.losses import emu_loss  # noqa: E402
@@ -76,7 +76,7 @@ from emu_jax.train.step import TrainState, make_train_step  # noqa: E402
 
 
 class Section(dict):
-    """The few ConfigDict features `build_model`, `make_optimizer` and `step_flops` read (attribute
+    """The few ConfigDict features `build_model`, `make_optimizer` and `train_flops` read (attribute
     access, `get`, `to_dict`), so that ml_collections is not needed."""
     def __getattr__(self, name):
         try:
@@ -104,7 +104,7 @@ SIZES = {
 OPTIMIZER = Section(learning_rate=3e-4, warmup_steps=1000, decay="cosine", end_lr_fraction=0.1, b1=0.9, b2=0.95,
                     eps=1e-8, weight_decay=0.05, clip_norm=1.0,
                     no_decay=r"(norm|bias|scale|embedding|pos_embed|cls_token|causal_tokens)", freeze="",
-                    lr_multipliers=(), freeze_from="", freeze_from_step=0)
+                    lr_multipliers=())
 
 
 def model_config(args, *, remat: str = "none", param_dtype: str = "float32", attention: str = "auto") -> Section:
@@ -284,7 +284,7 @@ def train_speed(args, remat: str, peaks: dict, attention: str) -> dict:
                                      ("vit", tokens_per_image, model.vit.width // model.vit.num_heads))}
     row = {"remat": remat, "batch": args.batch, "seq_len": args.seq_len, "images_per_row": args.images,
            "parameters": int(sum(x.size for x in jax.tree.leaves(abstract))), "attention": chosen}
-    row["model_flops"] = flops_lib.step_flops(abstract, config, args.batch, args.seq_len, args.images)
+    row["model_flops"] = train_flops(abstract, config, args.batch, args.seq_len, args.images)
     state = None
     try:
         optimizer = make_optimizer(OPTIMIZER, abstract, 1000)

@@ -91,7 +91,8 @@ def quickstart(results: pathlib.Path, work: pathlib.Path, seed: int, needs_check
     def measure(run_dir):
         wall = train(run_dir, "configs/tiny.py", [f"--config.seed={seed}", f"--config.data.seed={seed}"])
         workdir = run_dir / "workdir"
-        return dict(seed=seed, accuracy=last_metric(workdir, "eval/held_out_caption_accuracy"),
+        # evaluators log percentages; the tables show fractions, as the targets are written
+        return dict(seed=seed, accuracy=last_metric(workdir, "eval/captions/accuracy") / 100,
                     text_loss=last_metric(workdir, "eval/text_loss"), wall_s=wall)
     needs = (run_dir / "workdir" / "checkpoints",) if needs_checkpoint else ()
     return measured(results / f"quickstart_seed{seed}.json", run_dir, measure, needs)
@@ -109,9 +110,9 @@ def decoder(results: pathlib.Path, work: pathlib.Path, seed: int, needs_checkpoi
         wall = train(run_dir / "decoder", "configs/tiny_decoder.py:decoder", seeds + [
             f"--config.train.init_from.vae={vae}/checkpoints", f"--config.train.init_from.vit={encoder}",
             f"--config.train.init_from.connector={encoder}"])
-        return dict(seed=seed, vae=last_metric(vae, "eval/vae_recognisability"), vae_wall_s=vae_wall,
-                    vae_latent_std=last_metric(vae, "eval/vae_latent_std"),
-                    decoder=last_metric(run_dir / "decoder" / "workdir", "eval/decoder_recognisability"),
+        return dict(seed=seed, vae=last_metric(vae, "eval/digits/recognisability") / 100, vae_wall_s=vae_wall,
+                    vae_latent_std=last_metric(vae, "eval/latents/latent_std"),
+                    decoder=last_metric(run_dir / "decoder" / "workdir", "eval/digits/recognisability") / 100,
                     decoder_wall_s=wall)
     needs = (run_dir / "decoder" / "workdir" / "checkpoints",) if needs_checkpoint else ()
     return measured(results / f"decoder_seed{seed}.json", run_dir, measure, needs)

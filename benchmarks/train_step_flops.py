@@ -72,7 +72,7 @@ def main(argv):
         batch = jax.device_put(random_batch(config, model, np.random.RandomState(0)))
         state, metrics, times = flops_lib.time_train_steps(step, state, batch, FLAGS.steps)
         seconds, median = min(times), float(np.median(times))
-    step_flops = flops_lib.step_flops(abstract, config.model, FLAGS.batch, FLAGS.seq_len, FLAGS.images)
+    step_flops = task.family.train_flops(abstract, config.model, FLAGS.batch, FLAGS.seq_len, FLAGS.images)
     achieved = step_flops / seconds
     matmul = flops_lib.measure_matmul_flops(FLAGS.matmul_size, jnp.dtype(FLAGS.dtype))
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, dtype {FLAGS.dtype}")

@@ -51,10 +51,15 @@ def get_config(arg=None):
                                         llm=config_lib.llama("33b", vocab, **llm), special_tokens=special)
     config.data = config_lib.digits_data(seq_len=128, max_images=8, video_frames=4, global_batch_size=16,
                                          packing_bins=8, augment=config_lib.augment_config("affine"))
-    config.loss.regression_from_step = 2300
-    config.optimizer = config_lib.optimizer_config(learning_rate=2e-3, warmup_steps=100, weight_decay=0.01,
-                                                   freeze_from=r"^vit/", freeze_from_step=2300)
-    config.train = config_lib.train_config(steps=2800, log_every=50, eval_every=500, checkpoint_every=500,
-                                           sample_every=500, final_eval="digit_captions")
+    config.loss.regression_weight = 0.0  # the first stage: text alone
+    config.stages = {"aligned": config_lib.stage(2300, freeze=r"^vit/", loss={"regression_weight": 1.0})}
+    config.optimizer = config_lib.optimizer_config(learning_rate=2e-3, warmup_steps=100, weight_decay=0.01)
+    config.train = config_lib.train_config(steps=2800, log_every=50, eval_every=500, checkpoint_every=500)
+    # The printed figure: greedy captions of all 360 held-out digits, right when they name the digit
+    # and no other. 12 new tokens: an image alone may be continued in the VQA documents' format
+    # ("question: what digit is this? answer: four"), which names the digit at the 10th token.
+    config.evals = {"captions": config_lib.evaluator("task", task={"kind": "digits_caption", "limit": 360},
+                                                     decoding={"strategy": "greedy", "max_new_tokens": 12}, texts=8),
+                    "samples": config_lib.evaluator("captions", every=500, final=False, count=4)}
     config.lock()
     return config

@@ -43,6 +43,7 @@ def get_config(arg=None):
         config.model.decoder = config_lib.decoder_options(image_size=32, sampler="euler", sampler_steps=25,
                                                           guidance=4.0, condition_dropout=0.1, autoencode=True)
         config.loss = config_lib.ml_collections.ConfigDict(dict(kl_weight=1e-4))
+        config.stages = {}  # the Emu recipe's stages are not the decoder's
         config.data.global_batch_size = 16
         config.data.augment.kind = "none"
         config.data.image_documents_where = {"view": 0}
@@ -51,14 +52,16 @@ def get_config(arg=None):
             config.optimizer = config_lib.optimizer_config(learning_rate=1e-3, warmup_steps=100, weight_decay=0.0,
                                                            freeze=r"^(vit|connector|unet)/")
             config.train = config_lib.train_config(steps=800, log_every=50, eval_every=400, checkpoint_every=400,
-                                                   sample_every=400, sample_count=8, final_eval="digit_recognisability",
                                                    init_from=config.train.init_from)
+            config.evals = {"digits": config_lib.evaluator("recognisability", count=360),
+                            "latents": config_lib.evaluator("latent_std", count=360),
+                            "samples": config_lib.evaluator("reconstructions", every=400, final=False, count=8)}
         else:
             config.optimizer = config_lib.optimizer_config(learning_rate=1e-3, warmup_steps=100, weight_decay=0.0,
                                                            freeze=r"^(vit|connector|vae)/")
             config.train = config_lib.train_config(steps=4500, log_every=50, eval_every=1500, checkpoint_every=1500,
-                                                   sample_every=1500, sample_count=8, ema_decay=0.99,
-                                                   final_eval="digit_recognisability", final_eval_count=120,
-                                                   init_from=config.train.init_from)
+                                                   ema_decay=0.99, init_from=config.train.init_from)
+            config.evals = {"digits": config_lib.evaluator("recognisability", count=120),
+                            "samples": config_lib.evaluator("reconstructions", every=1500, final=False, count=8)}
     config.lock()
     return config

@@ -152,13 +152,16 @@ def base_config(*, vit, connector, llm, special_tokens) -> ml_collections.Config
     # values on every mesh. Dropout and diffusion noise keep JAX's default.
     config.init_prng = "unsafe_rbg"
     config.model = ml_collections.ConfigDict(dict(
+        family="emu",  # models/families.py
         vit=vit, connector=connector, llm=llm, tokens=special_tokens,
         dtype="float32", param_dtype="float32", attention_impl="auto"))
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=LOGICAL_AXIS_RULES))
-    config.loss = ml_collections.ConfigDict(dict(text_weight=1.0, regression_weight=1.0, regression_from_step=0))
+    config.loss = ml_collections.ConfigDict(dict(text_weight=1.0, regression_weight=1.0))
+    config.stages = ml_collections.ConfigDict()  # name -> stage(...): train/stages.py
     config.data = data_config()
     config.optimizer = optimizer_config()
     config.train = train_config()
+    config.evals = ml_collections.ConfigDict()  # name -> evaluator(...)
     config.generate = generation_config()
     config.distributed = distributed_config()
     return config
@@ -179,7 +182,7 @@ def optimizer_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(
         learning_rate=3e-4, warmup_steps=1000, decay="cosine", end_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8,
         weight_decay=0.05, clip_norm=1.0, no_decay=r"(norm|bias|scale|embedding|pos_embed|cls_token|causal_tokens)",
-        freeze="", lr_multipliers=(), freeze_from="", freeze_from_step=0) | overrides)
+        freeze="", lr_multipliers=()) | overrides)
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:
@@ -188,7 +191,19 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         log_every=50, eval_every=1000, eval_batches=4,
         checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True,
         init_from=ml_collections.ConfigDict(dict(vit="", connector="", llm="")),  # tower -> checkpoint dir
-        ema_decay=0.0, sample_every=0, sample_count=4, final_eval="", final_eval_count=360) | overrides)
+        ema_decay=0.0) | overrides)
+
+
+def stage(from_step: int, freeze: str = "", loss=None) -> ml_collections.ConfigDict:
+    """A `config.stages` entry (train/stages.py): from `from_step` on, parameters matching `freeze` stop
+    training and the `loss` weights given replace the config's."""
+    return ml_collections.ConfigDict(dict(from_step=from_step, freeze=freeze, loss=dict(loss or {})))
+
+
+def evaluator(type: str, every: int = 0, final: bool = True, **options) -> ml_collections.ConfigDict:  # noqa: A002
+    """A `config.evals` entry (eval/evaluators.py): run every `every` steps (0: never during training)
+    and, with `final`, at the end of training (`--config.evals.<name>.final=False` turns one off)."""
+    return ml_collections.ConfigDict(dict(type=type, every=every, final=final, **options))
 
 
 def source(kind: str, path: str, split: str = "train", weight: float = 1.0) -> ml_collections.ConfigDict:

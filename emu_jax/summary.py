@@ -13,12 +13,13 @@ import jax
 from absl import app, flags
 from ml_collections import config_flags
 
-from emu_jax.models.emu import build_model, example_inputs
+from emu_jax.models import families
 
 def abstract_params(model_config):
     """Parameter shapes of the model (jax.eval_shape: no memory is allocated)."""
-    model = build_model(model_config)
-    inputs = example_inputs(model)
+    family = families.of(model_config)
+    model = family.build(model_config)
+    inputs = family.example_inputs(model)
     variables = jax.eval_shape(lambda kw: model.init(jax.random.key(0), **kw), inputs)
     return nn.unbox(variables["params"])
 

@@ -183,18 +183,20 @@ def test_decoder_stages_run_resume_with_ema_and_log_sample_grids(data_dir, tmp_p
             config.train.steps = steps
             config.train.eval_every = steps
             config.train.eval_batches = 1
-            config.train.sample_every = steps
-            config.train.sample_count = 8  # the samples batch spans the 8 fake devices
-            config.train.final_eval_count = 8
+            config.evals.samples.every = steps
+            config.evals.samples.count = 8  # the samples batch spans the 8 fake devices
+            config.evals.digits.count = 8
+            if "latents" in config.evals:
+                config.evals.latents.count = 8
             for key, value in overrides.items():
                 config.train.init_from[key] = value
         return trainer.train(config, str(workdir))
 
     vae = stage("vae", tmp_path / "vae", 2)
-    assert 0.0 <= vae["recognisability"] <= 1.0 and vae["step"] == 2
+    assert 0.0 <= vae["digits/recognisability"] <= 100.0 and vae["latents/latent_std"] > 0 and vae["step"] == 2
     decoder = stage("decoder", tmp_path / "decoder", 2, vae=str(tmp_path / "vae" / "checkpoints"))
     assert decoder["step"] == 2
-    assert os.path.exists(tmp_path / "decoder" / "samples" / "decoder_0000002.png")
+    assert os.path.exists(tmp_path / "decoder" / "samples" / "samples_0000002.png")
     assert os.path.isdir(tmp_path / "decoder" / "checkpoints" / "2" / "ema")
     again = stage("decoder", tmp_path / "decoder", 2)
-    assert again["recognisability"] == decoder["recognisability"]  # same EMA weights restored, same samples
+    assert again["digits/recognisability"] == decoder["digits/recognisability"]  # same EMA weights restored, same samples

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT
+from conftest import ROOT, load_config
 
 from emu_jax.eval import caption_metrics, fid, rices, vqa
 from emu_jax.eval.vqa import FormatError
@@ -273,6 +273,56 @@ def test_sweep_resumes_without_recomputing_finished_cells(tmp_path, tokenizer):
     assert table[0].startswith("| checkpoint | task | shots | demonstrations | decoding | accuracy") and len(table) == 5
     assert os.path.exists(os.path.join(sweep.out, "cells", "rand", "labels", "2shot-rices-greedy", "results.json"))
     assert sorted(os.listdir(os.path.join(sweep.out, "plots"))) == ["caption_accuracy.png", "labels_accuracy.png"]
+
+
+def test_a_training_evaluator_answers_and_scores_as_the_sweep_cell(tmp_path, tokenizer):
+    """One evaluation system: the trainer's `task` evaluator (config.evals) over a run's parameters
+    and the sweep's cell over the same checkpoint write the same official results and scores."""
+    import ml_collections
+    from model_helpers import init_params, save_params
+
+    from emu_jax import config_lib
+    from emu_jax.eval import evaluators, sweep as sweep_lib
+    from emu_jax.parallel import mesh as mesh_lib
+    from emu_jax.train.metrics import MetricsWriter
+    from emu_jax.train.tasks import make_task
+    decoding = {"strategy": "greedy", "max_new_tokens": 4, "batch_size": 4}
+    config = config_lib.with_overrides(load_config("tiny"), {"data.tokenizer": tokenizer.model_path})
+    subject = make_task(config)
+    params = init_params(subject.model)
+    save_params(tmp_path / "emu", params)
+    sweep = ml_collections.ConfigDict({
+        "out": str(tmp_path / "out"), "seed": 0, "demonstrations": "random", "shots": (0,),
+        "checkpoints": {"rand": {"config": str(ROOT / "configs" / "tiny.py"), "checkpoint": str(tmp_path / "emu"),
+                                 "overrides": {"data": {"tokenizer": tokenizer.model_path}}}},
+        "tasks": {"caption": {"kind": "digits_caption", "limit": 6}}, "decodings": {"greedy": decoding}})
+    (cell,) = sweep_lib.run(sweep)
+    evals = {"captions": config_lib.evaluator("task", task={"kind": "digits_caption", "limit": 6}, decoding=decoding,
+                                             texts=2)}
+    mesh = mesh_lib.make_mesh(config.mesh, allow_subset=True)
+    writer = MetricsWriter(str(tmp_path), enabled=True)
+    metrics = evaluators.run(evals, evaluators.Context(subject, params, 7, writer, str(tmp_path), mesh), final=True)
+    writer.close()
+    cell_dir = tmp_path / "out" / "cells" / "rand" / "caption" / "0shot-greedy"
+    ours = json.load(open(tmp_path / "evals" / "captions" / "7" / "results.json"))
+    assert ours == json.load(open(cell_dir / "results.json")) and len(ours) == 6
+    assert metrics == {"captions/accuracy": cell["accuracy"]}
+    logged = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [r["captions"] for r in logged if "captions" in r] == [
+        f"a handwritten {digits_name}: {r['caption']}" for digits_name, r in zip(("zero", "five"), ours[:2])]
+    assert logged[-1] == {"step": 7, "eval/captions/accuracy": cell["accuracy"]}
+
+
+def test_an_unknown_evaluator_type_stops_the_run_before_it_starts(tmp_path, digits_world):
+    from emu_jax import config_lib
+    from emu_jax.eval import evaluators
+    from emu_jax.train import trainer
+    config = config_lib.with_overrides(load_config("tiny"), {"data.data_dir": digits_world})
+    with config.unlocked():
+        config.evals.captions.type = "caption"
+    with pytest.raises(evaluators.EvalConfigError, match=r"config.evals.captions: unknown type 'caption'; known: .*task"):
+        trainer.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists() and evaluators.EvalConfigError in trainer.RUN_ERRORS
 
 
 @pytest.mark.slow

@@ -355,7 +355,7 @@ def train_cli(workdir, data_dir, *overrides, processes: int = 1):
     import sys
     from conftest import ROOT
     args = [sys.executable, "-m", "emu_jax.train", f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
-            f"--config.data.data_dir={data_dir}", "--config.train.final_eval=", "--config.train.eval_every=0",
+            f"--config.data.data_dir={data_dir}", "--config.evals.captions.final=False", "--config.train.eval_every=0",
             "--config.data.global_batch_size=8", "--config.train.log_every=1", *overrides]
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={processes}"}
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)

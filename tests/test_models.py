@@ -301,3 +301,42 @@ def test_cudnn_attention_equals_xla_on_gpu():
     np.testing.assert_allclose(value, ref_value, rtol=2e-2)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(r, np.float32), atol=5e-2, rtol=5e-2)
+
+
+def test_every_consumer_builds_the_model_of_the_configs_family(monkeypatch):
+    """`config.model.family` is the only switch: training, generation, conversion, the summary, the
+    decoder's encoder towers and the ahead-of-time compile all reach the model through the registry
+    (a consumer that imports models.emu directly would bypass a new family)."""
+    import sys
+    import types
+
+    from conftest import load_config
+
+    from emu_jax import summary
+    from emu_jax.convert import plan
+    from emu_jax.generate.generator import Generator
+    from emu_jax.models import emu, families
+    from emu_jax.train import aot
+    from emu_jax.train.tasks import make_task
+    built = []
+    module = types.ModuleType("recording_family")
+    module.FAMILY = families.Family(build=lambda c: built.append(c.family) or emu.build_model(c),
+                                    example_inputs=emu.example_inputs, train_flops=emu.train_flops,
+                                    scanned_layers={"llm": "num_layers"})
+    monkeypatch.setitem(sys.modules, "recording_family", module)
+    monkeypatch.setitem(families.FAMILIES, "recording", "recording_family")
+    config = load_config("tiny_decoder", "decoder")
+    with config.unlocked():
+        config.model.family = "recording"
+    summary.count_params(config.model)
+    assert make_task(config).model.vit is not None  # the decoder stage: its encoder towers
+    Generator(config, None, None)
+    plan._boxed_params(config)  # the Emu towers and the decoder's
+    assert built == ["recording"] * 5
+    assert aot._scannable(load_config("tiny")) == {"vit": "depth", "llm": "num_layers"}
+    with config.unlocked():
+        config.task = "emu"
+    assert aot._scannable(config) == {"llm": "num_layers"}
+    config.model.family = "emu3"
+    with pytest.raises(ValueError, match="unknown model family 'emu3'; known: emu, recording, visual_decoder"):
+        make_task(config)

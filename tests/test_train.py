@@ -14,6 +14,7 @@ import pytest
 from absl import flags
 from conftest import ROOT, load_config
 
+from emu_jax import config_lib
 from emu_jax.checkpoint import Checkpointer, abstract_with_shardings
 from emu_jax.data import pipeline
 from emu_jax.parallel import mesh as mesh_lib
@@ -35,7 +36,7 @@ def config_for(data_dir, **train):
         config.data.data_dir = data_dir
         config.data.global_batch_size = 8
         config.data.worker_count = 0
-        config.train.final_eval = ""
+        config.evals = {}
         for key, value in train.items():
             config.train[key] = value
     return config
@@ -121,8 +122,8 @@ def test_two_stage_run_freezes_the_vit_and_starts_regression_at_the_switch_step(
     loss counts and the ViT stops moving, momentum and weight decay included."""
     config = config_for(data_dir)
     with config.unlocked():
-        config.optimizer.freeze_from, config.optimizer.freeze_from_step = r"^vit/", 2
-        config.loss.regression_from_step = 2
+        config.loss.regression_weight = 0.0
+        config.stages = {"aligned": config_lib.stage(2, freeze=r"^vit/", loss={"regression_weight": 1.0})}
     mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, devices=jax.devices()[:1])
     _, _, state, step = setup_state(config, mesh)
     initial_vit = jax.device_get(state.params["vit"])
@@ -208,7 +209,7 @@ def test_checkpoint_restores_onto_a_different_mesh_and_initialises_a_tower(tmp_p
 
 def cli(workdir, data_dir, *overrides, env=None):
     args = [sys.executable, "-m", "emu_jax.train", f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
-            f"--config.data.data_dir={data_dir}", "--config.train.final_eval=", "--config.train.eval_every=0",
+            f"--config.data.data_dir={data_dir}", "--config.evals.captions.final=False", "--config.train.eval_every=0",
             "--config.data.global_batch_size=8", *overrides]
     return subprocess.Popen(args, cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
@@ -267,8 +268,8 @@ def test_two_processes_on_loopback_match_one_process(tmp_path, data_dir):
     import portpicker
     common = ["--config.train.steps=4", "--config.train.log_every=1", "--config.data.pack=False",
               "--config.data.packing_bins=1", "--config.data.worker_count=0", "--config.train.eval_every=2",
-              "--config.train.eval_batches=1", "--config.train.sample_every=2", "--config.train.sample_count=2",
-              "--config.train.final_eval=digit_captions", "--config.train.final_eval_count=8"]
+              "--config.train.eval_batches=1", "--config.evals.samples.every=2", "--config.evals.samples.count=2",
+              "--config.evals.captions.final=True", "--config.evals.captions.task.limit=8"]
     single = cli(tmp_path / "single", data_dir, *common, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
     assert single.wait(timeout=600) == 0, single.stderr.read()
     port = portpicker.pick_unused_port()
@@ -282,13 +283,14 @@ def test_two_processes_on_loopback_match_one_process(tmp_path, data_dir):
     def logged(workdir):
         rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
         return {key: [r[key] for r in rows if key in r] for key in
-                ("loss", "eval/loss", "held_out_caption_0", "held_out_captions", "eval/held_out_caption_accuracy")}
+                ("loss", "eval/loss", "samples_0", "captions", "eval/captions/accuracy")}
     single_log, multi_log = logged(tmp_path / "single"), logged(tmp_path / "multi")
     assert len(single_log["loss"]) == 4 and len(single_log["eval/loss"]) == 2
-    assert len(single_log["held_out_caption_0"]) == 2 and len(single_log["eval/held_out_caption_accuracy"]) == 1
-    for key in ("loss", "eval/loss", "eval/held_out_caption_accuracy"):
+    assert len(single_log["samples_0"]) == 2 and len(single_log["eval/captions/accuracy"]) == 1
+    assert len(single_log["captions"]) == 8  # the first `texts` answers of the final evaluation
+    for key in ("loss", "eval/loss", "eval/captions/accuracy"):
         np.testing.assert_allclose(multi_log[key], single_log[key], rtol=1e-5, err_msg=key)
-    for key in ("held_out_caption_0", "held_out_captions"):
+    for key in ("samples_0", "captions"):
         assert multi_log[key] == single_log[key], key
 
 
@@ -315,7 +317,7 @@ def test_the_quickstart_recipe_learns_at_its_measured_pace(tmp_path, data_dir):
     differences. (test_data checks that the recipe keeps its augmentation.)"""
     run = subprocess.run([sys.executable, "-m", "emu_jax.train", f"--config={ROOT}/configs/tiny.py",
                           f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}", "--config.train.steps=300",
-                          "--config.train.eval_every=300", "--config.train.final_eval=", "--config.train.sample_every=0",
+                          "--config.train.eval_every=300", "--config.evals.captions.final=False",
                           "--config.data.worker_count=0", "--config.train.checkpoint_every=300"],
                          cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})

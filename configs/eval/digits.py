@@ -35,7 +35,9 @@ def get_config():
     config.shots = (0, 1, 2, 4, 8)
     # seeded random picks, and RICES (nearest train images by visual-encoder features): both in the grid
     config.demonstrations = ("random", "rices")
-    config.decodings = {"greedy": {"strategy": "greedy", "max_new_tokens": 8, "batch_size": 32}}
+    # 12 new tokens, as the training run's final caption evaluator (configs/tiny.py): an image alone may be
+    # continued in the VQA documents' format, which names the digit at the 10th token
+    config.decodings = {"greedy": {"strategy": "greedy", "max_new_tokens": 12, "batch_size": 32}}
     config.seed = 0
     config.distributed = config_lib.distributed_config()  # a sweep over several processes, as training
     return config

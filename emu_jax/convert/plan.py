@@ -51,17 +51,16 @@ class Target:
 
 
 def _boxed_params(config):
-    """Boxed abstract params of the Emu model, plus the decoder's unet and vae when configured."""
-    from emu_jax.models import emu as emu_lib
-    model = emu_lib.build_model(config.model)
-    def init(module, inputs):
-        return jax.eval_shape(lambda kw: module.init(jax.random.key(0), **kw)["params"], inputs)
+    """Boxed abstract params of the config's model, plus the decoder's unet and vae when configured."""
+    from emu_jax.models import families
 
-    boxed = dict(init(model, emu_lib.example_inputs(model)))
+    def init(family):
+        module = family.build(config.model)
+        return jax.eval_shape(lambda kw: module.init(jax.random.key(0), **kw)["params"], family.example_inputs(module))
+
+    boxed = dict(init(families.of(config.model)))
     if "unet" in config.model:
-        from emu_jax.models import visual_decoder
-        decoder = visual_decoder.build_decoder(config.model)
-        towers = init(decoder, visual_decoder.example_inputs(decoder))
+        towers = init(families.get("visual_decoder"))
         boxed |= {k: towers[k] for k in ("unet", "vae")}
     return boxed
 

@@ -31,6 +31,7 @@ from tqdm import tqdm
 
 from emu_jax import config_lib
 from emu_jax.eval import fid, rices
+from emu_jax.eval.evaluators import answer, demonstrations, process_out
 from emu_jax.eval.tasks import make_task, task_class, write_json
 from emu_jax.files import read_json
 
@@ -69,15 +70,6 @@ def demonstration_choices(sweep) -> tuple[str, ...]:
     """sweep.demonstrations: "rices", "random", or several (comma-separated or a tuple)."""
     choices = sweep.demonstrations
     return tuple(c.strip() for c in choices.split(",")) if isinstance(choices, str) else tuple(choices)
-
-
-def process_out(out: str) -> str:
-    """Where this process writes: `out` for process 0, a private copy below it for the others. In a
-    multi-process sweep every process computes every cell (the parameters span their devices) and
-    reads back what it wrote itself (text-to-image scores read the PNGs); only process 0's files are
-    the sweep's results."""
-    index = jax.process_index()
-    return out if index == 0 else os.path.join(out, "processes", str(index))
 
 
 def agreed(flag: bool, decide=all) -> bool:
@@ -126,27 +118,18 @@ class Runner:
     def demonstrations(self, cell: Cell, task, queries, pool) -> list[list]:
         if cell.shots == 0:
             return [[] for _ in queries]
-        strategy, seed = cell.demonstrations, self.sweep.seed
-        generator = self.generator(cell.checkpoint)
-        if strategy == "rices":
+        query_features = pool_features = None
+        if cell.demonstrations == "rices":
             feature_dir = os.path.join(self.out, "features", cell.checkpoint)
-            encode = self.features(generator)
+            encode = self.features(self.generator(cell.checkpoint))
             pool_features = rices.cached_features(os.path.join(feature_dir, f"{cell.task}_pool.npz"),
                                                   lambda: np.stack([e.images[0] for e in pool]), encode, len(pool),
                                                   agree=agreed)
             query_features = rices.cached_features(os.path.join(feature_dir, f"{cell.task}_queries.npz"),
                                                    lambda: np.stack([q.images[0] for q in queries]), encode,
                                                    len(queries), agree=agreed)
-        else:
-            pool_features, query_features = np.zeros((len(pool), 1)), np.zeros((len(queries), 1))
-        chosen = []
-        for i, query in enumerate(queries):
-            allowed = task.demonstration_pool(query)
-            allowed = np.arange(len(pool)) if allowed is None else allowed
-            picks = rices.demonstrations(strategy, cell.shots, query_features[i:i + 1], pool_features[allowed],
-                                         seed=seed * 100003 + i)[0]
-            chosen.append([task.demonstration(pool[allowed[j]], query) for j in picks])
-        return chosen
+        return demonstrations(task, queries, pool, cell.demonstrations, cell.shots, self.sweep.seed,
+                              query_features, pool_features)
 
     def run_cell(self, cell: Cell) -> dict:
         cell_dir = os.path.join(self.out, "cells", cell.path)
@@ -161,13 +144,9 @@ class Runner:
         pool = task.pool() if cell.shots else []
         demos = self.demonstrations(cell, task, queries, pool)
         os.makedirs(cell_dir, exist_ok=True)
-        results, batch = [], generator.config.generate.batch_size
-        for start in tqdm(range(0, len(queries), batch), desc=f"{cell.path} ({len(queries)} examples)", unit="batch",
-                          leave=False):
-            rows = queries[start:start + batch]
-            outputs = generator.generate([task.prompt(d, q) for d, q in zip(demos[start:start + batch], rows)])
-            results += [task.image_result(query, output.images[0], cell_dir) if task.kind == "image"
-                        else task.result(query, output.text) for query, output in zip(rows, outputs)]
+        results = answer(task, generator, queries, demos, cell_dir,
+                         lambda batches: tqdm(batches, desc=f"{cell.path} ({len(queries)} examples)", unit="batch",
+                                              leave=False))
         write_json(os.path.join(cell_dir, "results.json"), results)
         score = dict(task.score(results, cell_dir, features=self.features(generator)), examples=len(results))
         write_json(score_path, score)

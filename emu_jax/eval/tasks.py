@@ -88,6 +88,12 @@ class Task:
 
 # ----------------------------------------------------------------------------- the digits world
 
+def names_digit(caption: str, digit: int) -> bool:
+    """A caption is right when it names the digit and no other digit."""
+    words = set(re.findall(r"[a-z]+", caption.lower()))
+    return digits.NAMES[digit] in words and not (words & (set(digits.NAMES) - {digits.NAMES[digit]}))
+
+
 class _Digits(Task):
     def __init__(self, limit: int = 200, image_size: int = digits.IMAGE_SIZE, seed: int = 0):
         self.image_size, self.seed = image_size, seed
@@ -117,7 +123,6 @@ class DigitsCaption(_Digits):
         return Example(i, [self._pixels(i)], "", digits.caption_text(d), {"digit": d})
 
     def score(self, results, out_dir, features=None):
-        from emu_jax.eval.captioning import names_digit
         truth = {q.key: q.meta["digit"] for q in self.queries()}
         return {"accuracy": 100.0 * float(np.mean([names_digit(r["caption"], truth[r["image_id"]]) for r in results]))}
 
@@ -190,7 +195,6 @@ class DigitsVideo(_Digits):
                        {"digit": d, "direction": direction})
 
     def score(self, results, out_dir, features=None):
-        from emu_jax.eval.captioning import names_digit
         truth = {q.key: q.meta for q in self.queries()}
         digit = [names_digit(r["caption"], truth[r["video_id"]]["digit"]) for r in results]
         direction = [set(re.findall(r"[a-z]+", r["caption"].lower())) & set(digits.DIRECTIONS)

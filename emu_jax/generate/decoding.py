@@ -72,9 +72,8 @@ class TextSettings:
 @partial(jax.jit, static_argnames=("model", "batch", "cache_len"))
 def start(model, batch: int, cache_len: int) -> State:
     """An empty state with room for `cache_len` positions (one dispatch for all the layers' buffers)."""
-    llm = model.llm
-    return State(llm.init_cache(batch, cache_len), jnp.zeros((batch, 1, llm.hidden), jnp.dtype(llm.dtype)),
-                 jnp.zeros((batch,), jnp.int32))
+    cache, hidden = model.empty_decoding(batch, cache_len)
+    return State(cache, hidden, jnp.zeros((batch,), jnp.int32))
 
 
 def _feed_embeddings(model, params, state: State, embeddings, valid) -> State:
@@ -82,19 +81,18 @@ def _feed_embeddings(model, params, state: State, embeddings, valid) -> State:
     valid = valid.astype(jnp.int32)
     positions = state.position[:, None] + jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
     hidden, cache = model.apply({"params": params}, embeddings, positions, valid, state.cache,
-                                method=lambda m, *a: m.llm(*a))
+                                method="hidden_states")
     return State(cache, hidden[:, -1:], state.position + valid.sum(axis=1))
 
 
 def _logits(model, params, state: State) -> jax.Array:
     """[B, V] float32: the next token's logits."""
-    return model.apply({"params": params}, state.hidden, method=lambda m, h: m.llm.logits(h))[:, 0].astype(jnp.float32)
+    return model.apply({"params": params}, state.hidden, method="next_token_logits")[:, 0].astype(jnp.float32)
 
 
 def _regression(model, params, state: State) -> jax.Array:
     """[B, D_target] float32: the next visual embedding."""
-    return model.apply({"params": params}, state.hidden, method=lambda m, h: m.connector.regress(h))[:, 0].astype(
-        jnp.float32)
+    return model.apply({"params": params}, state.hidden, method="regress")[:, 0].astype(jnp.float32)
 
 
 @partial(jax.jit, static_argnames=("model",))
@@ -106,7 +104,7 @@ def feed(model, params, state: State, tokens, valid, images=None) -> State:
 
 
 def _feed_tokens(model, params, state, tokens):
-    embeddings = model.apply({"params": params}, tokens[:, None], method=lambda m, t: m.llm.embed(t))
+    embeddings = model.apply({"params": params}, tokens[:, None], method="embed_tokens")
     return _feed_embeddings(model, params, state, embeddings, jnp.ones_like(tokens)[:, None])
 
 
@@ -186,7 +184,7 @@ def beam_search(model, params, state: State, settings: TextSettings):
     (`early_stopping=False`, what the release's `generate` calls run). With a positive penalty
     that is a heuristic (a longer hypothesis could still score higher, and is not looked for)."""
     k, steps, penalty = settings.num_beams, settings.max_new_tokens, settings.length_penalty
-    batch, vocab = state.hidden.shape[0], model.llm.vocab_size
+    batch, vocab = state.hidden.shape[0], model.vocab_size
     stop_ids = jnp.asarray(settings.stop_ids or (-1,))
     state = _rows(state, lambda x, axis: jnp.repeat(x, k, axis=axis))
     alive_seq = jnp.full((batch, k, steps), settings.fill_id, jnp.int32)
@@ -249,7 +247,7 @@ def regress_image(model, params, state: State, *, count: int):
     """The `count` visual embeddings of an image whose `[IMG]` was the last input: each regressed
     embedding is fed back (Emu1 as is, Emu2 through project_up) as the next input, through the
     cache. -> (embeddings [B, count, D_target], state after all `count` inputs)."""
-    out = jnp.zeros((state.hidden.shape[0], count, model.connector.target_width), jnp.float32)
+    out = jnp.zeros((state.hidden.shape[0], count, model.target_width), jnp.float32)
 
     def body(k, carry):
         state, out = carry

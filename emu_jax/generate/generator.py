@@ -24,7 +24,7 @@ import numpy as np
 from emu_jax.checkpoint import abstract_with_shardings, restore_params
 from emu_jax.data.tokenizer import load_tokenizer
 from emu_jax.generate import decoding, prompts as prompts_lib
-from emu_jax.models.emu import build_model, example_inputs
+from emu_jax.models import families
 from emu_jax.parallel import mesh as mesh_lib
 
 
@@ -61,15 +61,14 @@ class Generator:
     def __init__(self, config, params, tokenizer, *, decoder_params=None, mesh=None):
         self.config, self.tokenizer, self.params = config, tokenizer, params
         self.special = dict(config.model.tokens)
-        self.model = build_model(without_remat(config.model))
+        self.model = families.of(config.model).build(without_remat(config.model))
         self.visual_tokens = self.model.visual_tokens_per_image
         self.frame_tokens = self.model.visual_tokens_per_frame
-        self.image_size = config.model.vit.image_size
+        self.image_size = self.model.image_size
         self.mesh = mesh or mesh_lib.make_mesh(config.mesh, allow_subset=True)
         self.decoder_params, self.decoder = decoder_params, None
         if decoder_params is not None:
-            from emu_jax.models.visual_decoder import build_decoder
-            self.decoder = build_decoder(config.model)
+            self.decoder = families.get("visual_decoder").build(config.model)
         self.timing = Timing()
         self._uncond = None
         self._noise = []  # initial latents given to `generate`, consumed image by image
@@ -83,14 +82,16 @@ class Generator:
         mesh = mesh_lib.make_mesh(config.mesh, allow_subset=True)
         rules = config.mesh.rules
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-            model = build_model(config.model)
-            abstract, shardings = mesh_lib.abstract_model(model, example_inputs(model), mesh, rules)
+            family = families.of(config.model)
+            model = family.build(config.model)
+            abstract, shardings = mesh_lib.abstract_model(model, family.example_inputs(model), mesh, rules)
             params = restore_params(checkpoint, abstract_with_shardings(abstract, shardings))
             decoder_params = None
             if decoder_checkpoint:
-                from emu_jax.models.visual_decoder import build_decoder, example_inputs as decoder_inputs
-                decoder = build_decoder(config.model)
-                abstract, shardings = mesh_lib.abstract_model(decoder, decoder_inputs(decoder), mesh, rules)
+                decoder_family = families.get("visual_decoder")
+                decoder = decoder_family.build(config.model)
+                abstract, shardings = mesh_lib.abstract_model(decoder, decoder_family.example_inputs(decoder), mesh,
+                                                              rules)
                 wanted = {t: abstract_with_shardings(abstract[t], shardings[t]) for t in ("unet", "vae")}
                 try:
                     decoder_params = restore_params(decoder_checkpoint, wanted, item="ema")
@@ -227,7 +228,7 @@ class Generator:
         if self._uncond is None:
             kind = self.config.generate.uncond
             if kind == "zeros":
-                self._uncond = np.zeros((self.visual_tokens, self.model.connector.target_width), np.float32)
+                self._uncond = np.zeros((self.visual_tokens, self.model.target_width), np.float32)
             elif kind == "empty_prompt":
                 ids = np.asarray([[self.tokenizer.bos_id, self.special["img"]]], np.int32)
                 state = decoding.start(self.model, 1, ids.shape[1] + self.visual_tokens)

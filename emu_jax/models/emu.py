@@ -16,6 +16,7 @@ the masks; see `emu_jax.tokens`).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -23,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from emu_jax import tokens as tokens_lib
+from emu_jax.models import families
 from emu_jax.models.causal_former import CausalFormerConnector
 from emu_jax.models.connector import PooledConnector
 from emu_jax.models.eva_vit import EvaVit, normalize
@@ -77,6 +79,19 @@ class Emu(nn.Module):
     def visual_tokens_per_frame(self) -> int:
         return self.connector.num_frame_tokens if self.frame_token_id >= 0 else self.visual_tokens_per_image
 
+    @property
+    def image_size(self) -> int:
+        return self.vit.image_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.llm.vocab_size
+
+    @property
+    def target_width(self) -> int:
+        """Width of a regressed visual embedding."""
+        return self.connector.target_width
+
     def _vit(self, pixels: jax.Array) -> jax.Array:
         """Normalised pixels [B, N, H, W, 3] -> the ViT's tokens for every slot [B*N, t, D]."""
         return self.vit(pixels.reshape((-1,) + pixels.shape[2:]))
@@ -130,6 +145,27 @@ class Emu(nn.Module):
         """A regressed embedding as the next LLM input (Emu1: as is; Emu2: through project_up)."""
         return self.connector.feed_back(regressed)
 
+    # ------------------------------------------------------------ generation hooks (generate/decoding.py)
+
+    def empty_decoding(self, batch: int, length: int) -> tuple[Any, jax.Array]:
+        """(an empty KV cache with room for `length` positions, a zero last hidden state [B, 1, D])."""
+        return self.llm.init_cache(batch, length), jnp.zeros((batch, 1, self.llm.hidden), jnp.dtype(self.llm.dtype))
+
+    def hidden_states(self, embeddings, positions, segment_ids, cache):
+        """Input embeddings through the LLM with its cache -> (final-normed hidden states, cache)."""
+        return self.llm(embeddings, positions, segment_ids, cache)
+
+    def next_token_logits(self, hidden: jax.Array) -> jax.Array:
+        return self.llm.logits(hidden)
+
+    def regress(self, hidden: jax.Array) -> jax.Array:
+        """Hidden states -> the next visual embedding."""
+        return self.connector.regress(hidden)
+
+    def embed_tokens(self, tokens: jax.Array) -> jax.Array:
+        """Token ids -> input embeddings (no visual splicing: generated tokens)."""
+        return self.llm.embed(tokens)
+
     def __call__(self, tokens, positions, segment_ids, images=None, cache=None) -> EmuOutput:
         embeddings, targets = self.embed(tokens, images)
         logits, regression, cache = self.decode(embeddings, positions, segment_ids, cache)
@@ -164,3 +200,29 @@ def example_inputs(model: Emu, batch: int = 1, images_per_row: int = 1) -> dict[
     ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
     return dict(tokens=ids, positions=ids, segment_ids=ids,
                 images=jax.ShapeDtypeStruct((batch, images_per_row, size, size, 3), jnp.uint8))
+
+
+def matmul_params(tree) -> int:
+    """Parameters used in matmuls: 2-D-or-more kernels and embeddings used as heads."""
+    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree) if len(x.shape) >= 2)
+
+
+def train_flops(abstract_params, model_config, batch: int, seq_len: int, image_slots: int,
+                frozen_towers: frozenset = frozenset()) -> float:
+    """Model FLOPs of one train step on `batch` rows of `seq_len` tokens with `image_slots` images
+    each: 6 per matmul parameter per token (forward + backward) plus attention's 12 * layers *
+    width * length per token; the ViT runs on every image slot, forward only (2 per parameter)
+    when frozen. (XLA's cost analysis counts a scanned layer once, hence a count from the shapes.)"""
+    llm, vit = model_config.llm, model_config.vit
+    llm_params = matmul_params({k: v for k, v in abstract_params["llm"].items() if k != "embed_tokens"})
+    text = batch * seq_len * (6 * llm_params + 12 * llm.num_layers * llm.hidden * seq_len)
+    patches = 1 + (vit.image_size // vit.patch_size) ** 2
+    per_param = 2 if "vit" in frozen_towers else 6
+    vit_params = matmul_params(abstract_params["vit"])
+    images = batch * image_slots * patches * (per_param * vit_params + 2 * per_param * vit.depth * vit.width * patches)
+    connector = batch * image_slots * patches * 6 * matmul_params(abstract_params["connector"])
+    return float(text + images + connector)
+
+
+FAMILY = families.Family(build=build_model, example_inputs=example_inputs, train_flops=train_flops,
+                         scanned_layers={"vit": "depth", "llm": "num_layers"})

@@ -15,6 +15,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from emu_jax.models import families
 from emu_jax.models.eva_vit import normalize
 from emu_jax.models.unet import UNet
 from emu_jax.models.vae import AutoencoderKL, posterior_sample
@@ -83,8 +84,7 @@ def to_uint8(images: jax.Array) -> jax.Array:
 
 def build_decoder(model_config) -> VisualDecoder:
     """The decoder described by `config.model` (Emu's `vit`/`connector` plus `vae`, `unet`, `decoder`)."""
-    from emu_jax.models.emu import build_model  # the encoder towers are built exactly as in Emu
-    emu = build_model(model_config)
+    emu = families.of(model_config).build(model_config)  # the encoder towers exactly as in the model
     common = dict(dtype=jnp.dtype(model_config.dtype), param_dtype=jnp.dtype(model_config.param_dtype))
     vae = AutoencoderKL(**model_config.vae.to_dict(), **common, parent=None)
     unet = UNet(**model_config.unet.to_dict(), **common, parent=None)
@@ -98,3 +98,7 @@ def example_inputs(model: VisualDecoder, batch: int = 1) -> dict:
     return dict(images=jax.ShapeDtypeStruct((batch, size, size, 3), jnp.uint8),
                 timesteps=jax.ShapeDtypeStruct((batch,), jnp.int32))
 
+
+
+# convolutional: its FLOPs are not counted (no MFU is logged for the decoder's stages)
+FAMILY = families.Family(build=build_decoder, example_inputs=example_inputs)

@@ -1,8 +1,9 @@
 """`python -m emu_jax.train --config=configs/tiny.py --workdir=DIR [--config.train.steps=300]`
 
 Trains (or resumes) what the config describes (`config.task`: the Emu model, or a stage of the
-visual decoder). On the embedded digits world the Emu run ends by printing `held-out caption
-accuracy: <fraction>`, a decoder stage `held-out recognisability: <fraction>`.
+visual decoder), then runs its final evaluators (`config.evals`) and prints their metrics, e.g. on
+the embedded digits world `eval/captions/accuracy: <percent>` (the Emu run) or
+`eval/digits/recognisability: <percent>` (a decoder stage).
 """
 import os
 import sys
@@ -32,13 +33,13 @@ def main(argv):
     if result["skipped_updates"]:
         print(f"skipped {result['skipped_updates']} non-finite update(s) (see data/ and skipped_updates in "
               f"metrics.jsonl)")
-    if "held_out_caption_accuracy" in result:
-        print(f"held-out caption accuracy: {result['held_out_caption_accuracy']:.4f}")
-    if "recognisability" in result:
-        print(f"held-out recognisability: {result['recognisability']:.4f}")
-    if "latent_std" in result:
-        print(f"latent standard deviation: {result['latent_std']:.3f} (a decoder's model.vae.scaling_factor near "
-              f"{1 / result['latent_std']:.3f} gives the diffusion model unit-variance latents)")
+    for key, value in result.items():
+        if "/" not in key:  # step and skipped_updates; evaluators' metrics are "<name>/<metric>"
+            continue
+        print(f"eval/{key}: {value:.4f}")
+        if key.endswith("/latent_std"):
+            print(f"  (a decoder's model.vae.scaling_factor near {1 / value:.3f} gives the diffusion model "
+                  f"unit-variance latents)")
 
 
 if __name__ == "__main__":

@@ -25,8 +25,8 @@ from emu_jax import config_lib
 from emu_jax.parallel import mesh as mesh_lib
 from emu_jax.parallel import topology as topology_lib
 from emu_jax.train import trainer
+from emu_jax.train.tasks import make_task
 
-SCANNED_TOWERS = ("vit", "llm")
 OUT_OF_MEMORY_MARKERS = ("RESOURCE_EXHAUSTED", "Ran out of memory", "exceeds the memory")
 
 
@@ -100,13 +100,14 @@ def compiled_cost(compiled) -> dict:
     return {"flops": float(cost.get("flops", 0.0)), "seconds": float(cost.get("optimal_seconds", 0.0))}
 
 
-def _depth_key(tower_config) -> str:
-    return "depth" if "depth" in tower_config else "num_layers"
+def _scannable(config) -> dict:
+    """{tower: its layer-count key} of the trained model family's towers that may be scanned."""
+    return make_task(config).family.scanned_layers
 
 
 def _scanned(config) -> dict:
     """{tower: layer count} of the towers the config scans."""
-    return {t: config.model[t][_depth_key(config.model[t])] for t in SCANNED_TOWERS
+    return {t: config.model[t][key] for t, key in _scannable(config).items()
             if t in config.model and config.model[t].get("scan_layers")}
 
 
@@ -118,7 +119,7 @@ def extrapolated_cost(config, devices, scanned_cost: dict) -> dict:
     for tower, depth in _scanned(config).items():
         logging.info("compiling %s unrolled at 2 layers (cost of one layer)", tower)
         two_layers = config_lib.with_overrides(config, {f"model.{tower}.scan_layers": False,
-                                                        f"model.{tower}.{_depth_key(config.model[tower])}": 2})
+                                                        f"model.{tower}.{_scannable(config)[tower]}": 2})
         lowered, _, _ = lower_train_step(two_layers, devices)
         layer = {k: v - scanned_cost[k] for k, v in compiled_cost(lowered.compile()).items()}
         for key in total:
@@ -134,7 +135,7 @@ def compile_report(config, target: str, *, extrapolate: bool = True) -> Report:
     tc = config.train
     report = Report(target=target, devices=len(devices), mesh={}, global_batch=config.data.global_batch_size,
                     grad_accum_steps=tc.grad_accum_steps,
-                    remat={t: config.model[t].get("remat", "none") for t in SCANNED_TOWERS if t in config.model},
+                    remat={t: config.model[t].get("remat", "none") for t in _scannable(config) if t in config.model},
                     fits=None, hbm_bytes=chip.hbm_bytes if chip else None,
                     peak_flops=chip.peak_bf16_flops if chip else 0.0)
     start = time.perf_counter()

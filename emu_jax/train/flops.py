@@ -1,13 +1,7 @@
-"""Analytical FLOPs of a train step (for MFU) and the peak FLOP/s of the devices.
-
-XLA's cost analysis counts a scanned layer once, so the count is derived from the parameter
-shapes: 6 FLOPs per parameter per token for the matmuls (forward + backward), plus attention's
-12 * layers * width * length per token; the ViT runs on every image slot of the batch, and only
-forward (2 per parameter) when it is frozen.
-"""
+"""The peak FLOP/s of the devices, and timing helpers for MFU. A train step's model FLOPs come
+from its model family (`train_flops`, models/families.py)."""
 from __future__ import annotations
 
-import math
 import time
 
 import jax
@@ -17,25 +11,6 @@ import jax.numpy as jnp
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12, "TPU v5": 459e12,
               "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12,
               "NVIDIA A100": 312e12}
-
-
-def _matmul_params(tree) -> int:
-    """Parameters used in matmuls: 2-D-or-more kernels and embeddings used as heads."""
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree) if len(x.shape) >= 2)
-
-
-def step_flops(abstract_params, model_config, batch: int, seq_len: int, image_slots: int,
-               vit_trainable: bool = True) -> float:
-    """FLOPs of one train step on `batch` rows of `seq_len` tokens with `image_slots` images each."""
-    llm, vit = model_config.llm, model_config.vit
-    llm_params = _matmul_params({k: v for k, v in abstract_params["llm"].items() if k != "embed_tokens"})
-    text = batch * seq_len * (6 * llm_params + 12 * llm.num_layers * llm.hidden * seq_len)
-    patches = 1 + (vit.image_size // vit.patch_size) ** 2
-    per_param = 6 if vit_trainable else 2
-    vit_params = _matmul_params(abstract_params["vit"])
-    images = batch * image_slots * patches * (per_param * vit_params + 2 * per_param * vit.depth * vit.width * patches)
-    connector = batch * image_slots * patches * 6 * _matmul_params(abstract_params["connector"])
-    return float(text + images + connector)
 
 
 def measure_matmul_flops(size: int = 1024, dtype=jnp.float32, repeats: int = 10) -> float:

@@ -5,10 +5,10 @@ paths such as `vit/blocks_3/attn/qkv/kernel` (config.optimizer; no branches in c
 The whole policy is the optax transformation: the train step only computes gradients, updates
 and applies them. Frozen parameters get no optimizer state (`optax.set_to_zero`); the step also
 zeroes their gradients statically (`Optimizer.frozen`), so XLA drops their weight-gradient
-computations. `freeze_from` (a regex) with `freeze_from_step` freezes parameters part-way through a
-run (a two-stage recipe in one run): from the optimizer's update number `freeze_from_step` on,
-their gradients are zeroed before clipping (the global norm no longer counts them) and their
-updates after Adam (whose moments would otherwise keep moving them).
+computations. `freeze_later` [(regex, step)] freezes parameters part-way through a run (a staged
+recipe, `config.stages`): from the optimizer's update number `step` on, their gradients are zeroed
+before clipping (the global norm no longer counts them) and their updates after Adam (whose moments
+would otherwise keep moving them).
 """
 from __future__ import annotations
 
@@ -75,7 +75,7 @@ def param_labels(params, config) -> Any:
     return jax.tree_util.tree_map_with_path(label, params)
 
 
-def make_optimizer(config, params, total_steps: int) -> Optimizer:
+def make_optimizer(config, params, total_steps: int, freeze_later=()) -> Optimizer:
     """`params` may be abstract (ShapeDtypeStructs); only paths are read."""
     lr = schedule(config, total_steps)
     labels = param_labels(params, config)
@@ -87,9 +87,7 @@ def make_optimizer(config, params, total_steps: int) -> Optimizer:
         transforms[label] = optax.adamw(lambda step, m=multiplier: lr(step) * m, b1=config.b1, b2=config.b2,
                                         eps=config.eps, weight_decay=config.weight_decay, mask=decay_mask)
     tx = optax.chain(optax.clip_by_global_norm(config.clip_norm), optax.multi_transform(transforms, labels))
-    if config.freeze_from:
-        later = jax.tree_util.tree_map_with_path(lambda path, _: bool(re.search(config.freeze_from, path_name(path))),
-                                                 params)
-        step = config.freeze_from_step
+    for pattern, step in freeze_later:
+        later = jax.tree_util.tree_map_with_path(lambda path, _: bool(re.search(pattern, path_name(path))), params)
         tx = optax.chain(zero_from_step(later, step), tx, zero_from_step(later, step))
     return Optimizer(tx, lr, jax.tree.map(lambda label: label == "frozen", labels))

@@ -9,14 +9,14 @@ shared by every task.
            (Emu2's autoencoding recipe); the VAE and the encoder are frozen by the config
 
 A task provides: `model`, `example_inputs()`, `batch_spec()`, `loss(params, batch, rng, norms, step)`,
-`loss_norms(batch)`, `counters(batch)`, `dataset(split, worker_count)`, `metric_keys`,
-`step_flops(abstract_params, frozen)`, `samples(step, params, workdir, writer)` and
-`final_eval(params, writer)`.
+`loss_norms(batch)`, `counters(batch)`, `dataset(split, worker_count)`, `metric_keys` and
+`step_flops(abstract_params, frozen)`; and what its evaluators (`config.evals`, eval/evaluators.py)
+ask of it: `tokenizer` (emu), `reconstruct(params, images)` (the decoder stages), `latents(params,
+images)` (vae).
 """
 from __future__ import annotations
 
 import functools
-import os
 
 import jax
 import jax.numpy as jnp
@@ -24,26 +24,39 @@ import numpy as np
 
 from emu_jax.data import pipeline
 from emu_jax.data.tokenizer import load_tokenizer
+from emu_jax.models import families
 from emu_jax.parallel import mesh as mesh_lib
-from emu_jax.train import flops as flops_lib
+from emu_jax.train import stages
 
 
-def _tower_trainable(frozen, tower: str) -> bool:
-    return tower in frozen and not all(jax.tree.leaves(frozen[tower]))
+class _Task:
+    """The model of `family_name` (None: the config's `model.family`), built from `config.model`."""
+    family_name = None
+
+    def __init__(self, config):
+        self.config = config
+        self.family = families.get(self.family_name) if self.family_name else families.of(config.model)
+        self.model = self.family.build(config.model)
+
+    def example_inputs(self) -> dict:
+        return self.family.example_inputs(self.model)
+
+    def step_flops(self, abstract_params, frozen) -> float:
+        """The family's model FLOPs of one step (0: not counted, no MFU logged)."""
+        if self.family.train_flops is None:
+            return 0.0
+        data = self.config.data
+        frozen_towers = frozenset(t for t, sub in frozen.items() if all(jax.tree.leaves(sub)))
+        return self.family.train_flops(abstract_params, self.config.model, data.global_batch_size, data.seq_len,
+                                       data.max_images, frozen_towers)
 
 
-class EmuTask:
+class EmuTask(_Task):
     metric_keys = ("loss", "text_loss", "regression_loss")
 
     def __init__(self, config):
-        from emu_jax.models.emu import build_model
-        self.config = config
-        self.model = build_model(config.model)
+        super().__init__(config)
         self._tokenizer = None
-
-    def example_inputs(self) -> dict:
-        from emu_jax.models.emu import example_inputs
-        return example_inputs(self.model)
 
     def batch_spec(self) -> dict:
         """The global batch the pipeline yields, as ShapeDtypeStructs (for ahead-of-time compiles)."""
@@ -56,15 +69,13 @@ class EmuTask:
         return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items()}
 
     def loss(self, params, batch, rng, norms, step=None):
-        """`loss.regression_from_step` > 0 turns regression on part-way (None `step`: on)."""
+        """The loss weights at `step` follow `config.stages` (None `step`: the last stage's)."""
         from emu_jax.train.losses import emu_loss
         del rng  # deterministic
-        lc = self.config.loss
-        regression_weight = lc.regression_weight
-        if step is not None and lc.regression_from_step:
-            regression_weight = jnp.where(step >= lc.regression_from_step, regression_weight, 0.0)
+        weights = {name: stages.loss_weight(self.config.loss, self.config.stages, name, step)
+                   for name in ("text_weight", "regression_weight")}
         out = self.model.apply({"params": params}, **pipeline.model_inputs(batch))
-        return emu_loss(out, batch, text_weight=lc.text_weight, regression_weight=regression_weight, norms=norms)
+        return emu_loss(out, batch, **weights, norms=norms)
 
     def loss_norms(self, batch):
         return batch["text_mask"].sum(), batch["regression_mask"].sum()
@@ -77,52 +88,16 @@ class EmuTask:
         return pipeline.make_dataset(self.config.data, self.config.model, self.model.visual_tokens_per_image,
                                      split=split, worker_count=worker_count)
 
-    def step_flops(self, abstract_params, frozen) -> float:
-        data = self.config.data
-        return flops_lib.step_flops(abstract_params, self.config.model, data.global_batch_size, data.seq_len,
-                                    data.max_images, _tower_trainable(frozen, "vit"))
-
     @property
     def tokenizer(self):
         if self._tokenizer is None:
             self._tokenizer = load_tokenizer(self.config.data, self.config.model.tokens)
         return self._tokenizer
 
-    def samples(self, step, params, workdir, writer):
-        """Greedy captions of a few held-out images."""
-        from emu_jax.eval import captioning
-        tc = self.config.train
-        images = np.stack([pixels for pixels, _ in captioning.held_out_images(
-            self.config.data, self.config.model.vit.image_size, tc.sample_count)])
-        for i, caption in enumerate(captioning.generate_captions(self.model, params, self.tokenizer,
-                                                                 self.config.model.tokens, images)):
-            writer.text(step, f"held_out_caption_{i}", caption)
 
-    def final_eval(self, params, step, writer) -> dict:
-        from emu_jax.eval import captioning
-        tc = self.config.train
-        if tc.final_eval != "digit_captions":
-            raise ValueError(f"unknown final_eval {tc.final_eval!r} for task emu (digit_captions)")
-        accuracy, samples = captioning.digit_caption_accuracy(
-            self.model, params, self.tokenizer, self.config.model.tokens, self.config.data,
-            self.config.model.vit.image_size, tc.final_eval_count)
-        for caption, digit in samples[:8]:
-            writer.text(step, "held_out_captions", f"{digit}: {caption}")
-        writer.scalars(step, {"eval/held_out_caption_accuracy": accuracy})
-        return {"held_out_caption_accuracy": accuracy}
-
-
-class _DecoderTask:
+class _DecoderTask(_Task):
     """Shared by the VAE and UNet stages: one `VisualDecoder`, image batches."""
-
-    def __init__(self, config):
-        from emu_jax.models.visual_decoder import build_decoder
-        self.config = config
-        self.model = build_decoder(config.model)
-
-    def example_inputs(self) -> dict:
-        from emu_jax.models.visual_decoder import example_inputs
-        return example_inputs(self.model)
+    family_name = "visual_decoder"
 
     def batch_spec(self) -> dict:
         b, size = self.config.data.global_batch_size, self.model.image_size
@@ -142,37 +117,6 @@ class _DecoderTask:
 
     def _apply(self, params, method, *args):
         return self.model.apply({"params": params}, *args, method=method)
-
-    def _held_out(self, count: int) -> tuple[np.ndarray, list[dict]]:
-        from emu_jax.eval import captioning
-        found = captioning.held_out_images(self.config.data, self.model.image_size, count, require_meta="digit")
-        return np.stack([pixels for pixels, _ in found]), [meta for _, meta in found]
-
-    def reconstruct(self, params, images: np.ndarray) -> np.ndarray:
-        raise NotImplementedError
-
-    def samples(self, step, params, workdir, writer):
-        """A PNG grid: held-out originals (top row) above what this stage makes of them."""
-        from emu_jax.eval import image_grid
-        images, _ = self._held_out(self.config.train.sample_count)
-        grid = image_grid.grid([images, self.reconstruct(params, images)])
-        if writer.enabled:  # the process that writes (every process computes the samples)
-            image_grid.save_png(grid, os.path.join(workdir, "samples", f"{self.name}_{step:07d}.png"))
-        writer.image(step, f"{self.name}/samples", grid)
-
-    def final_eval(self, params, step, writer) -> dict:
-        """Recognisability: an independent digit classifier (fit on sklearn's digits) labels
-        this stage's outputs for held-out digits."""
-        from emu_jax.eval import recognisability
-        tc = self.config.train
-        if tc.final_eval != "digit_recognisability":
-            raise ValueError(f"unknown final_eval {tc.final_eval!r} for task {self.name} (digit_recognisability)")
-        images, metas = self._held_out(tc.final_eval_count)
-        outputs = np.concatenate([self.reconstruct(params, images[i:i + 64]) for i in range(0, len(images), 64)])
-        accuracy = recognisability.digit_accuracy(outputs, [int(m["digit"]) for m in metas])
-        writer.scalars(step, {f"eval/{self.name}_recognisability": accuracy})
-        return {"recognisability": accuracy}
-
 
 class VaeTask(_DecoderTask):
     name = "vae"
@@ -197,18 +141,15 @@ class VaeTask(_DecoderTask):
     def reconstruct(self, params, images):
         return mesh_lib.to_host(self._reconstruct(params, jnp.asarray(images)))
 
-    def final_eval(self, params, step, writer) -> dict:
-        """Recognisability, and the standard deviation of the held-out images' latents: a decoder
-        stage on this VAE wants `model.vae.scaling_factor` near its inverse, so that the diffusion
-        model sees unit-variance latents (as SD1.5's 0.18215 was measured)."""
+    def latents(self, params, images: np.ndarray) -> np.ndarray:
+        """The VAE's latent means of uint8 images."""
+        return mesh_lib.to_host(self._latents(params, jnp.asarray(images)))
+
+    @functools.cached_property
+    def _latents(self):
         from emu_jax.models.visual_decoder import to_signed
-        result = super().final_eval(params, step, writer)
-        images, _ = self._held_out(self.config.train.final_eval_count)
-        means = jax.jit(lambda p, x: self.model.apply({"params": p}, to_signed(x),
-                                                      method=lambda m, x: m.vae.encode(x)[0]))
-        std = float(np.std(mesh_lib.to_host(means(params, jnp.asarray(images)))))
-        writer.scalars(step, {"eval/vae_latent_std": std})
-        return result | {"latent_std": std}
+        return jax.jit(lambda p, x: self.model.apply({"params": p}, to_signed(x),
+                                                     method=lambda m, x: m.vae.encode(x)[0]))
 
     @functools.cached_property
     def _reconstruct(self):
@@ -218,9 +159,6 @@ class VaeTask(_DecoderTask):
             out, _ = self.model.apply({"params": params}, to_signed(images), method=lambda m, x: m.vae(x))
             return to_uint8(out)
         return jax.jit(run)
-
-    def step_flops(self, abstract_params, frozen) -> float:
-        return 0.0  # convolutional; not counted
 
 
 class DiffusionTask(_DecoderTask):
@@ -272,9 +210,6 @@ class DiffusionTask(_DecoderTask):
     @functools.cached_property
     def _condition(self):
         return jax.jit(lambda params, images: self._apply(params, lambda m, x: m.condition(x), images))
-
-    def step_flops(self, abstract_params, frozen) -> float:
-        return 0.0  # convolutional; not counted
 
 
 TASKS = {"emu": EmuTask, "vae": VaeTask, "decoder": DiffusionTask}

@@ -25,8 +25,10 @@ from tqdm import tqdm
 
 from emu_jax.checkpoint import Checkpointer, CheckpointWriteError, abstract_with_shardings, restore_params
 from emu_jax.data import pipeline
+from emu_jax.eval import evaluators
 from emu_jax.parallel import mesh as mesh_lib
 from emu_jax.train import flops as flops_lib
+from emu_jax.train import stages
 from emu_jax.train.metrics import MetricsWriter
 from emu_jax.train.optimizer import make_optimizer
 from emu_jax.train.step import TrainState, make_eval_step, make_train_step
@@ -81,7 +83,7 @@ class SkipGuard:
 
 # Errors that end a run with one line (the CLI prints them without a traceback): a busy workdir,
 # a mesh or batch the devices cannot take, a run that keeps producing non-finite updates, a full disk.
-RUN_ERRORS = (WorkdirBusy, FloatingPointError, mesh_lib.MeshError, CheckpointWriteError)
+RUN_ERRORS = (WorkdirBusy, FloatingPointError, mesh_lib.MeshError, CheckpointWriteError, evaluators.EvalConfigError)
 
 
 class StopRequests:
@@ -192,7 +194,7 @@ def build(config, mesh) -> Setup:
     task = make_task(config)
     abstract_params, param_shardings = mesh_lib.abstract_model(task.model, task.example_inputs(), mesh,
                                                                config.mesh.rules)
-    optimizer = make_optimizer(config.optimizer, abstract_params, config.train.steps)
+    optimizer = make_optimizer(config.optimizer, abstract_params, config.train.steps, stages.freezes(config.stages))
     abstract_opt, shardings = state_shardings(optimizer, abstract_params, param_shardings, mesh,
                                               config.train.ema_decay > 0)
     return Setup(task, optimizer, abstract_params, abstract_opt, shardings,
@@ -223,6 +225,7 @@ def train(config, workdir: str) -> dict:
     mesh_lib.maybe_initialize_distributed(config)
     is_main = jax.process_index() == 0
     mesh = mesh_lib.make_mesh(config.mesh)  # checked before the workdir is touched
+    evaluators.check(config.evals)
     mesh_lib.check_batch(config.data.global_batch_size, mesh, tc.grad_accum_steps)
     os.makedirs(workdir, exist_ok=True)
     workdir_lock = lock_workdir(workdir)
@@ -267,7 +270,8 @@ def train(config, workdir: str) -> dict:
                             out_shardings=replicated)
         step_flops = task.step_flops(setup.abstract_params, optimizer.frozen)
         peak = flops_lib.peak_flops_per_device() * jax.device_count() if step_flops else 0.0
-        eval_params = lambda: state.ema if use_ema else state.params  # noqa: E731  (sampling uses the EMA)
+        def evaluation(step: int) -> evaluators.Context:  # evaluators see the EMA where there is one
+            return evaluators.Context(task, state.ema if use_ema else state.params, step, writer, workdir, mesh)
 
         # ------------------------------------------------------------ loop
         progress = tqdm(total=tc.steps, initial=latest, disable=not is_main, desc="train", unit="step")
@@ -292,8 +296,8 @@ def train(config, workdir: str) -> dict:
                     window, window_start = [], time.perf_counter()
                 if tc.eval_every and step % tc.eval_every == 0:
                     writer.scalars(step, held_out_loss(eval_step, state.params, task, mesh, tc.eval_batches))
-                if tc.sample_every and step % tc.sample_every == 0:  # every process: params span them all
-                    task.samples(step, eval_params(), workdir, writer)
+                if evaluators.due(config.evals, step, final=False):  # every process: params span them all
+                    evaluators.run(config.evals, evaluation(step))
                 if stops.interrupted:
                     break
                 checkpointer.save(step, state, train_iter, {"skipped_updates": int(state.skipped_updates)},
@@ -312,8 +316,8 @@ def train(config, workdir: str) -> dict:
 
         # ------------------------------------------------------------ final evaluation (every process)
         result = {"step": int(state.step), "skipped_updates": int(jax.device_get(state.skipped_updates))}
-        if tc.final_eval and not stops.preempted:
-            result.update(task.final_eval(eval_params(), int(state.step), writer))
+        if not stops.preempted:
+            result.update(evaluators.run(config.evals, evaluation(int(state.step)), final=True))
         writer.close()
         workdir_lock.close()
         return result
