@@ -73,10 +73,12 @@ def barrier(name: str) -> None:
 
 class Checkpointer:
     """Saves and restores a train state (any struct with `params`, `opt_state`, `ema` fields and a
-    `replace` method) with its data iterator and a JSON `meta`."""
+    `replace` method) with its data iterator and a JSON `meta`. `saved` picks the part of the
+    parameters (and EMA) written, e.g. LoRA adapters alone; `restore` returns that part."""
 
-    def __init__(self, directory: str, *, keep: int, every: int, async_save: bool = True):
+    def __init__(self, directory: str, *, keep: int, every: int, async_save: bool = True, saved=lambda p: p):
         use_array_handler()
+        self.saved = saved
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, save_interval_steps=every,
                                                enable_async_checkpointing=async_save)
         self.manager = ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
@@ -86,10 +88,11 @@ class Checkpointer:
 
     def save(self, step: int, state, data_iterator, meta: dict, force: bool = False) -> bool:
         import grain  # only runs that stream data need it (inference restores params alone)
-        items = dict(params=ocp.args.PyTreeSave(state.params), opt_state=ocp.args.PyTreeSave(state.opt_state),
-                     meta=ocp.args.JsonSave(meta), data=grain.checkpoint.CheckpointSave(data_iterator))
+        items = dict(params=ocp.args.PyTreeSave(self.saved(state.params)),
+                     opt_state=ocp.args.PyTreeSave(state.opt_state), meta=ocp.args.JsonSave(meta),
+                     data=grain.checkpoint.CheckpointSave(data_iterator))
         if state.ema is not None:
-            items["ema"] = ocp.args.PyTreeSave(state.ema)
+            items["ema"] = ocp.args.PyTreeSave(self.saved(state.ema))
         with self._failed_writes():  # an earlier asynchronous save's failure surfaces here
             return self.manager.save(step, args=ocp.args.Composite(**items), force=force)
 
@@ -97,10 +100,10 @@ class Checkpointer:
         """(state, meta): `target` (the state as ShapeDtypeStructs with shardings) with its params,
         opt_state and ema read from `step`; the data iterator is restored in place."""
         import grain
-        items = dict(params=_restore_tree(target.params), opt_state=_restore_tree(target.opt_state),
+        items = dict(params=_restore_tree(self.saved(target.params)), opt_state=_restore_tree(target.opt_state),
                      meta=ocp.args.JsonRestore(), data=grain.checkpoint.CheckpointRestore(data_iterator))
         if target.ema is not None:
-            items["ema"] = _restore_tree(target.ema)
+            items["ema"] = _restore_tree(self.saved(target.ema))
         restored = self.manager.restore(step, args=ocp.args.Composite(**items))
         state = target.replace(params=restored.params, opt_state=restored.opt_state, ema=restored.get("ema"))
         return state, restored.meta

@@ -154,7 +154,8 @@ def base_config(*, vit, connector, llm, special_tokens) -> ml_collections.Config
     config.model = ml_collections.ConfigDict(dict(
         family="emu",  # models/families.py
         vit=vit, connector=connector, llm=llm, tokens=special_tokens,
-        dtype="float32", param_dtype="float32", attention_impl="auto"))
+        dtype="float32", param_dtype="float32", attention_impl="auto",
+        lora=ml_collections.ConfigDict(dict(rank=0, alpha=16.0, dropout=0.0, targets=""))))  # models/lora.py
     config.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1, rules=LOGICAL_AXIS_RULES))
     config.loss = ml_collections.ConfigDict(dict(text_weight=1.0, regression_weight=1.0))
     config.stages = ml_collections.ConfigDict()  # name -> stage(...): train/stages.py
@@ -178,11 +179,13 @@ def distributed_config() -> ml_collections.ConfigDict:
 
 def optimizer_config(**overrides) -> ml_collections.ConfigDict:
     """AdamW; `freeze` and `lr_multipliers` are regexes over parameter paths like
-    `vit/blocks_3/attn/qkv/kernel`; `no_decay` selects parameters without weight decay."""
+    `vit/blocks_3/attn/qkv/kernel`; `no_decay` selects parameters without weight decay. `train_only`
+    (a regex): only those parameters train, and checkpoints hold only them (the others come back from
+    `train.init_from` or the seeded initialisation): LoRA sets it to the adapters."""
     return ml_collections.ConfigDict(dict(
         learning_rate=3e-4, warmup_steps=1000, decay="cosine", end_lr_fraction=0.1, b1=0.9, b2=0.95, eps=1e-8,
         weight_decay=0.05, clip_norm=1.0, no_decay=r"(norm|bias|scale|embedding|pos_embed|cls_token|causal_tokens)",
-        freeze="", lr_multipliers=()) | overrides)
+        freeze="", train_only="", lr_multipliers=()) | overrides)
 
 
 def train_config(**overrides) -> ml_collections.ConfigDict:

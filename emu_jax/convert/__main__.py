@@ -27,6 +27,8 @@ flags.DEFINE_string("out", None, "import: the output directory; export: a .safet
 flags.DEFINE_bool("strict", True, "import: fail on keys the layout does not know (junk is always dropped by name).")
 flags.DEFINE_float("lora_alpha", None, "import: LoRA alpha for merging adapters (default: the layout's release "
                    "value, 16 for emu1_instruct; r is read from the adapters).")
+flags.DEFINE_string("adapter", "", "export: a LoRA run's checkpoints (the config's model.lora), merged into "
+                    "--checkpoint's weights.")
 flags.DEFINE_string("dtype", None, "export: tensor dtype (default: the recorded source dtypes, else float32).")
 flags.DEFINE_float("max_shard_gb", 0.0, "export: split into shards of at most this size, with an index JSON.")
 flags.mark_flags_as_required(["config", "layout", "out"])
@@ -63,7 +65,7 @@ def _run(argv):
         from emu_jax.convert import exporter
         shard = int(FLAGS.max_shard_gb * 2**30) or None
         summary = exporter.export_checkpoint(FLAGS.checkpoint, FLAGS.layout, config, FLAGS.out, dtype=FLAGS.dtype,
-                                             max_shard_bytes=shard)
+                                             max_shard_bytes=shard, adapter_dir=FLAGS.adapter)
         print(f"exported {summary['tensors']} tensors ({summary['bytes'] / 2**30:.2f} GiB) to {FLAGS.out}")
 
 

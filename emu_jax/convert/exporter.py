@@ -17,8 +17,12 @@ import zlib
 
 import numpy as np
 
+import flax.linen as nn
+import jax
+
 from emu_jax import checkpoint
 from emu_jax.convert import importer, layouts, plan as plan_lib
+from emu_jax.models import families, lora as lora_lib
 from emu_jax.convert.tensors import write_safetensors
 
 
@@ -54,12 +58,44 @@ def _carried_entries(checkpoint_dir: str, layout: layouts.Layout, config) -> lis
             for f in layout.fills]
 
 
+class AdapterMerger:
+    """Folds a LoRA run's adapters (`config.model.lora`, read from `adapter_dir`) into the base
+    kernels they sit beside, one layer at a time: W + alpha / rank * A . B, in float32."""
+
+    def __init__(self, adapter_dir: str, config):
+        self.spec = lora_lib.spec(config.model.lora)
+        if self.spec is None:
+            raise plan_lib.ConversionError(f"--adapter {adapter_dir}: the config has no model.lora (rank 0); give "
+                                           f"the config the LoRA run trained with")
+        model = families.of(config.model).build(config.model)
+        abstract = jax.eval_shape(lambda kw: model.init(jax.random.key(0), **kw)["params"],
+                                  families.of(config.model).example_inputs(model))
+        _, adapters = lora_lib.split(nn.unbox(abstract))
+        self.modules = {tuple(k.key for k in path[:-1]) for path, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]}
+        # one reader each: a reader keeps its last parameter, which serves every layer of a stack
+        self.a, self.b = checkpoint.ParamReader(adapter_dir), checkpoint.ParamReader(adapter_dir)
+
+    def __call__(self, path: tuple, value: np.ndarray, layer: int | None) -> np.ndarray:
+        if path[-1] != "kernel" or path[:-1] not in self.modules:
+            return value
+        a, b = self.a.get(path[:-1] + ("lora_a",)), self.b.get(path[:-1] + ("lora_b",))
+        if layer is not None:
+            a, b = a[layer], b[layer]
+        update = np.tensordot(a.astype(np.float32), b.astype(np.float32), axes=1) * self.spec.scale
+        return (value.astype(np.float32) + update).astype(value.dtype)
+
+    def close(self) -> None:
+        self.a.close()
+        self.b.close()
+
+
 def export_entries(checkpoint_dir: str, layout_name: str, config, dtype: str | None = None,
-                   use_recorded: bool = True):
+                   use_recorded: bool = True, adapter_dir: str = ""):
     """(entries for `write_safetensors`, closer): one (key, shape, dtype, produce) per tensor.
 
     Keys are spelled from our parameter names (what the official class's strict load accepts);
-    a converted checkpoint's record gives their order and dtypes."""
+    a converted checkpoint's record gives their order and dtypes. `adapter_dir`: a LoRA run's
+    checkpoints, merged into the weights of `checkpoint_dir`."""
     layout = layouts.get_layout(layout_name)
     targets = plan_lib.targets(config, layout)
     record = importer.recorded_source(checkpoint_dir) if use_recorded else None
@@ -77,6 +113,7 @@ def export_entries(checkpoint_dir: str, layout_name: str, config, dtype: str | N
     else:
         keyed = [(path, layer, dtype or "float32") for path, t in targets.items() for layer in range(t.num_layers)]
     reader = checkpoint.ParamReader(checkpoint_dir)
+    merge = AdapterMerger(adapter_dir, config) if adapter_dir else (lambda path, value, layer: value)
     entries = []
     for path, layer, key_dtype in keyed:
         t = targets[path]
@@ -85,21 +122,28 @@ def export_entries(checkpoint_dir: str, layout_name: str, config, dtype: str | N
 
         def produce(path=path, layer=layer, t=t):
             value = reader.get(path)
-            return layouts.to_source(value[layer] if t.stacked else value, path[-1], t.layer_axes)
+            value = merge(path, value[layer] if t.stacked else value, layer if t.stacked else None)
+            return layouts.to_source(value, path[-1], t.layer_axes)
 
         entries.append((key, shape, key_dtype, produce))
         if layout.lora and ".base_layer." in key:
             entries += _lora_entries(layout, key, shape, key_dtype)
     entries += [(k, s, dtype or d, p) for k, s, d, p in _carried_entries(checkpoint_dir, layout, config)]
-    return entries, reader.close
+
+    def close():
+        reader.close()
+        if adapter_dir:
+            merge.close()
+    return entries, close
 
 
 def export_checkpoint(checkpoint_dir: str, layout_name: str, config, out: str, *, dtype: str | None = None,
-                      max_shard_bytes: int | None = None, use_recorded: bool = True, progress: bool = True) -> dict:
+                      max_shard_bytes: int | None = None, use_recorded: bool = True, progress: bool = True,
+                      adapter_dir: str = "") -> dict:
     """Writes `out` (a .safetensors file), or with `max_shard_bytes` a directory of
     `model-0000k-of-0000n.safetensors` shards and `model.safetensors.index.json`."""
     from tqdm import tqdm
-    entries, close = export_entries(checkpoint_dir, layout_name, config, dtype, use_recorded)
+    entries, close = export_entries(checkpoint_dir, layout_name, config, dtype, use_recorded, adapter_dir)
     sizes = [int(np.prod(s, dtype=np.int64)) * np.dtype(d).itemsize for _, s, d, _ in entries]
     bar = tqdm(total=sum(sizes), unit="B", unit_scale=True, desc="export", disable=not progress)
     try:

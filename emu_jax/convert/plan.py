@@ -51,14 +51,15 @@ class Target:
 
 
 def _boxed_params(config):
-    """Boxed abstract params of the config's model, plus the decoder's unet and vae when configured."""
-    from emu_jax.models import families
+    """Boxed abstract params of the config's model (without LoRA adapters: the released layouts hold
+    base weights; see exporter for adapters), plus the decoder's unet and vae when configured."""
+    from emu_jax.models import families, lora
 
     def init(family):
         module = family.build(config.model)
         return jax.eval_shape(lambda kw: module.init(jax.random.key(0), **kw)["params"], family.example_inputs(module))
 
-    boxed = dict(init(families.of(config.model)))
+    boxed = dict(lora.split(dict(init(families.of(config.model))))[0])
     if "unet" in config.model:
         towers = init(families.get("visual_decoder"))
         boxed |= {k: towers[k] for k in ("unet", "vae")}

@@ -13,8 +13,8 @@ Multi-process (a checkpoint sharded over several hosts, `config.distributed` as 
 process runs every cell in step; process 0 writes the results, the others a private copy under
 `<out>/processes/<i>/`.
 
-A checkpoint entry names its model config, its checkpoint (and decoder checkpoint) and optional
-config overrides as a nested dict, e.g. {"mesh": {"fsdp": 8}} to shard a checkpoint that does not fit one device over
+A checkpoint entry names its model config, its checkpoint (and decoder checkpoint, and a LoRA run's
+checkpoints as "adapter" on the checkpoint's weights) and optional config overrides as a nested dict, e.g. {"mesh": {"fsdp": 8}} to shard a checkpoint that does not fit one device over
 the same mesh code as training.
 """
 from __future__ import annotations
@@ -99,7 +99,8 @@ class Runner:
             overrides = dict(flatten(entry.get("overrides", {})))
             config = config_lib.with_overrides(config_lib.load(entry.config), overrides)
             logging.info("loading checkpoint %s from %s", name, entry.checkpoint)
-            self._generator = Generator.from_checkpoints(config, entry.checkpoint, entry.get("decoder", ""))
+            self._generator = Generator.from_checkpoints(config, entry.checkpoint, entry.get("decoder", ""),
+                                                         adapter=entry.get("adapter", ""))
             self._generator.base_config, self._generator_name = config, name
         return self._generator
 

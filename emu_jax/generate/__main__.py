@@ -23,6 +23,7 @@ config_flags.DEFINE_config_file("config", None, "The model's config (with model.
                                 lock_config=True)
 flags.DEFINE_string("checkpoint", None, "Checkpoints directory of the Emu model (trained or converted).")
 flags.DEFINE_string("decoder", "", "Checkpoints directory of the visual decoder (needed for [IMG]).")
+flags.DEFINE_string("adapter", "", "Checkpoints directory of a LoRA run (config.model.lora) on --checkpoint's weights.")
 flags.DEFINE_multi_string("prompt", [], "A prompt; repeat for a batch.")
 flags.DEFINE_multi_string("image", [], "Images for the <image> placeholders, in order across prompts.")
 flags.DEFINE_string("prompts_file", "", "JSON lines {\"prompt\": str, \"images\": [paths]} (instead of --prompt).")
@@ -81,7 +82,7 @@ def generate(FLAGS) -> None:
     if any(isinstance(s, prompts_lib.ImageRequest) for segments in batch for s in segments) and not (
             FLAGS.out and FLAGS.decoder):
         raise app.UsageError("the prompts ask for images ([IMG]): give --decoder and --out")
-    generator = generator_lib.Generator.from_checkpoints(config, FLAGS.checkpoint, FLAGS.decoder)
+    generator = generator_lib.Generator.from_checkpoints(config, FLAGS.checkpoint, FLAGS.decoder, adapter=FLAGS.adapter)
     outputs = generator.generate(batch)  # every process of a multi-process run; process 0 writes and prints
     if jax.process_index():
         return

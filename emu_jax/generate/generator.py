@@ -25,6 +25,7 @@ from emu_jax.checkpoint import abstract_with_shardings, restore_params
 from emu_jax.data.tokenizer import load_tokenizer
 from emu_jax.generate import decoding, prompts as prompts_lib
 from emu_jax.models import families
+from emu_jax.models import lora as lora_lib
 from emu_jax.parallel import mesh as mesh_lib
 
 
@@ -76,16 +77,23 @@ class Generator:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def from_checkpoints(cls, config, checkpoint: str, decoder_checkpoint: str = "", tokenizer=None):
+    def from_checkpoints(cls, config, checkpoint: str, decoder_checkpoint: str = "", tokenizer=None, adapter: str = ""):
         """Restores the Emu towers from `checkpoint` (trained or converted) and, given one, the UNet
-        and VAE from `decoder_checkpoint` (its EMA when it has one), sharded over the config's mesh."""
+        and VAE from `decoder_checkpoint` (its EMA when it has one), sharded over the config's mesh.
+        `adapter`: a LoRA run's checkpoints, whose adapters (`config.model.lora`) join the base
+        weights of `checkpoint`."""
         mesh = mesh_lib.make_mesh(config.mesh, allow_subset=True)
         rules = config.mesh.rules
         with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
             family = families.of(config.model)
             model = family.build(config.model)
             abstract, shardings = mesh_lib.abstract_model(model, family.example_inputs(model), mesh, rules)
-            params = restore_params(checkpoint, abstract_with_shardings(abstract, shardings))
+            wanted = abstract_with_shardings(abstract, shardings)
+            if adapter:
+                base, adapters = lora_lib.split(wanted)
+                params = lora_lib.join(restore_params(checkpoint, base), restore_params(adapter, adapters))
+            else:
+                params = restore_params(checkpoint, wanted)
             decoder_params = None
             if decoder_checkpoint:
                 decoder_family = families.get("visual_decoder")

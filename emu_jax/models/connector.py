@@ -38,6 +38,7 @@ class PooledConnector(nn.Module):
     video_pool_grid: int = 8
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: layers.lora_lib.LoraSpec | None = None
 
     @property
     def num_visual_tokens(self) -> int:
@@ -52,7 +53,7 @@ class PooledConnector(nn.Module):
         return self.vision_width
 
     def setup(self):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         self.project_up = layers.dense(self.llm_hidden, ("mlp", "embed"), name=None, **kw)
         self.project_down = layers.dense(self.vision_width, ("embed", "mlp"), name=None, **kw)
 

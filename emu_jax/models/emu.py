@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from emu_jax import tokens as tokens_lib
 from emu_jax.models import families
+from emu_jax.models import lora as lora_lib
 from emu_jax.models.causal_former import CausalFormerConnector
 from emu_jax.models.connector import PooledConnector
 from emu_jax.models.eva_vit import EvaVit, normalize
@@ -180,7 +181,8 @@ def _fields_of(cls, values: dict) -> dict:
 def build_model(model_config) -> Emu:
     """The Emu model described by `config.model` (see configs/); the config alone decides it."""
     common = dict(dtype=jnp.dtype(model_config.dtype), param_dtype=jnp.dtype(model_config.param_dtype),
-                  attention_impl=model_config.get("attention_impl") or "auto")
+                  attention_impl=model_config.get("attention_impl") or "auto",
+                  lora=lora_lib.spec(model_config.get("lora")))
     vit = EvaVit(**model_config.vit.to_dict(), **common, parent=None)
     connector_config = model_config.connector.to_dict()
     connector_cls = CONNECTORS[connector_config.pop("kind")]

@@ -91,14 +91,16 @@ class EvaBlock(nn.Module):
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: layers.lora_lib.LoraSpec | None = None
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.norm1 = layers.layer_norm(self.norm_eps, name=None, **kw)
         self.attn = Attention(self.num_heads, self.width // self.num_heads, fused_qkv=True, qv_bias=True,
-                              out_bias=True, names=("qkv", "proj"), implementation=self.attention_impl, **kw)
+                              out_bias=True, names=("qkv", "proj"), implementation=self.attention_impl, lora=self.lora,
+                              **kw)
         self.norm2 = layers.layer_norm(self.norm_eps, name=None, **kw)
-        self.mlp = Mlp(self.mlp_hidden, activation="gelu", use_bias=True, names=("fc1", "fc2"), **kw)
+        self.mlp = Mlp(self.mlp_hidden, activation="gelu", use_bias=True, names=("fc1", "fc2"), lora=self.lora, **kw)
 
     def __call__(self, x, unused_cache, unused_shared):
         attend = lambda h: self.attn(h)[0]  # noqa: E731
@@ -126,6 +128,7 @@ class EvaVit(nn.Module):
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: layers.lora_lib.LoraSpec | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -142,7 +145,7 @@ class EvaVit(nn.Module):
         self.blocks = layers.make_stack(
             EvaBlock, self.depth, scan=self.scan_layers, remat=self.remat, width=self.width,
             num_heads=self.num_heads, mlp_hidden=self.mlp_hidden, post_norm=self.post_norm,
-            norm_eps=self.norm_eps, attention_impl=self.attention_impl, **kw)
+            norm_eps=self.norm_eps, attention_impl=self.attention_impl, lora=self.lora, **kw)
 
     def __call__(self, images: jnp.ndarray) -> jnp.ndarray:
         """images [N, H, W, 3], normalised -> tokens [N, 1 + (H/p)(W/p), width] of the last block."""

@@ -14,6 +14,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from emu_jax.models import lora as lora_lib
+
 Dtype = Any
 ACTIVATIONS: dict[str, Callable] = {
     "gelu": lambda x: nn.gelu(x, approximate=False),  # EVA-CLIP: exact erf GELU
@@ -43,6 +45,7 @@ class Dense(nn.Module):
     use_bias: bool = False
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: lora_lib.LoraSpec | None = None  # adapters where its targets match this module's path
 
     @nn.compact
     def __call__(self, x):
@@ -51,6 +54,8 @@ class Dense(nn.Module):
                             self.param_dtype)
         contracting = (tuple(range(x.ndim - self.contract, x.ndim)), tuple(range(self.contract)))
         y = jax.lax.dot_general(x.astype(self.dtype), kernel.astype(self.dtype), (contracting, ((), ())))
+        if self.lora is not None and self.lora.applies_to(self.path):
+            y = lora_lib.adapt(self, x, y, self.kernel_axes, self.contract)
         if self.use_bias:
             bias = self.param("bias", partitioned(nn.initializers.zeros, self.kernel_axes[self.contract:]),
                               self.features, self.param_dtype)
@@ -59,12 +64,12 @@ class Dense(nn.Module):
 
 
 def dense(features, kernel_axes, *, name, use_bias=False, axis=-1, dtype=jnp.float32,
-          param_dtype=jnp.float32) -> Dense:
+          param_dtype=jnp.float32, lora=None) -> Dense:
     """A projection whose kernel carries logical axis names (input axes first, then output axes);
     `axis` is -1, or (-2, -1) to contract two trailing axes (e.g. heads and head_dim)."""
     features = (features,) if isinstance(features, int) else tuple(features)
     contract = 1 if isinstance(axis, int) else len(axis)
-    return Dense(features, tuple(kernel_axes), contract, use_bias, dtype, param_dtype, name=name)
+    return Dense(features, tuple(kernel_axes), contract, use_bias, dtype, param_dtype, lora, name=name)
 
 
 class RMSNorm(nn.Module):
@@ -120,10 +125,11 @@ class Mlp(nn.Module):
     names: tuple[str, ...] = ("fc1", "fc2")  # (in, out) or, gated, (gate, up, out)
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: lora_lib.LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x):
-        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         act = ACTIVATIONS[self.activation]
         if self.fused_gate:
             value, gate = jnp.split(dense((2, self.hidden), ("embed", "qkv", "mlp"), name=self.names[0], **kw)(x),
@@ -392,9 +398,10 @@ class Attention(nn.Module):
     implementation: str = "auto"
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
+    lora: lora_lib.LoraSpec | None = None
 
     def _project_qkv(self, x, kv_input):
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         if self.fused_qkv:
             qkv = dense((3, self.num_heads, self.head_dim), ("embed", "qkv", "heads", "head_dim"),
                         name=self.names[0], **kw)(x)
@@ -427,7 +434,7 @@ class Attention(nn.Module):
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, bias=bias,
                                     scale=self.scale, implementation=self.implementation)
         out = dense(x.shape[-1], ("heads", "head_dim", "embed"), name=self.names[-1], axis=(-2, -1),
-                    use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype)(out)
+                    use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)(out)
         return out, cache
 
 

@@ -29,15 +29,16 @@ class DecoderLayer(nn.Module):
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: layers.lora_lib.LoraSpec | None = None
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         self.input_layernorm = RMSNorm(self.norm_eps, **kw)
         self.self_attn = Attention(self.num_heads, self.head_dim, num_kv_heads=self.num_kv_heads,
-                                   implementation=self.attention_impl, **kw)
+                                   implementation=self.attention_impl, lora=self.lora, **kw)
         self.post_attention_layernorm = RMSNorm(self.norm_eps, **kw)
         self.mlp = Mlp(self.mlp_hidden, activation="silu", gated=True,
-                       names=("gate_proj", "up_proj", "down_proj"), **kw)
+                       names=("gate_proj", "up_proj", "down_proj"), lora=self.lora, **kw)
 
     def __call__(self, x, cache, shared):
         rope, mask = shared
@@ -64,6 +65,7 @@ class Llama(nn.Module):
     logits_dtype: jnp.dtype = jnp.float32
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: layers.lora_lib.LoraSpec | None = None
 
     @property
     def kv_heads(self) -> int:
@@ -81,10 +83,11 @@ class Llama(nn.Module):
         self.layers = layers.make_stack(
             DecoderLayer, self.num_layers, scan=self.scan_layers, remat=self.remat, hidden=self.hidden,
             num_heads=self.num_heads, num_kv_heads=self.kv_heads, head_dim=self.dim_per_head,
-            mlp_hidden=self.mlp_hidden, norm_eps=self.norm_eps, attention_impl=self.attention_impl, **kw)
+            mlp_hidden=self.mlp_hidden, norm_eps=self.norm_eps, attention_impl=self.attention_impl, lora=self.lora,
+            **kw)
         self.norm = RMSNorm(self.norm_eps, **kw)
         self.lm_head = layers.dense(self.vocab_size, ("embed", "vocab"), name="lm_head",
-                                    dtype=self.logits_dtype, param_dtype=self.param_dtype)
+                                    dtype=self.logits_dtype, param_dtype=self.param_dtype, lora=self.lora)
 
     def embed(self, tokens: jax.Array) -> jax.Array:
         return constrain(self.embed_tokens(tokens), ("act_batch", "act_len", "act_embed"))

@@ -68,6 +68,8 @@ def param_labels(params, config) -> Any:
         name = path_name(path)
         if config.freeze and re.search(config.freeze, name):
             return "frozen"
+        if config.get("train_only") and not re.search(config.train_only, name):
+            return "frozen"
         for pattern, multiplier in config.lr_multipliers:
             if re.search(pattern, name):
                 return f"lr_x{float(multiplier)}"

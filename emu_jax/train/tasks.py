@@ -69,12 +69,14 @@ class EmuTask(_Task):
         return {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in spec.items()}
 
     def loss(self, params, batch, rng, norms, step=None):
-        """The loss weights at `step` follow `config.stages` (None `step`: the last stage's)."""
+        """The loss weights at `step` follow `config.stages` (None `step`, the held-out loss: the last
+        stage's)."""
         from emu_jax.train.losses import emu_loss
-        del rng  # deterministic
         weights = {name: stages.loss_weight(self.config.loss, self.config.stages, name, step)
                    for name in ("text_weight", "regression_weight")}
-        out = self.model.apply({"params": params}, **pipeline.model_inputs(batch))
+        # deterministic but for LoRA's dropout (models/lora.py) while training (held-out loss: no step)
+        rngs = {} if step is None else {"dropout": rng}
+        out = self.model.apply({"params": params}, **pipeline.model_inputs(batch), rngs=rngs)
         return emu_loss(out, batch, **weights, norms=norms)
 
     def loss_norms(self, batch):

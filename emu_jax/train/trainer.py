@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import os
+import re
 import signal
 import time
 from typing import Any
@@ -26,11 +27,12 @@ from tqdm import tqdm
 from emu_jax.checkpoint import Checkpointer, CheckpointWriteError, abstract_with_shardings, restore_params
 from emu_jax.data import pipeline
 from emu_jax.eval import evaluators
+from emu_jax.models import lora as lora_lib
 from emu_jax.parallel import mesh as mesh_lib
 from emu_jax.train import flops as flops_lib
 from emu_jax.train import stages
 from emu_jax.train.metrics import MetricsWriter
-from emu_jax.train.optimizer import make_optimizer
+from emu_jax.train.optimizer import make_optimizer, path_name
 from emu_jax.train.step import TrainState, make_eval_step, make_train_step
 from emu_jax.train.tasks import make_task
 
@@ -126,15 +128,39 @@ def init_params(model, inputs, shardings, seed: int, prng: str = "threefry2x32")
 
 def load_towers(params, init_from, abstract, shardings):
     """Replaces whole towers (e.g. "vit", "llm") with those of converted or trained checkpoints;
-    towers given an empty path keep their initialisation."""
+    towers given an empty path keep their initialisation, and LoRA adapters (which a base
+    checkpoint does not hold) keep theirs."""
     for tower, path in init_from.items():
         if not path:
             continue
         if tower not in params:
             raise KeyError(f"train.init_from names tower {tower!r}; the model has {sorted(params)}")
-        target = {tower: abstract_with_shardings(abstract[tower], shardings[tower])}
-        params = dict(params, **restore_params(path, target))
+        base, _ = lora_lib.split(abstract_with_shardings(abstract[tower], shardings[tower]))
+        _, adapters = lora_lib.split(params[tower])
+        params = dict(params, **{tower: lora_lib.join(restore_params(path, {tower: base})[tower], adapters)})
     return params
+
+
+def saved_part(config):
+    """What of the parameters a checkpoint holds: all, or with `optimizer.train_only` only those
+    (the rest is rebuilt on resume from `train.init_from` or the seeded initialisation)."""
+    pattern = config.optimizer.get("train_only")
+    if not pattern:
+        return lambda params: params
+
+    def trainable(params):
+        kept = jax.tree_util.tree_map_with_path(
+            lambda path, x: x if re.search(pattern, path_name(path)) else None, params)
+        return prune(kept)
+    return trainable
+
+
+def prune(tree):
+    """A nested dict without its None leaves and the dicts they leave empty."""
+    if not isinstance(tree, dict):
+        return tree
+    out = {k: prune(v) for k, v in tree.items() if v is not None}
+    return {k: v for k, v in out.items() if not (isinstance(v, dict) and not v)}
 
 
 def state_shardings(optimizer, abstract_params, param_shardings, mesh, ema: bool = False):
@@ -248,14 +274,23 @@ def train(config, workdir: str) -> dict:
 
         # ------------------------------------------------------------ state: resume or initialise
         checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=tc.keep_checkpoints,
-                                    every=tc.checkpoint_every, async_save=tc.async_checkpoints)
+                                    every=tc.checkpoint_every, async_save=tc.async_checkpoints,
+                                    saved=saved_part(config))
         latest = checkpointer.latest_step()
+
+        def initial():
+            params = init_params(model, inputs, param_shardings, config.seed, config.init_prng)
+            return load_towers(params, tc.init_from, setup.abstract_params, param_shardings)
+
         if latest is not None:
             state, meta = checkpointer.restore(latest, abstract_state(setup), train_iter)
+            if config.optimizer.get("train_only"):  # the checkpoint holds the trained part alone
+                base = initial()
+                state = state.replace(params=lora_lib.join(base, state.params),
+                                      ema=None if state.ema is None else lora_lib.join(base, state.ema))
             skipped = meta["skipped_updates"]
         else:
-            params = init_params(model, inputs, param_shardings, config.seed, config.init_prng)
-            params = load_towers(params, tc.init_from, setup.abstract_params, param_shardings)
+            params = initial()
             opt_state = jax.jit(optimizer.tx.init, out_shardings=shardings.opt_state)(params)
             copy = jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=param_shardings)
             state = TrainState(step=None, params=params, opt_state=opt_state, skipped_updates=None,
