@@ -409,3 +409,10 @@ def test_two_processes_write_their_own_shards_of_one_checkpoint(tmp_path):
     expected = importer.to_params(tensors.open_source(path), layout_name, config)
     for (p, ours), want in zip(jax.tree_util.tree_flatten_with_path(restored)[0], jax.tree.leaves(expected)):
         assert np.array_equal(np.asarray(ours), want), jax.tree_util.keystr(p)
+
+
+def test_a_layout_outside_the_configs_model_family_is_named(emu2_state):
+    config, state = emu2_state  # Emu2 without a visual decoder: the UNet's layout is not its own
+    message = convert_error(config, state, layout="diffusers_unet")
+    assert message.startswith("layout diffusers_unet is not a layout of the config's model family 'emu' (its "
+                              "layouts: emu1, emu1_instruct, emu2,"), message

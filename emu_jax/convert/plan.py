@@ -68,6 +68,11 @@ def _boxed_params(config):
 
 def targets(config, layout: Layout, mesh=None) -> dict[Path, Target]:
     """Our parameters in the towers `layout` covers, flattened to path tuples."""
+    from emu_jax.models import families
+    known = families.of(config.model).layouts + (families.get("visual_decoder").layouts if "unet" in config.model else ())
+    if layout.name not in known:
+        raise ConversionError(f"layout {layout.name} is not a layout of the config's model family "
+                              f"{config.model.get('family', 'emu')!r} (its layouts: {', '.join(known)})")
     boxed = _boxed_params(config)
     missing = layout.towers() - set(boxed)
     if missing:

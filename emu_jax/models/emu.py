@@ -227,4 +227,5 @@ def train_flops(abstract_params, model_config, batch: int, seq_len: int, image_s
 
 
 FAMILY = families.Family(build=build_model, example_inputs=example_inputs, train_flops=train_flops,
-                         scanned_layers={"vit": "depth", "llm": "num_layers"})
+                         scanned_layers={"vit": "depth", "llm": "num_layers"},
+                         layouts=("emu1", "emu1_instruct", "emu2", "emu2_hf", "emu2_gen", "llama_hf", "eva_timm"))

@@ -8,10 +8,12 @@ A family module defines `FAMILY = Family(...)`:
       analytic FLOPs of one train step (model FLOPs: recomputation never counts); None: not counted
   scanned_layers: {tower: its config's layer-count key} of the towers whose layers may be scanned
       (the ahead-of-time compile extrapolates a scanned body's cost over the layers)
+  layouts: the released checkpoint layouts (convert/layouts.py) that fill the family's towers
 
 Autoregressive families' models also carry the generation hooks that generate/decoding.py calls
 by name (see models/emu.py: `empty_decoding`, `hidden_states`, `next_token_logits`, `regress`,
-`embed_tokens`, `embed`). A new family is a new module and one line in `FAMILIES`.
+`embed_tokens`, `embed`). A new family is a new module and one line in `FAMILIES` (and, to convert its released
+weights, its key layouts in convert/layouts.py).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class Family:
     example_inputs: Callable[[Any], dict]
     train_flops: Callable[..., float] | None = None
     scanned_layers: dict = dataclasses.field(default_factory=dict)
+    layouts: tuple[str, ...] = ()
 
 
 def get(name: str) -> Family:

@@ -101,4 +101,5 @@ def example_inputs(model: VisualDecoder, batch: int = 1) -> dict:
 
 
 # convolutional: its FLOPs are not counted (no MFU is logged for the decoder's stages)
-FAMILY = families.Family(build=build_decoder, example_inputs=example_inputs)
+FAMILY = families.Family(build=build_decoder, example_inputs=example_inputs,
+                         layouts=("emu2_gen", "diffusers_unet", "diffusers_vae"))
