@@ -223,6 +223,7 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         train_sources=ml_collections.ConfigDict(), eval_sources=ml_collections.ConfigDict(),
         seq_len=2048, max_images=8, video_frames=8, global_batch_size=256, pack=True, packing_bins=16,
         seed=0, worker_count=2, worker_buffer_size=2, strict=False,
+        chat_format="emu2_chat",  # conversation documents (segments with roles) are rendered so: emu_jax/chat.py
         augment=augment_config(),
         # image batches (the visual decoder's stages) read only documents whose meta has these
         # values, e.g. {"view": 0}: the digits world's original images, not its fixed extra views

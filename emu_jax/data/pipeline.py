@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 from grain.experimental import FirstFitPackIterDataset
 
+from emu_jax import chat
 from emu_jax import tokens as tokens_lib
 from emu_jax.data import augment, media, records
 from emu_jax.data.records import RecordError
@@ -49,12 +50,14 @@ class Layout:
     video_frames: int
     seq_len: int
     max_images: int
+    chat_format: str = "emu2_chat"  # how conversation documents are rendered (emu_jax/chat.py)
 
     @classmethod
     def from_configs(cls, model_config, data_config, visual_tokens: int) -> "Layout":
         frame_tokens = tokens_lib.frame_tokens(model_config.connector, visual_tokens)
         return cls(dict(model_config.tokens), visual_tokens, frame_tokens, model_config.vit.image_size,
-                   data_config.video_frames, data_config.seq_len, data_config.max_images)
+                   data_config.video_frames, data_config.seq_len, data_config.max_images,
+                   data_config.get("chat_format", "emu2_chat"))
 
 
 # ----------------------------------------------------------------------------- sources
@@ -163,27 +166,56 @@ class TokenizeDocument(grain.transforms.Map):
             return media.decode_video(segment["video"], size, count)
         return media.decode_frames(segment["frames"], size, count)
 
+    def _pieces(self, doc) -> list[tuple[dict, bool]]:
+        """(segment, is_target) in reading order: a conversation (segments with roles) rendered in
+        the layout's chat format, its replies the targets; any other document all targets."""
+        segments = doc["segments"]
+        if not any("role" in s for s in segments):
+            return [(s, True) for s in segments]
+        system = [s["text"] for s in segments if s.get("role") == "system" and "text" in s]
+        turns = []
+        for segment in segments:
+            role = segment.get("role")
+            if role not in ("user", "assistant"):
+                if role != "system":
+                    raise RecordError("malformed", f"a conversation segment has role {role!r}")
+                continue
+            if not turns or turns[-1][0] != role:
+                turns.append((role, []))
+            turns[-1][1].append(segment)
+        try:
+            rendered = chat.pieces(chat.get(self.layout.chat_format), turns, " ".join(system) if system else None)
+        except chat.ChatError as e:
+            raise RecordError("malformed", f"conversation: {e}") from e
+        return [(records.text(item) if isinstance(item, str) else item, target) for item, target in rendered]
+
     def _example(self, doc):
         layout, special = self.layout, self.layout.special
-        ids, images = [self.tokenizer.bos_id], []
-        for segment in doc["segments"]:
+        ids, images, targets = [self.tokenizer.bos_id], [], [False]
+        for segment, target in self._pieces(doc):
             if "text" in segment:
-                ids += self.tokenizer.encode(segment["text"])
+                new = self.tokenizer.encode(segment["text"])
+                ids += new
+                targets += [target] * len(new)
                 continue
             pixels = self._pixels(segment)
             if records.segment_kind(segment) == "image":
-                ids += tokens_lib.image_block(special, layout.visual_tokens)
+                block = tokens_lib.image_block(special, layout.visual_tokens)
             else:  # the family's video layout: Emu2's [VIDEO] + [gIMG] frame blocks, Emu1's image blocks
-                ids += tokens_lib.video_block(special, layout.frame_tokens, len(pixels))
+                block = tokens_lib.video_block(special, layout.frame_tokens, len(pixels))
+            ids += block
+            targets += [target] * len(block)
             images += list(pixels)
         ids.append(self.tokenizer.eos_id)
+        targets.append(True)
         kept, n_images = truncate(ids, special, layout.seq_len, layout.max_images)
         if len(kept) < 2:
             raise RecordError("too_long", f"first image block does not fit in {layout.seq_len} tokens")
         events = np.zeros((1, len(EVENTS)), np.int32)
         events[0, EVENTS.index("truncated")] = len(kept) < len(ids)
         pixels = np.stack(images[:n_images]) if n_images else self._no_images()
-        return {"tokens": np.asarray(kept, np.int32), "images": pixels, "events": events}
+        return {"tokens": np.asarray(kept, np.int32), "targets": np.asarray(targets[:len(kept)], np.int32),
+                "images": pixels, "events": events}
 
     def _no_images(self):
         size = self.layout.image_size
@@ -193,7 +225,8 @@ class TokenizeDocument(grain.transforms.Map):
         """A skipped record: no tokens, no images, one count. Packing carries the count along."""
         events = np.zeros((1, len(EVENTS)), np.int32)
         events[0, EVENTS.index(kind)] = 1
-        return {"tokens": np.zeros((0,), np.int32), "images": self._no_images(), "events": events}
+        return {"tokens": np.zeros((0,), np.int32), "targets": np.zeros((0,), np.int32), "images": self._no_images(),
+                "events": events}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -204,6 +237,9 @@ class FinishRow:
     def __call__(self, row):
         segment_ids = row["tokens_segment_ids"].astype(np.int32)
         text_mask, regression_mask = tokens_lib.loss_masks(row["tokens"], segment_ids, self.special)
+        # a prediction is scored only where the next token is a target (a conversation's context is not)
+        next_is_target = np.concatenate([row["targets"][1:], np.zeros_like(row["targets"][:1])]) > 0
+        text_mask, regression_mask = text_mask * next_is_target, regression_mask * next_is_target
         return {"tokens": row["tokens"].astype(np.int32), "positions": row["tokens_positions"].astype(np.int32),
                 "segment_ids": segment_ids, "images": row["images"], "image_mask": row["images_segment_ids"] > 0,
                 "text_mask": text_mask, "regression_mask": regression_mask,
@@ -284,8 +320,9 @@ def make_dataset(data_config, model_config, visual_tokens: int, *, split: str = 
                                                                                       data_config.strict))
     ds = augmented(ds, data_config, split)[process_index::process_count].to_iter_dataset()
     ds = FirstFitPackIterDataset(
-        ds, length_struct={"tokens": layout.seq_len, "images": layout.max_images, "events": layout.seq_len},
-        padding_struct={"tokens": layout.special["pad"], "images": 0, "events": 0},
+        ds, length_struct={"tokens": layout.seq_len, "targets": layout.seq_len, "images": layout.max_images,
+                           "events": layout.seq_len},
+        padding_struct={"tokens": layout.special["pad"], "targets": 0, "images": 0, "events": 0},
         num_packing_bins=data_config.packing_bins, seed=data_config.seed, shuffle_bins=split == "train",
         max_sequences_per_bin=None if data_config.pack else 1)
     ds = ds.map(FinishRow(layout.special)).batch(data_config.global_batch_size // process_count,

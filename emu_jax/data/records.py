@@ -5,6 +5,9 @@
                   {"video": <encoded container bytes>}  or  {"frames": [<encoded bytes>, ...]}],
      "source": "laion", "meta": {...}}
 
+A conversation's segments also carry a "role" ("system", "user", "assistant"); the pipeline
+renders such a document in the model's chat format and trains on the assistant's segments only.
+
 Records are msgpack bytes, stored in ArrayRecord shards (`ShardWriter`, read back by
 `ShardReader`) or as the `document` feature of a TFDS dataset; both reach the pipeline as the same
 bytes.
@@ -111,6 +114,8 @@ def decode(record: bytes | Unreadable) -> dict:
     for raw in doc[b"segments"]:
         segment = {k.decode(): v for k, v in raw.items()}
         kind = segment_kind(segment)
+        if isinstance(segment.get("role"), bytes):
+            segment["role"] = segment["role"].decode("utf-8", "replace")
         if kind == "text":
             try:
                 segment["text"] = segment["text"].decode("utf-8")

@@ -5,11 +5,16 @@
     python -m emu_jax.data.write mmc4 --input=docs.jsonl --image_root=images/ --output=out/mmc4
     python -m emu_jax.data.write video --input=clips.jsonl --output=out/webvid          # {"video", "caption"}
     python -m emu_jax.data.write storyboard --input=boards.jsonl --output=out/story
+    python -m emu_jax.data.write conversations --input=llava_instruct.json --image_root=coco/ --output=out/chat
 
 JSONL paths are relative to `--image_root` (default: the JSONL's folder). MMC4 lines hold
 `text_list` and `image_info` entries with `image_name` and `matched_text_index`; each image goes
 before its matched sentence. Storyboard lines hold `frames` [{"image", "time"}] and `subtitles`
-[{"start", "end", "text"}], merged in time order. A bad line (not UTF-8, not JSON, a missing or
+[{"start", "end", "text"}], merged in time order. Conversations (LLaVA / ShareGPT JSON: a list of, or one per line,
+{"image": path or [paths] | "video": path, "conversations": [{"from": "human"|"gpt"|"system", "value"}]})
+become documents whose segments carry roles; `<image>` / `<video>` tags place the media (untagged
+media open the first user turn), and the pipeline renders them in the model's chat format
+(`data.chat_format`). A bad line (not UTF-8, not JSON, a missing or
 mistyped field, an unreadable file, a video that does not open) stops the run with an error naming
 the file and line, and no finished-looking shard is left: shards are written under hidden names
 and renamed only once all are complete (`--skip_missing` drops MMC4 images whose files are missing
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from collections import Counter
 
@@ -49,6 +55,24 @@ def _jsonl(path: str):
             if not isinstance(entry, dict):
                 raise records.SourceError(f"{where}: expected a JSON object")
             yield where, entry
+
+
+def _json_entries(path: str):
+    """(where, entry) of a JSON list file (LLaVA's, ShareGPT's: `where` names the entry) or a JSONL file."""
+    if not path.endswith(".json"):
+        yield from _jsonl(path)
+        return
+    if not os.path.isfile(path):
+        raise records.SourceError(f"{path}: no such JSON file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            entries = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise records.SourceError(f"{path}: not a JSON file: {e}") from e
+    if not isinstance(entries, list):
+        raise records.SourceError(f"{path}: expected a JSON list of conversations")
+    for i, entry in enumerate(entries):
+        yield f"{path}: entry {i}", entry
 
 
 def _field(entry: dict, key: str, where: str, kind=str):
@@ -135,8 +159,52 @@ def storyboard_documents(input_path: str, root: str, counts: Counter):
                                       "storyboard")
 
 
+SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+MEDIA_TAG = re.compile(r"<image>|<video>")
+
+
+def _turn(text: str, role: str, media: list[dict], where: str) -> list[dict]:
+    """One turn's segments: its text cut at `<image>` / `<video>` tags, the media in their places."""
+    segments = []
+    for i, part in enumerate(MEDIA_TAG.split(text)):
+        if i:
+            if not media:
+                raise records.SourceError(f"{where}: more <image>/<video> tags than media")
+            segments.append(dict(media.pop(0), role=role))
+        if part.strip():
+            segments.append({"text": part.strip(), "role": role})
+    return segments
+
+
+def conversation_documents(input_path: str, root: str, counts: Counter):
+    for where, entry in _json_entries(input_path):
+        if not isinstance(entry, dict):
+            raise records.SourceError(f"{where}: expected a JSON object")
+        images = entry.get("image", [])
+        images = [images] if isinstance(images, str) else images
+        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+            raise records.SourceError(f"{where}: field 'image' should be a path or a list of paths")
+        media = [records.image(records.read_source(os.path.join(root, p), where)) for p in images]
+        if "video" in entry:
+            media.append(records.video(records.read_source(os.path.join(root, _field(entry, "video", where)), where)))
+        turns = _field(entry, "conversations", where, list)
+        tagged = sum(len(MEDIA_TAG.findall(t.get("value", ""))) for t in turns if isinstance(t, dict))
+        if media and not tagged:  # untagged media open the first user turn (LLaVA's convention)
+            turns = [dict(turns[0], value="<image>" * len(media) + _field(turns[0], "value", where))] + turns[1:]
+        elif tagged != len(media):
+            raise records.SourceError(f"{where}: {tagged} <image>/<video> tags for {len(media)} media")
+        segments = []
+        for turn in turns:
+            speaker = _field(turn, "from", where)
+            if speaker not in SPEAKERS:
+                raise records.SourceError(f"{where}: speaker {speaker!r} is not one of {', '.join(SPEAKERS)}")
+            segments += _turn(_field(turn, "value", where), SPEAKERS[speaker], media, where)
+        counts["turns"] += len(turns)
+        yield where, records.document(segments, "conversations", id=str(entry.get("id", "")))
+
+
 WRITERS = {"pairs": pair_documents, "mmc4": mmc4_documents, "video": video_documents,
-           "storyboard": storyboard_documents}  # each yields (where, document): where names the file and line
+           "storyboard": storyboard_documents, "conversations": conversation_documents}  # each yields (where, document): where names the file and line
 
 def convert(kind: str, input_path: str, output: str, image_root: str | None = None, num_shards: int = 1,
             skip_missing: bool = False) -> tuple[list[str], Counter]:

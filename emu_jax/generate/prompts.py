@@ -30,6 +30,7 @@ import re
 import numpy as np
 from PIL import Image
 
+from emu_jax import chat
 from emu_jax import tokens as tokens_lib
 from emu_jax.data import media
 
@@ -39,14 +40,10 @@ _PLACEHOLDER = r"<image:[^>]*>|<video:[^>]*>|<box:[^>]*>|<image>|\[IMG\]"
 _TOKEN = re.compile(rf"\\({_PLACEHOLDER})|({_PLACEHOLDER})")
 _OPEN = re.compile(r"(?<!\\)<(image|video|box):")
 
-# Emu2 (Emu2/emu/constants.py) and Emu-I (Emu1/inference.py) system messages.
-EMU2_SYSTEM = "You are a helpful assistant, dedicated to delivering comprehensive and meticulous responses."
-EMU2_GROUNDING_SYSTEM = "You are a helpful assistant, dedicated to provide concise and efficient answers."
-EMU_I_IMAGE_SYSTEM = ("You will be presented with an image: \\[IMG]ImageContent[/IMG]. You will be able to see the "
-                      "image after I provide it to you. Please answer my questions based on the given image.")
-EMU_I_VIDEO_SYSTEM = ("You are a helpful assistant and you will be presented with a video consisting of multiple "
-                      "chronological images: \\[IMG]ImageContent[/IMG]. You will be able to see the video after I "
-                      "provide it to you. Please answer my questions based on the given video.")
+# The release's system messages (emu_jax/chat.py), [IMG] escaped: in a prompt it would ask for an image.
+EMU2_SYSTEM, EMU2_GROUNDING_SYSTEM = chat.EMU2_SYSTEM, chat.EMU2_GROUNDING_SYSTEM
+EMU_I_IMAGE_SYSTEM = chat.EMU_I_IMAGE_SYSTEM.replace("[IMG]", "\\[IMG]")
+EMU_I_VIDEO_SYSTEM = chat.EMU_I_VIDEO_SYSTEM.replace("[IMG]", "\\[IMG]")
 BOX_CANVAS = 448  # Emu2-Gen's box images: EVA's input size
 BOX_HALF_WIDTH = 2  # the demo's cv2.rectangle(thickness=3) lights the pixels within 2 of the outline
 
@@ -170,25 +167,23 @@ def parse(prompt: str, image_size: int, images: list[np.ndarray] = (), video_fra
 # ----------------------------------------------------------------------------- the release's prompts
 
 def emu2_chat(messages: list[str], grounding: bool = False) -> str:
-    """Emu2-Chat's prompt (Emu2/emu/chat.py): the system message, then `" [USER]: "` before the
-    first user message, `" [ASSISTANT]: "` before each answer, `"</s>[USER]: "` before each later
-    user message, and `" [ASSISTANT]:"` at the end. Grounding mode has its own system message and
-    ends in `<grounding>` (boxes as text, see `box_text`). `messages` alternate user, assistant,
-    ..., ending with the user's; placeholders may sit in any of them."""
-    if len(messages) % 2 != 1:
-        raise PromptError(f"{len(messages)} messages: they alternate user, assistant, ... and end with the user's")
-    prompt = EMU2_GROUNDING_SYSTEM if grounding else EMU2_SYSTEM
-    for i, message in enumerate(messages):
-        prompt += (" [ASSISTANT]: " if i % 2 else ("</s>[USER]: " if i else " [USER]: ")) + message
-    return prompt + " [ASSISTANT]:" + ("<grounding>" if grounding else "")
+    """Emu2-Chat's prompt (emu_jax/chat.py's "emu2_chat"): the system message, then `" [USER]: "`
+    before the first user message, `" [ASSISTANT]: "` before each answer, `"</s>[USER]: "` before
+    each later user message, and `" [ASSISTANT]:"` at the end. Grounding mode has its own system
+    message and ends in `<grounding>` (boxes as text, see `box_text`). `messages` alternate user,
+    assistant, ..., ending with the user's; placeholders may sit in any of them."""
+    try:
+        text = chat.prompt(chat.FORMATS["emu2_chat"], messages, EMU2_GROUNDING_SYSTEM if grounding else None)
+    except chat.ChatError as e:
+        raise PromptError(str(e)) from None
+    return text + ("<grounding>" if grounding else "")
 
 
 def emu_i_chat(user: str, system: str = "", history: tuple[tuple[str, str], ...] = ()) -> str:
-    """Emu-I's prompt (Emu1/inference.py): `{system} [USER]: {user} [ASSISTANT]:`, stripped;
+    """Emu-I's prompt (emu_jax/chat.py's "emu_i"): `{system} [USER]: {user} [ASSISTANT]:`, stripped;
     earlier turns (user, assistant), our extension, come first as `[USER]: ... [ASSISTANT]: ...`.
     System messages: EMU_I_IMAGE_SYSTEM, EMU_I_VIDEO_SYSTEM."""
-    turns = [f"[USER]: {u} [ASSISTANT]: {a}" for u, a in history] + [f"[USER]: {user} [ASSISTANT]:"]
-    return f"{system} {' '.join(turns)}".strip()
+    return chat.prompt(chat.FORMATS["emu_i"], [m for turn in history for m in turn] + [user], system)
 
 
 # ----------------------------------------------------------------------------- token ids

@@ -1,0 +1,144 @@
+"""Conversations: LLaVA / ShareGPT files -> role documents -> the model's chat format, trained on replies only."""
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import load_config
+from PIL import Image
+
+from emu_jax import chat, config_lib
+from emu_jax import tokens as tokens_lib
+from emu_jax.data import pipeline, records, write
+from emu_jax.data.tokenizer import Tokenizer
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    from skimage import data
+    folder = tmp_path_factory.mktemp("photos")
+    for name in ("astronaut", "coffee"):
+        Image.fromarray(getattr(data, name)()).resize((64, 64)).save(folder / f"{name}.jpg")
+    return folder
+
+
+LLAVA = [{"id": "a1", "image": "astronaut.jpg", "conversations": [
+              {"from": "human", "value": "<image>\nWho is this?"}, {"from": "gpt", "value": "an astronaut"},
+              {"from": "human", "value": "Where?"}, {"from": "gpt", "value": "in front of a flag"}]},
+         {"id": "c1", "image": ["coffee.jpg", "astronaut.jpg"], "conversations": [
+              {"from": "system", "value": "Be brief."},
+              {"from": "human", "value": "Compare <image> with <image>."}, {"from": "gpt", "value": "cup vs suit"}]},
+         {"id": "t1", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}]
+
+
+def test_llava_and_sharegpt_files_become_documents_with_roles(photos, tmp_path):
+    source = photos / "llava.json"
+    source.write_text(json.dumps(LLAVA))
+    paths, counts = write.convert("conversations", str(source), str(tmp_path / "chat"))
+    assert counts["documents"] == 3 and counts["turns"] == 9 and counts["image_segments"] == 3
+    reader = records.ShardReader({path: records.count_records(path) for path in paths})
+    docs = [records.decode(reader[i]) for i in range(len(reader))]
+    first = docs[0]["segments"]
+    assert [(s.get("role"), records.segment_kind(s)) for s in first] == [
+        ("user", "image"), ("user", "text"), ("assistant", "text"), ("user", "text"), ("assistant", "text")]
+    assert first[1]["text"] == "Who is this?"
+    second = docs[1]["segments"]
+    assert [s.get("text", "<img>") for s in second] == ["Be brief.", "Compare", "<img>", "with", "<img>", ".",
+                                                        "cup vs suit"]
+    coffee = np.asarray(Image.open(photos / "coffee.jpg"))
+    from emu_jax.data import media
+    assert np.array_equal(media.decode_image(second[2]["image"], 64), coffee)  # the tag order places the media
+
+
+@pytest.mark.parametrize("entry, message", [
+    ({"image": "astronaut.jpg", "conversations": [{"from": "human", "value": "<image><image>?"}]},
+     "entry 0: 2 <image>/<video> tags for 1 media"),
+    ({"conversations": [{"from": "bot", "value": "hi"}]}, "entry 0: speaker 'bot' is not one of"),
+    ({"image": "nowhere.jpg", "conversations": []}, "entry 0: cannot read"),
+    ({"conversations": "hi"}, "entry 0: field 'conversations' should be list"),
+])
+def test_a_bad_conversation_is_named_and_nothing_is_written(photos, tmp_path, entry, message):
+    source = photos / f"bad_{abs(hash(message))}.json"
+    source.write_text(json.dumps([entry]))
+    with pytest.raises(records.SourceError, match=message):
+        write.convert("conversations", str(source), str(tmp_path / "bad"))
+    assert not list(tmp_path.glob("bad*.array_record"))
+
+
+def chat_setup(tokenizer):
+    """The tiny Emu2 with Emu2-Chat's two extra tokens, and a tokenizer that knows them."""
+    special, vocab = tokens_lib.emu2_tokens(base=512, chat=True)
+    config = load_config("tiny")
+    with config.unlocked():
+        config.model.tokens = special
+        config.model.llm.vocab_size = vocab
+    return config, Tokenizer(tokenizer.model_path, special)
+
+
+def test_a_conversation_is_rendered_in_the_chat_format_and_only_replies_are_targets(photos, tokenizer):
+    """The tokens are the Emu2-Chat text (the generation prompt's own format, emu_jax/chat.py), and
+    a prediction is scored exactly where the next token is a reply's or its turn end's."""
+    config, tok = chat_setup(tokenizer)
+    layout = pipeline.Layout.from_configs(config.model, config.data, 4)
+    doc = records.document([{"image": open(photos / "astronaut.jpg", "rb").read(), "role": "user"},
+                            {"text": "who is this?", "role": "user"}, {"text": "a dax", "role": "assistant"},
+                            {"text": "where?", "role": "user"}, {"text": "a wug", "role": "assistant"}])
+    example = pipeline.TokenizeDocument(tok, layout).map(("chat", 0, records.encode(doc)))
+    ids = list(example["tokens"])
+    block = tokens_lib.image_block(layout.special, 4)
+    expected_text = chat.prompt(chat.FORMATS["emu2_chat"], ["who is this?", "a dax", "where?"])
+    prefix, rest = expected_text.split(" [USER]: ", 1)
+    expected = [tok.bos_id] + tok.encode(prefix + " [USER]: ") + block + tok.encode(rest + " a wug") + [tok.eos_id]
+    assert ids == expected
+    row = {"tokens": example["tokens"], "targets": example["targets"], "tokens_segment_ids": np.ones(len(ids)),
+           "tokens_positions": np.arange(len(ids)), "images": example["images"],
+           "images_segment_ids": np.ones(1), "events": example["events"]}
+    mask = pipeline.FinishRow(layout.special)(row)["text_mask"]
+    trained = [ids[t + 1] for t in np.flatnonzero(mask)]
+    assert trained == tok.encode("a dax") + [tok.eos_id] + tok.encode("a wug") + [tok.eos_id]  # replies, turn ends
+
+
+def test_a_user_turns_tokens_change_no_gradient(photos, tokenizer):
+    """The labels of user and system tokens do not reach the loss: relabelling them (the model's
+    inputs kept) leaves every gradient as it was; relabelling a reply's token does not."""
+    from model_helpers import init_params
+
+    from emu_jax.models.emu import build_model
+    from emu_jax.train.losses import emu_loss
+    config, tok = chat_setup(tokenizer)
+    layout = pipeline.Layout.from_configs(config.model, config.data, 4)
+    doc = records.document([{"text": "be brief.", "role": "system"},
+                            {"image": open(photos / "coffee.jpg", "rb").read(), "role": "user"},
+                            {"text": "what is this?", "role": "user"}, {"text": "a cup", "role": "assistant"}])
+    example = pipeline.TokenizeDocument(tok, layout).map(("chat", 0, records.encode(doc)))
+    n = len(example["tokens"])
+    row = pipeline.FinishRow(layout.special)({
+        "tokens": example["tokens"], "targets": example["targets"], "tokens_segment_ids": np.ones(n, np.int32),
+        "tokens_positions": np.arange(n), "images": example["images"], "images_segment_ids": np.ones(1),
+        "events": example["events"]})
+    batch = jax.tree.map(lambda x: jnp.asarray(x)[None], row)
+    model = build_model(config.model)
+    params = init_params(model)
+
+    def grads(labels):
+        def loss(p):
+            out = model.apply({"params": p}, **pipeline.model_inputs(batch))
+            return emu_loss(out, dict(batch, tokens=labels), text_weight=1.0, regression_weight=1.0)[0]
+        return jax.grad(loss)(params)
+
+    tokens = np.asarray(batch["tokens"])
+    context = np.flatnonzero(np.asarray(example["targets"]) == 0)[1:]  # system and user tokens (not BOS)
+    reply = np.flatnonzero(np.asarray(example["targets"]) == 1)[0]
+    relabelled = tokens.copy()
+    relabelled[0, context] = 7
+    same = grads(jnp.asarray(relabelled))
+    jax.tree.map(np.testing.assert_array_equal, same, grads(batch["tokens"]))
+    relabelled[0, reply] = 7
+    assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(grads(jnp.asarray(relabelled))), jax.tree.leaves(same)))
+
+
+def test_an_unknown_chat_format_is_named():
+    with pytest.raises(chat.ChatError, match="unknown chat format 'vicuna'; known: emu2_chat, emu_i"):
+        chat.get("vicuna")
+    assert config_lib.data_config().chat_format == "emu2_chat"
