@@ -23,6 +23,7 @@ import shutil
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from etils import epath
 
 ITEMS = ("params", "opt_state", "ema", "meta", "data")
 META = "metadata"  # the JSON inside meta/
@@ -164,6 +165,14 @@ def restore_params(directory: str, abstract_params, step: int | None = None, ite
         raise KeyError(f"checkpoint {directory}/{step}/{item} lacks {len(missing)} parameter(s) the model needs, "
                        f"e.g. {', '.join(missing[:3])} (a checkpoint of another model version or config?)")
     return restored[item]
+
+
+def stored_shapes(directory: str, step: int | None = None, item: str = "params") -> dict:
+    """The shapes of a checkpoint's parameters, nested as the parameters (nothing is read but metadata)."""
+    step = latest_step(directory) if step is None else step
+    path = os.path.join(os.path.abspath(directory), str(step), item)
+    tree = ocp.PyTreeCheckpointHandler().metadata(epath.Path(path)).tree
+    return jax.tree.map(lambda leaf: tuple(leaf.shape), tree, is_leaf=lambda x: hasattr(x, "shape"))
 
 
 def meta_file(directory: str, name: str = META, step: int | None = None) -> str:

@@ -142,3 +142,15 @@ def test_an_unknown_chat_format_is_named():
     with pytest.raises(chat.ChatError, match="unknown chat format 'vicuna'; known: emu2_chat, emu_i"):
         chat.get("vicuna")
     assert config_lib.data_config().chat_format == "emu2_chat"
+
+
+def test_the_digits_chat_task_asks_in_the_chat_format():
+    from emu_jax.eval.tasks import make_task
+    from emu_jax.generate.prompts import ImageInput
+    task = make_task({"kind": "digits_chat", "limit": 2})
+    query = task.queries()[1]
+    before, image, after = task.prompt([], query)
+    assert before == chat.EMU2_SYSTEM + " [USER]: " and isinstance(image, ImageInput)
+    assert after == "what digit is this? [ASSISTANT]:" and query.meta["digit"] == 5
+    results = [task.result(q, text) for q, text in zip(task.queries(), [" it is a zero.", "it is a six."])]
+    assert task.score(results, "") == {"accuracy": 50.0}

@@ -170,3 +170,34 @@ def test_lora_needs_targets():
     config = config_lib.with_overrides(load_config("tiny"), {"model.lora.rank": 4})
     with pytest.raises(ValueError, match="model.lora.targets"):
         build_model(config.model)
+
+
+def test_a_grown_vocabulary_keeps_the_checkpoints_rows_and_initialises_the_new(tmp_path):
+    """Emu2 -> Emu2-Chat: [USER] and [ASSISTANT] added; train.init_from fills the other rows of the
+    embedding and the output head from the checkpoint."""
+    from model_helpers import init_params, save_params
+
+    from emu_jax import tokens as tokens_lib
+    from emu_jax.train import trainer
+    base_model = build_model(load_config("tiny").model)
+    base = init_params(base_model)
+    save_params(tmp_path / "base", base)
+    config = load_config("tiny")
+    special, vocab = tokens_lib.emu2_tokens(base=512, chat=True)
+    with config.unlocked():
+        config.model.tokens, config.model.llm.vocab_size = special, vocab
+    model = build_model(config.model)
+    mesh = mesh_lib.make_mesh({"data": 1, "fsdp": 2, "tensor": 1}, devices=jax.devices()[:2])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
+        abstract, shardings = mesh_lib.abstract_model(model, example_inputs(model), mesh, config.mesh.rules)
+        fresh = trainer.init_params(model, example_inputs(model), shardings, seed=5)
+        loaded = jax.device_get(trainer.load_towers(fresh, {"llm": str(tmp_path / "base")}, abstract, shardings))
+    fresh = jax.device_get(fresh)
+    old = base["llm"]["embed_tokens"]["embedding"].shape[0]
+    assert loaded["llm"]["embed_tokens"]["embedding"].shape[0] == old + 2
+    np.testing.assert_array_equal(loaded["llm"]["embed_tokens"]["embedding"][:old], base["llm"]["embed_tokens"]["embedding"])
+    np.testing.assert_array_equal(loaded["llm"]["embed_tokens"]["embedding"][old:],
+                                  fresh["llm"]["embed_tokens"]["embedding"][old:])
+    np.testing.assert_array_equal(loaded["llm"]["lm_head"]["kernel"][:, :old], base["llm"]["lm_head"]["kernel"])
+    np.testing.assert_array_equal(loaded["llm"]["layers_0"]["self_attn"]["q_proj"]["kernel"],
+                                  base["llm"]["layers_0"]["self_attn"]["q_proj"]["kernel"])

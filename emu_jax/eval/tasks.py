@@ -3,7 +3,7 @@ how a prompt is laid out, the official result entry each answer becomes, and the
 
 A few-shot prompt is the reference's interleaved layout: per demonstration its image(s) then its
 text (question and answer), then the query's image(s) and question; the model continues with the
-answer. Task families: the digits world (`digits_caption`, `digits_vqa`, `digits_labelling`,
+answer. Task families: the digits world (`digits_caption`, `digits_vqa`, `digits_chat`, `digits_labelling`,
 `digits_video`, `digits_t2i`, built from sklearn's digits, nothing to download) and the released
 benchmarks in their official files (`coco_caption`, `vqa` for VQAv2 / OKVQA / VizWiz, `videoqa` for
 MSVD-QA / MSRVTT-QA, `coco_t2i`).
@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from emu_jax import chat
 from emu_jax.data import digits, media
 from emu_jax.eval import caption_metrics, vqa
 from emu_jax.files import FormatError, read_json
@@ -140,6 +141,29 @@ class DigitsVqa(_Digits):
         truth = {q.key: vqa.answer_entries([q.target] * 10) for q in self.queries()}
         scores = [vqa.question_accuracy(r["answer"], truth[r["question_id"]]) for r in results]
         return {"accuracy": 100.0 * float(np.mean(scores))}
+
+
+class DigitsChat(_Digits):
+    """"what digit is this?" asked in a chat format (emu_jax/chat.py) about a held-out digit; right
+    when the reply names the digit and no other (the chat-tuning recipe's figure)."""
+    name = "digits_chat"
+
+    def __init__(self, limit: int = 200, image_size: int = digits.IMAGE_SIZE, seed: int = 0,
+                 chat_format: str = "emu2_chat"):
+        super().__init__(limit, image_size, seed)
+        self.format = chat.get(chat_format)
+
+    def _example(self, i, d):
+        return Example(i, [self._pixels(i)], "what digit is this?", f"it is a {digits.NAMES[d]}.", {"digit": d})
+
+    def prompt(self, demonstrations, query):
+        before, after = chat.prompt(self.format, ["\0" + query.question]).split("\0")
+        return [before, *self.visual(query), after]
+
+    def score(self, results, out_dir, features=None):
+        truth = {q.key: q.meta["digit"] for q in self.queries()}
+        return {"accuracy": 100.0 * float(np.mean([names_digit(r["answer"], truth[r["question_id"]])
+                                                   for r in results]))}
 
 
 class DigitsLabelling(_Digits):
@@ -368,7 +392,7 @@ class CocoT2I(CocoCaption):
         return {"FID": fid.fid(images, np.stack([real[r["image_id"]] for r in results]), features)}
 
 
-TASKS = {cls.name: cls for cls in (DigitsCaption, DigitsVqa, DigitsLabelling, DigitsVideo, DigitsT2I, CocoCaption,
+TASKS = {cls.name: cls for cls in (DigitsCaption, DigitsVqa, DigitsChat, DigitsLabelling, DigitsVideo, DigitsT2I, CocoCaption,
                                    Vqa, VideoQa, CocoT2I)}
 
 

@@ -24,7 +24,8 @@ import optax
 from absl import logging
 from tqdm import tqdm
 
-from emu_jax.checkpoint import Checkpointer, CheckpointWriteError, abstract_with_shardings, restore_params
+from emu_jax.checkpoint import (Checkpointer, CheckpointWriteError, abstract_with_shardings, restore_params,
+                                stored_shapes)
 from emu_jax.data import pipeline
 from emu_jax.eval import evaluators
 from emu_jax.models import lora as lora_lib
@@ -129,16 +130,52 @@ def init_params(model, inputs, shardings, seed: int, prng: str = "threefry2x32")
 def load_towers(params, init_from, abstract, shardings):
     """Replaces whole towers (e.g. "vit", "llm") with those of converted or trained checkpoints;
     towers given an empty path keep their initialisation, and LoRA adapters (which a base
-    checkpoint does not hold) keep theirs."""
+    checkpoint does not hold) keep theirs. A parameter the model has grown along one axis (a
+    vocabulary with added tokens: Emu2 -> Emu2-Chat's [USER], [ASSISTANT]) takes the checkpoint's
+    rows and keeps its initialisation in the new ones."""
     for tower, path in init_from.items():
         if not path:
             continue
         if tower not in params:
             raise KeyError(f"train.init_from names tower {tower!r}; the model has {sorted(params)}")
         base, _ = lora_lib.split(abstract_with_shardings(abstract[tower], shardings[tower]))
+        stored = stored_shapes(path)[tower]
+        grown = {}
+
+        def as_stored(key_path, leaf):
+            shape = _at(stored, key_path)
+            if shape is None or tuple(shape) == leaf.shape:
+                return leaf
+            if len(shape) != leaf.ndim or any(s > m for s, m in zip(shape, leaf.shape)):
+                raise ValueError(f"train.init_from.{tower}: {tower}{jax.tree_util.keystr(key_path)} is {shape} in "
+                                 f"{path}, the model's is {leaf.shape}: only growing a dimension is supported")
+            grown[key_path] = shape
+            return jax.ShapeDtypeStruct(tuple(shape), leaf.dtype, sharding=leaf.sharding)
+
+        restored = restore_params(path, {tower: jax.tree_util.tree_map_with_path(as_stored, base)})[tower]
         _, adapters = lora_lib.split(params[tower])
-        params = dict(params, **{tower: lora_lib.join(restore_params(path, {tower: base})[tower], adapters)})
+        initial, _ = lora_lib.split(params[tower])
+
+        def fill(key_path, loaded, init):
+            if key_path not in grown:
+                return loaded
+            logging.warning("train.init_from.%s: %s%s grows from %s to %s; the new entries keep their "
+                            "initialisation", tower, tower, jax.tree_util.keystr(key_path), grown[key_path], init.shape)
+            return jax.jit(lambda i, x: i.at[tuple(slice(0, s) for s in x.shape)].set(x),
+                           out_shardings=init.sharding)(init, loaded)
+
+        restored = jax.tree_util.tree_map_with_path(fill, restored, initial)
+        params = dict(params, **{tower: lora_lib.join(restored, adapters)})
     return params
+
+
+def _at(tree, key_path):
+    """The entry of a nested dict at a jax key path (None where it has none)."""
+    for key in key_path:
+        if not isinstance(tree, dict) or key.key not in tree:
+            return None
+        tree = tree[key.key]
+    return tree
 
 
 def saved_part(config):

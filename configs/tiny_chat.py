@@ -1,0 +1,48 @@
+"""Chat tuning with LoRA on a user's own conversations: the quickstart model (configs/tiny.py) taught
+Emu2-Chat's format on digits-world conversations in LLaVA's file format.
+
+    python -m emu_jax.train --config=configs/tiny.py --workdir=/tmp/emu_tiny
+    python -m emu_jax.data.digits_chat --out=/tmp/digits_chat
+    python -m emu_jax.data.write conversations --input=/tmp/digits_chat/train.json --output=/tmp/digits_chat/train
+    python -m emu_jax.train --config=configs/tiny_chat.py --workdir=/tmp/emu_chat
+
+The vocabulary grows by Emu2-Chat's [USER] and [ASSISTANT] (their embeddings start at their
+initialisation: `train.init_from` keeps the checkpoint's rows); rank-8 adapters on the LLM's q/k/v/o
+projections are all that trains; the loss covers the replies only. The run ends by printing
+`eval/chat/accuracy`: the share of the 360 held-out digits whose reply to "[USER]: <image>what digit
+is this? [ASSISTANT]:" names the digit. `--config.train.steps=0` prints the untuned (zero-shot) value.
+
+Measured on 2 cores from the locked quickstart checkpoints of seeds 0, 1, 2 (benchmarks/readme_figures.py's,
+`--config.train.init_from.*=<its checkpoints> --config.seed=S --config.data.seed=S`): zero-shot 82.8 / 94.2 /
+46.4, after these 300 steps 96.1 / 96.7 / 96.9 (52 s, 52 s, 48 s); 14,336 of 739,136 parameters train (1.9%).
+At learning rate 1e-3 seed 0 reached 90.3.
+"""
+from emu_jax import config_lib
+from emu_jax import tokens as tokens_lib
+from emu_jax.models import lora
+
+BASE = "/tmp/emu_tiny/checkpoints"
+
+
+def get_config(arg=None):
+    del arg  # no variants
+    config = config_lib.load(__file__.replace("tiny_chat.py", "tiny.py"))
+    special, vocab = tokens_lib.emu2_tokens(base=512, chat=True)
+    with config.unlocked():
+        config.model.tokens = special
+        config.model.llm.vocab_size = vocab
+        config.model.lora.update(rank=8, alpha=16.0, dropout=0.05,
+                                 targets=r"^llm/.*/self_attn/(q_proj|k_proj|v_proj|o_proj)$")
+        config.optimizer = config_lib.optimizer_config(learning_rate=3e-3, warmup_steps=20, weight_decay=0.0,
+                                                       train_only=lora.ADAPTERS)
+        config.loss.regression_weight = 0.0  # conversations about images: text replies only
+        config.stages = {}
+        config.data.train_sources = {"chat": config_lib.source("array_record", "/tmp/digits_chat/train-*.array_record")}
+        config.data.chat_format = "emu2_chat"
+        config.train = config_lib.train_config(steps=300, log_every=25, eval_every=0, checkpoint_every=300,
+                                               init_from=dict(vit=BASE, connector=BASE, llm=BASE))
+        config.evals = {"chat": config_lib.evaluator(
+            "task", task={"kind": "digits_chat", "limit": 360, "chat_format": "emu2_chat"},
+            decoding={"strategy": "greedy", "max_new_tokens": 8}, texts=8)}
+    config.lock()
+    return config
