@@ -405,6 +405,16 @@ def test_a_mesh_the_devices_cannot_take_is_one_line_and_creates_nothing(tmp_path
     assert "Traceback" not in stderr and not workdir.exists()
 
 
+def test_data_that_is_not_there_is_one_line(tmp_path, digits_world):
+    """A shard glob that matches nothing (e.g. configs/tiny_chat.py before its data is written)."""
+    run = train_cli(tmp_path / "run", digits_world, "--config.data.train_sources.digits.kind=array_record",
+                    f"--config.data.train_sources.digits.path={tmp_path}/chat/train-*.array_record")
+    assert run.wait(timeout=300) == 1
+    stderr = run.stderr.read()
+    assert last_line(stderr) == f"error: no ArrayRecord shards match '{tmp_path}/chat/train-*.array_record'"
+    assert "Traceback" not in stderr
+
+
 def test_skipped_updates_are_capped_and_halt_naming_the_steps():
     from emu_jax.train.trainer import SkipGuard
     in_a_row = SkipGuard(max_total=0, max_consecutive=2)

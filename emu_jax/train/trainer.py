@@ -86,7 +86,9 @@ class SkipGuard:
 
 # Errors that end a run with one line (the CLI prints them without a traceback): a busy workdir,
 # a mesh or batch the devices cannot take, a run that keeps producing non-finite updates, a full disk.
-RUN_ERRORS = (WorkdirBusy, FloatingPointError, mesh_lib.MeshError, CheckpointWriteError, evaluators.EvalConfigError)
+# and data or checkpoints that are not there (a shard glob that matches nothing, a typo in train.init_from)
+RUN_ERRORS = (WorkdirBusy, FloatingPointError, mesh_lib.MeshError, CheckpointWriteError, evaluators.EvalConfigError,
+              FileNotFoundError, pipeline.records.SourceError)
 
 
 class StopRequests:
