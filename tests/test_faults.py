@@ -450,6 +450,25 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+def test_metrics_on_a_full_disk_fail_with_one_line_naming_the_file(small_disk):
+    """A full disk may meet the metrics log before a checkpoint: the error names the file (the trainer
+    then waits for a pending checkpoint save, whose own failure is reported instead when it fails)."""
+    from emu_jax.train.metrics import MetricsWriteError, MetricsWriter
+    from emu_jax.train.trainer import RUN_ERRORS
+    writer = MetricsWriter(str(small_disk), enabled=True)
+    with open(small_disk / "filler", "wb") as f:
+        with pytest.raises(OSError):
+            while True:
+                f.write(b"\0" * 2**20)
+                f.flush()
+    with pytest.raises(MetricsWriteError, match=rf"writing metrics to {small_disk}/metrics.jsonl failed: No space"):
+        for step in range(2000):
+            writer.scalars(step, {"loss": 1.0})
+    os.remove(small_disk / "filler")  # room again for the writers' own closing flushes
+    writer.close()
+    assert MetricsWriteError in RUN_ERRORS
+
+
 @pytest.mark.slow
 def test_a_full_disk_stops_the_run_with_one_line_and_leaves_no_half_written_step(small_disk, digits_world):
     import subprocess

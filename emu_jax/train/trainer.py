@@ -32,7 +32,7 @@ from emu_jax.models import lora as lora_lib
 from emu_jax.parallel import mesh as mesh_lib
 from emu_jax.train import flops as flops_lib
 from emu_jax.train import stages
-from emu_jax.train.metrics import MetricsWriter
+from emu_jax.train.metrics import MetricsWriter, MetricsWriteError
 from emu_jax.train.optimizer import make_optimizer, path_name
 from emu_jax.train.step import TrainState, make_eval_step, make_train_step
 from emu_jax.train.tasks import make_task
@@ -88,7 +88,7 @@ class SkipGuard:
 # a mesh or batch the devices cannot take, a run that keeps producing non-finite updates, a full disk.
 # and data or checkpoints that are not there (a shard glob that matches nothing, a typo in train.init_from)
 RUN_ERRORS = (WorkdirBusy, FloatingPointError, mesh_lib.MeshError, CheckpointWriteError, evaluators.EvalConfigError,
-              FileNotFoundError, pipeline.records.SourceError)
+              FileNotFoundError, pipeline.records.SourceError, MetricsWriteError)
 
 
 class StopRequests:
@@ -379,6 +379,9 @@ def train(config, workdir: str) -> dict:
                 progress.update(1)
                 if stops.preempted:
                     break
+        except OSError:  # a write in the workdir failed (a full disk): an asynchronous checkpoint save that met
+            checkpointer.wait()  # it too fails here, says so and removes its unfinished step; else this error
+            raise
         finally:  # also on an error or Ctrl-C: stop the data workers and free their prefetched batches
             stops.end_of_loop()
             progress.close()
