@@ -119,6 +119,98 @@ def test_emu2_gen_file_imports_and_exports_what_the_official_pipeline_loads(tmp_
                                    progress=False)
 
 
+# ----------------------------------------------------------------------------- a LoRA run's adapters, out
+
+def _lora_run(tmp_path, variant: str, targets: str, rank: int = 8, alpha: float = 16.0):
+    """(config with model.lora, base checkpoint dir, adapter checkpoint dir, base + adapters params):
+    the official model's weights as the base and random adapters (B nonzero: a dropped or
+    transposed adapter would show) saved as a LoRA run saves them (adapters alone)."""
+    import flax.linen as nn
+    import jax
+    from model_helpers import save_params
+    from emu_jax.models import lora as lora_lib
+    from emu_jax.models.emu import build_model, example_inputs
+    config_name, layout, build = VARIANTS[variant]
+    config = rm.tiny_release_config(config_name)
+    base = rm.ours(build(0)[1], layout, config)
+    with config.unlocked():
+        config.model.lora.update(rank=rank, alpha=alpha, dropout=0.05, targets=targets)
+    model = build_model(config.model)
+    abstract = jax.eval_shape(lambda kw: model.init(jax.random.key(0), **kw)["params"], example_inputs(model))
+    _, adapters = lora_lib.split(nn.unbox(abstract))
+    rng = np.random.default_rng(3)
+    adapters = jax.tree.map(lambda x: rng.normal(0, 0.1, x.shape).astype(np.float32), adapters)
+    save_params(tmp_path / "base", base)
+    save_params(tmp_path / "adapters", adapters)
+    return config, str(tmp_path / "base"), str(tmp_path / "adapters"), lora_lib.join(base, adapters)
+
+
+EMU_I_TARGETS = r"^llm/.*/self_attn/(q_proj|k_proj|v_proj|o_proj)$"
+
+
+def test_emu_i_export_writes_a_lora_runs_adapters_unmerged_for_the_official_peft_wrapper(tmp_path):
+    """Base + rank-8 adapters on q/k/v/o and the MLP's gate_proj -> an emu1_instruct file that the
+    official Emu-I (peft r=16, alpha=16, as Emu1/inference.py builds it) loads strictly and whose
+    forward is ours with the adapters: q/k/v/o's adapters unmerged (padded to rank 16, rescaled to
+    alpha / r = 1), gate_proj's (the release wraps no MLP) merged. Importing the file again gives
+    the merged model; rank 32 cannot fit the release's wrapper and is refused by name."""
+    import jax
+    from emu_jax.models import lora as lora_lib
+    config, base_dir, adapter_dir, params = _lora_run(tmp_path, "emu1_instruct",
+                                                      EMU_I_TARGETS[:-1] + r"|^llm/.*/mlp/gate_proj$")
+    out = str(tmp_path / "emu_i.safetensors")
+    exporter.export_checkpoint(base_dir, "emu1_instruct", config, out, progress=False, adapter_dir=adapter_dir)
+    from safetensors.numpy import load_file
+    written = load_file(out)
+    q = "decoder.lm.base_model.model.model.layers.1.self_attn.q_proj."
+    assert written[q + "lora_A.default.weight"].shape == (16, config.model.llm.hidden)
+    assert np.abs(written[q + "lora_B.default.weight"]).max() > 0  # the trained adapter, not a zero one
+    tokens, images = rm.interleaved_input(config)
+    official = rm.official_forward(_strict_load(VARIANTS["emu1_instruct"][2](1)[0], out), tokens, images)
+    assert_same_outputs(rm.our_forward(config, params, tokens, images), official)
+
+    plain = copy.deepcopy(config)
+    with plain.unlocked():
+        plain.model.lora.rank = 0
+    imported = importer.to_params(tensors.open_source(out), "emu1_instruct", plain)
+    merged = lora_lib.merge(params, lora_lib.spec(config.model.lora))
+    jax.tree.map(lambda got, want: np.testing.assert_allclose(got, want, atol=2e-5), imported,
+                 {tower: merged[tower] for tower in imported})
+
+    config, base_dir, adapter_dir, _ = _lora_run(tmp_path / "r32", "emu1_instruct", EMU_I_TARGETS, rank=32)
+    with pytest.raises(Exception, match="rank-32 adapters do not fit layout emu1_instruct's rank-16 peft wrapper"):
+        exporter.export_checkpoint(base_dir, "emu1_instruct", config, str(tmp_path / "x.safetensors"),
+                                   progress=False, adapter_dir=adapter_dir)
+
+
+def test_peft_adapter_directory_loads_with_peft_onto_the_official_llm(tmp_path):
+    """`convert export --peft`: adapter_config.json + adapter_model.safetensors that
+    `PeftModel.from_pretrained(model.decoder.lm, dir)` loads onto the official Emu1 (its base
+    weights our export) with no missing or unexpected adapter key, and the forward is ours with
+    the adapters; adapters outside the LLM are refused by name."""
+    from peft import PeftModel
+    config, base_dir, adapter_dir, params = _lora_run(tmp_path, "emu1", EMU_I_TARGETS, rank=4, alpha=8.0)
+    summary = exporter.export_peft(adapter_dir, config, str(tmp_path / "peft"))
+    with open(tmp_path / "peft" / "adapter_config.json") as f:
+        written = json.load(f)
+    assert (written["r"], written["lora_alpha"], written["target_modules"]) == (4, 8.0, ["k_proj", "o_proj", "q_proj",
+                                                                                       "v_proj"])
+    assert summary["tensors"] == 2 * 4 * config.model.llm.num_layers
+    exporter.export_checkpoint(base_dir, "emu1", config, str(tmp_path / "base.safetensors"), progress=False)
+    official = _strict_load(VARIANTS["emu1"][2](1)[0], str(tmp_path / "base.safetensors"))
+    official.decoder.lm = PeftModel.from_pretrained(official.decoder.lm, str(tmp_path / "peft")).eval()
+    loaded = {k for k in official.decoder.lm.state_dict() if "lora_" in k}
+    assert len(loaded) == summary["tensors"]
+    tokens, images = rm.interleaved_input(config)
+    assert_same_outputs(rm.our_forward(config, params, tokens, images),
+                        rm.official_forward(official, tokens, images))
+
+    config, _, adapter_dir, _ = _lora_run(tmp_path / "vit", "emu1", EMU_I_TARGETS[:-1] + r"|^vit/.*/attn/qkv$")
+    with pytest.raises(Exception, match=r"wraps the LLM \(LlamaForCausalLM\) alone, and this run also adapts "
+                                        r"\['vit/blocks_0/attn/qkv'"):
+        exporter.export_peft(adapter_dir, config, str(tmp_path / "refused"))
+
+
 # ----------------------------------------------------------------------------- the files users have
 
 def _write(kind: str, state: dict, directory) -> str:

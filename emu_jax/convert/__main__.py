@@ -4,11 +4,17 @@
         --source=/weights/Emu2/model.safetensors.index.json --out=/ckpt/emu2 --config.mesh.fsdp=8
     python -m emu_jax.convert export --config=configs/emu2_37b.py --layout=emu2 \\
         --checkpoint=/ckpt/emu2/checkpoints --out=/weights/emu2_export.safetensors
+    python -m emu_jax.convert export --config=configs/emu1_14b.py:instruct --peft \\
+        --adapter=/runs/emu_i_lora/checkpoints --out=/weights/emu_i_lora
 
 `import` writes `<out>/checkpoints/0` (params sharded over the config's mesh; every process of a
 multi-process run writes its own shards); the trainer takes it as
 `--config.train.init_from.<tower>=<out>/checkpoints`. `export` writes one safetensors file, or
-with `--max_shard_gb` a directory of shards plus the Hugging Face index. Layouts:
+with `--max_shard_gb` a directory of shards plus the Hugging Face index. A LoRA run's adapters
+(`--adapter`) are merged into the weights, or written unmerged where the layout wraps the
+projection in peft LoRA (emu1_instruct), or with `--peft` alone as a peft adapter directory
+(adapter_config.json + adapter_model.safetensors; `PeftModel.from_pretrained(model.decoder.lm, out)`).
+Layouts:
 {layouts}
 """
 from absl import app, flags, logging
@@ -29,9 +35,11 @@ flags.DEFINE_float("lora_alpha", None, "import: LoRA alpha for merging adapters 
                    "value, 16 for emu1_instruct; r is read from the adapters).")
 flags.DEFINE_string("adapter", "", "export: a LoRA run's checkpoints (the config's model.lora), merged into "
                     "--checkpoint's weights.")
+flags.DEFINE_bool("peft", False, "export: write --adapter's LLM adapters as a peft adapter directory at --out "
+                  "(no --checkpoint or --layout needed).")
 flags.DEFINE_string("dtype", None, "export: tensor dtype (default: the recorded source dtypes, else float32).")
 flags.DEFINE_float("max_shard_gb", 0.0, "export: split into shards of at most this size, with an index JSON.")
-flags.mark_flags_as_required(["config", "layout", "out"])
+flags.mark_flags_as_required(["config", "out"])
 
 
 def main(argv):
@@ -48,6 +56,15 @@ def _run(argv):
     logging.set_verbosity(logging.WARNING)
     from emu_jax.parallel import mesh as mesh_lib
     FLAGS, config = flags.FLAGS, flags.FLAGS.config
+    if argv[1] == "export" and FLAGS.peft:
+        if not FLAGS.adapter:
+            raise app.UsageError("export --peft needs --adapter (a LoRA run's checkpoints)")
+        from emu_jax.convert import exporter
+        summary = exporter.export_peft(FLAGS.adapter, config, FLAGS.out, dtype=FLAGS.dtype or "float32")
+        print(f"exported {summary['tensors']} adapter tensors ({summary['bytes'] / 2**20:.2f} MiB) to {FLAGS.out}")
+        return
+    if not FLAGS.layout:
+        raise app.UsageError(f"{argv[1]} needs --layout")
     if argv[1] == "import":
         if not FLAGS.source:
             raise app.UsageError("import needs --source")

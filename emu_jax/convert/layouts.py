@@ -216,7 +216,7 @@ def _is_conv(axes) -> bool:
     return bool(axes) and axes[0] in ("conv_height", "patch_height")
 
 
-def _input_dims(axes) -> int:
+def input_dims(axes) -> int:
     return 2 if tuple(axes[:2]) == ("heads", "head_dim") else 1
 
 
@@ -226,7 +226,7 @@ def source_shape(leaf: str, shape: tuple[int, ...], axes: tuple) -> tuple[int, .
         h, w, i, o = shape
         return (o, i, h, w)
     if leaf == "kernel":
-        n = _input_dims(axes)
+        n = input_dims(axes)
         return (math.prod(shape[n:]), math.prod(shape[:n]))
     if leaf in ("bias", "scale", "q_bias", "v_bias"):
         return (math.prod(shape),)
@@ -247,6 +247,6 @@ def to_source(array: np.ndarray, leaf: str, axes: tuple) -> np.ndarray:
     if leaf == "kernel" and _is_conv(axes):
         return np.ascontiguousarray(np.transpose(array, (3, 2, 0, 1)))
     if leaf == "kernel":
-        n = _input_dims(axes)
+        n = input_dims(axes)
         return np.ascontiguousarray(array.reshape(math.prod(array.shape[:n]), -1).T)
     return array.reshape(source_shape(leaf, array.shape, axes))
