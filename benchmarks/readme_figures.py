@@ -1,6 +1,6 @@
 """The README's result tables, measured by running the commands the README gives users:
 
-    python benchmarks/readme_figures.py                         # quickstart x 3 seeds, decoder stages, sweep
+    python benchmarks/readme_figures.py                         # quickstart x 3 seeds, decoder, chat, sweep
     python benchmarks/readme_figures.py --label=newest --stages=quickstart   # from a virtualenv of the newest releases
 
 Stages (each run is a subprocess of the CLI a user types, one at a time: they use every core):
@@ -8,6 +8,9 @@ Stages (each run is a subprocess of the CLI a user types, one at a time: they us
               `--config.data.seed`): held-out caption accuracy, held-out text loss, wall time
   decoder     `configs/tiny_decoder.py:vae`, then `:decoder` on that seed's quickstart encoder:
               held-out recognisability of each stage, wall times
+  chat        `configs/tiny_chat.py` on that seed's quickstart checkpoints (digits-world conversations
+              from `python -m emu_jax.data.digits_chat` and `data.write conversations`), with
+              `--config.train.steps=0` first: held-out chat and grounding accuracy, untuned and tuned
   sweep       `python -m emu_jax.evaluate --config=configs/eval/digits.py` on seed 0's checkpoints
   benchmarks  each `python benchmarks/<name>.py` with its defaults: the lines it prints (ratios
               measured side by side in one run), verbatim
@@ -35,7 +38,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "pillow", "sentencepiece",
             "tensorflow-datasets")
-STAGES = ("quickstart", "decoder", "sweep", "benchmarks")
+STAGES = ("quickstart", "decoder", "chat", "sweep", "benchmarks")
 # each benchmark -> the start of the first line it prints itself (TFDS and the official release's tokenizer
 # print before it; the README shows the benchmark's own lines)
 BENCHMARKS = {"pipeline_throughput": "raw PIL", "train_step_flops": "device:", "generate_speed": "device:",
@@ -118,6 +121,47 @@ def decoder(results: pathlib.Path, work: pathlib.Path, seed: int, needs_checkpoi
     return measured(results / f"decoder_seed{seed}.json", run_dir, measure, needs)
 
 
+def chat_data(work: pathlib.Path) -> pathlib.Path:
+    """The digits-world conversations as a user's LLaVA file, written into shards (once per label)."""
+    data = work / "chat_data"
+    if not list(data.glob("train-*.array_record")):
+        run_cli(["emu_jax.data.digits_chat", f"--out={data}"], work / "chat_data_log.txt")
+        run_cli(["emu_jax.data.write", "conversations", f"--input={data}/train.json", f"--output={data}/train"],
+                work / "chat_data_write_log.txt")
+    return data
+
+
+def trainable_share(config: str) -> tuple[int, int]:
+    """(adapter parameters, all parameters) of a LoRA config's model."""
+    import flax.linen as nn
+    import jax
+    from emu_jax import config_lib
+    from emu_jax.models import families, lora
+    model_config = config_lib.load(str(ROOT / config)).model
+    family = families.of(model_config)
+    model = family.build(model_config)
+    params = jax.eval_shape(lambda kw: model.init(jax.random.key(0), **kw)["params"], family.example_inputs(model))
+    return lora.count(nn.unbox(params))
+
+
+def chat(results: pathlib.Path, work: pathlib.Path, seed: int) -> dict:
+    def measure(run_dir):
+        quickstart(results, work, seed, needs_checkpoint=True)
+        base = work / f"quickstart_seed{seed}" / "workdir" / "checkpoints"
+        flags = [f"--config.seed={seed}", f"--config.data.seed={seed}",
+                 f"--config.data.train_sources.chat.path={chat_data(work)}/train-*.array_record",
+                 *(f"--config.train.init_from.{tower}={base}" for tower in ("vit", "connector", "llm"))]
+        train(run_dir / "zero_shot", "configs/tiny_chat.py", flags + ["--config.train.steps=0"])
+        wall = train(run_dir / "tuned", "configs/tiny_chat.py", flags)
+        adapters, total = trainable_share("configs/tiny_chat.py")
+        figures = {f"{name}_{when}": last_metric(run_dir / when / "workdir", f"eval/{metric}") / 100
+                   for when in ("zero_shot", "tuned")
+                   for name, metric in (("chat", "chat/accuracy"), ("grounding", "grounding/accuracy"),
+                                        ("grounding_iou", "grounding/mean_iou"))}
+        return dict(figures, seed=seed, wall_s=wall, adapters=adapters, parameters=total)
+    return measured(results / f"chat_seed{seed}.json", work / f"chat_seed{seed}", measure)
+
+
 def sweep(results: pathlib.Path, work: pathlib.Path) -> dict:
     def measure(run_dir):
         quickstart(results, work, 0, needs_checkpoint=True)
@@ -193,6 +237,19 @@ def decoder_table(out: pathlib.Path) -> str:
     return "\n".join(lines + footnotes(runs))
 
 
+def chat_table(out: pathlib.Path) -> str:
+    runs = gathered(out, "chat_seed*")
+    if not runs:
+        return ""
+    lines = ["| dependency set | seed | chat accuracy: untuned -> tuned | grounding (IoU >= 0.5): untuned -> tuned "
+             "| grounding mean IoU, tuned | trainable parameters | wall time (2 cores) |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {label} | {f['seed']} | {f['chat_zero_shot']:.3f} -> **{f['chat_tuned']:.3f}** | "
+              f"{f['grounding_zero_shot']:.3f} -> {f['grounding_tuned']:.3f} | {f['grounding_iou_tuned']:.3f} | "
+              f"{f['adapters']:,} of {f['parameters']:,} ({f['adapters'] / f['parameters']:.1%}) | "
+              f"{f['wall_s'] / 60:.1f} min |" for label, f in runs]
+    return "\n".join(lines + footnotes(runs))
+
+
 SWEEP_ROWS = (  # (README row, task, demonstrations, metric columns joined by " / ")
     ("caption accuracy", "caption", "none", ("accuracy",)),
     ("VQA accuracy (\"what digit is this?\")", "vqa", "none", ("accuracy",)),
@@ -237,7 +294,7 @@ def benchmarks_table(out: pathlib.Path) -> str:
     return "\n".join(blocks + footnotes(runs)[1:])
 
 
-TABLES = {"quickstart": quickstart_table, "decoder": decoder_table, "sweep": sweep_table,
+TABLES = {"quickstart": quickstart_table, "decoder": decoder_table, "chat": chat_table, "sweep": sweep_table,
           "benchmarks": benchmarks_table}
 
 
@@ -269,6 +326,8 @@ def main():
             quickstart(results, work, seed)
         for seed in seeds if "decoder" in stages else ():
             decoder(results, work, seed)
+        for seed in seeds if "chat" in stages else ():
+            chat(results, work, seed)
         if "sweep" in stages:
             sweep(results, work)
         for name in BENCHMARKS if "benchmarks" in stages else ():

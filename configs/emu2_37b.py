@@ -9,8 +9,8 @@ written by `python -m emu_jax.data.write`; the tokenizer is LLaMA's `tokenizer.m
                                  (then rerun with --config.model.vit.image_size=448)
     configs/emu2_37b.py:stage2   interleaved image-text, video, text-only; text + regression loss,
                                  visual encoder frozen
-    configs/emu2_37b.py:chat     instruction fine-tune: text loss only
-    configs/emu2_37b.py:gen      generation fine-tune: regression loss only; Emu2-Gen with its visual decoder
+Then instruction tuning (Emu2-Chat): configs/emu2_chat.py:full or :lora, from this model's weights;
+generation tuning (Emu2-Gen): configs/emu2_gen.py:full or :lora.
 e.g. python -m emu_jax.train --config=configs/emu2_37b.py:stage2 --workdir=gs://bucket/emu2/stage2 \\
          --config.train.init_from.vit=CONVERTED --config.train.init_from.llm=CONVERTED
 """
@@ -24,15 +24,13 @@ SOURCES = {  # variant: {name: (glob of shards, weight)}
                "video": ("{data_dir}/webvid-*.array_record", 0.1),
                "storyboard": ("{data_dir}/storyboard-*.array_record", 0.1),
                "text": ("{data_dir}/text-*.array_record", 0.1)},
-    "chat": {"chat": ("{data_dir}/chat-*.array_record", 1.0)},
-    "gen": {"pairs": ("{data_dir}/laion-hq-*.array_record", 1.0)},
 }
-LOSS_WEIGHTS = {"stage1": (1.0, 0.0), "stage2": (1.0, 1.0), "chat": (1.0, 0.0), "gen": (0.0, 1.0)}
+LOSS_WEIGHTS = {"stage1": (1.0, 0.0), "stage2": (1.0, 1.0)}
 
 
 def get_config(arg=None):
-    variant = config_lib.parse_variant(arg, ("base", "stage1", "stage2", "chat", "gen"))
-    config = config_lib.emu2_config(chat=variant == "chat")
+    variant = config_lib.parse_variant(arg, ("base", "stage1", "stage2"))
+    config = config_lib.emu2_config()
     config.model.dtype = "bfloat16"
     config.model.vit.remat = config.model.llm.remat = "dots_no_batch"
     if variant != "base":
@@ -44,8 +42,6 @@ def get_config(arg=None):
         config.mesh.fsdp, config.mesh.data = -1, 1
     if variant == "stage1":
         config.model.vit.image_size, config.model.vit.pos_embed_grid = 224, 32  # keeps the 448 px table
-    if variant == "gen":  # Emu2-Gen: the visual decoder too (the emu2_gen file holds it)
-        config.model.update(config_lib.emu2_gen_decoder())
     if variant == "stage2":
         config.optimizer.freeze = r"^vit/"
     config.lock()

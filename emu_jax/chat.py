@@ -5,6 +5,9 @@ A conversation is a system message (the format's own by default) and turns alter
 assistant, ...; a turn's content is text and media in order.
 
   emu2_chat  Emu2-Chat (Emu2/emu/chat.py): "{system} [USER]: {u1} [ASSISTANT]: {a1}</s>[USER]: {u2} ..."
+             Grounding mode (a conversation marked `grounding`): its own system message, and each
+             reply after " [ASSISTANT]:<grounding>", the cue the release's grounding prompt ends with;
+             boxes as text `[x1, y1, x2, y2]` in 0-224 (`box_text`)
   emu_i      Emu-I (Emu1/inference.py): "{system} [USER]: {u1} [ASSISTANT]: {a1} [USER]: {u2} ...", stripped
 
 Training (`pieces`) marks each reply and its turn end as targets and the rest as context; a
@@ -13,6 +16,7 @@ generation prompt (`prompt`) ends with the format's cue (" [ASSISTANT]:") for th
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any
 
 EMU2_SYSTEM = "You are a helpful assistant, dedicated to delivering comprehensive and meticulous responses."
@@ -38,18 +42,33 @@ class ChatFormat:
     turn_end: str  # after each reply: a target, so that the model learns to end its turn
     cue: str  # what a generation prompt ends with
     strip: bool = False  # the whole text is stripped (a format whose system message may be empty)
+    grounding: ChatFormat | None = None  # the format's grounding mode, if it has one
 
 
 FORMATS = {
-    "emu2_chat": ChatFormat(EMU2_SYSTEM, " [USER]: ", "[USER]: ", " [ASSISTANT]: ", "</s>", " [ASSISTANT]:"),
+    "emu2_chat": ChatFormat(EMU2_SYSTEM, " [USER]: ", "[USER]: ", " [ASSISTANT]: ", "</s>", " [ASSISTANT]:",
+                            grounding=ChatFormat(EMU2_GROUNDING_SYSTEM, " [USER]: ", "[USER]: ",
+                                                 " [ASSISTANT]:<grounding>", "</s>", " [ASSISTANT]:<grounding>")),
     "emu_i": ChatFormat("", " [USER]: ", " [USER]: ", " [ASSISTANT]: ", "", " [ASSISTANT]:", strip=True),
 }
 
 
-def get(name: str) -> ChatFormat:
+def get(name: str, grounding: bool = False) -> ChatFormat:
     if name not in FORMATS:
         raise ChatError(f"unknown chat format {name!r}; known: {', '.join(sorted(FORMATS))}")
-    return FORMATS[name]
+    if grounding and FORMATS[name].grounding is None:
+        raise ChatError(f"chat format {name!r} has no grounding mode")
+    return FORMATS[name].grounding if grounding else FORMATS[name]
+
+
+def box_text(x1: int, y1: int, x2: int, y2: int) -> str:
+    """A box as Emu2-Chat reads and writes it in grounding mode: `[x1, y1, x2, y2]` in 0-224."""
+    return f"[{x1}, {y1}, {x2}, {y2}]"
+
+
+def boxes_in(text: str) -> list[tuple[int, int, int, int]]:
+    """The `[x1, y1, x2, y2]` boxes of a grounding answer, in order."""
+    return [tuple(map(int, m)) for m in re.findall(r"\[(\d+), (\d+), (\d+), (\d+)\]", text)]
 
 
 def _check(roles: list[str]) -> None:

@@ -14,6 +14,7 @@ import ml_collections
 from emu_jax import tokens as tokens_lib
 from emu_jax.data import augment
 from emu_jax.data.digits import VERSION as DIGITS_VERSION
+from emu_jax.models import lora as lora_lib
 
 
 def eva_clip_g(**overrides) -> ml_collections.ConfigDict:
@@ -255,6 +256,42 @@ def emu2_config(*, chat: bool = False) -> ml_collections.ConfigDict:
     special, vocab = tokens_lib.emu2_tokens(chat=chat)
     return base_config(vit=eva_clip_e_plus(), connector=pooled_connector(16 if chat else 8),
                        llm=llama("33b", vocab), special_tokens=special)
+
+
+# Emu-I's adapters (Emu1/inference.py: LoraConfig(r=16, lora_alpha=16, lora_dropout=0.05, q/k/v/o))
+ATTENTION_LORA = dict(rank=16, alpha=16.0, dropout=0.05, targets=r"^llm/.*/self_attn/(q_proj|k_proj|v_proj|o_proj)$")
+FINE_TUNING = {  # recipe: (LoRA adapters or None, learning rate)
+    "lora": (ATTENTION_LORA, 2e-4),
+    "full": (None, 1e-5),
+}
+
+
+def fine_tune(config: ml_collections.ConfigDict, recipe: str, sources: dict, *, loss: tuple[float, float],
+              chat_format: str = "emu2_chat", freeze: str = r"^vit/", steps: int = 5000,
+              global_batch_size: int = 64) -> ml_collections.ConfigDict:
+    """A released model's config turned into a fine-tuning recipe, in place: `sources` {name: (glob under
+    {data_dir}, weight)} of records written by `python -m emu_jax.data.write`, LLaMA's tokenizer, loss
+    weights (text, regression), and `recipe` "lora" (Emu-I's adapters; they alone train, checkpoints
+    hold them alone, the frozen base is held in bf16) or "full" (all but `freeze`: the visual encoder,
+    as Emu2's chat and generation tuning keep it). The released weights come in through
+    `--config.train.init_from.<tower>=<a conversion's checkpoints>`."""
+    lora, learning_rate = FINE_TUNING[recipe]
+    config.model.vit.remat = config.model.llm.remat = "dots_no_batch"
+    config.data.tokenizer = "{data_dir}/llama/tokenizer.model"
+    config.data.train_sources = ml_collections.ConfigDict(
+        {name: source("array_record", path, weight=weight) for name, (path, weight) in sources.items()})
+    config.data.chat_format = chat_format
+    config.data.global_batch_size = global_batch_size
+    config.loss.text_weight, config.loss.regression_weight = loss
+    config.mesh.fsdp, config.mesh.data = -1, 1
+    config.optimizer = optimizer_config(learning_rate=learning_rate, warmup_steps=min(200, steps // 10),
+                                        weight_decay=0.0 if lora else 0.05,
+                                        train_only=lora_lib.ADAPTERS if lora else "", freeze="" if lora else freeze)
+    if lora:  # the frozen base in bf16 (the adapters stay float32: models/lora.py)
+        config.model.lora.update(lora)
+        config.model.param_dtype = "bfloat16"
+    config.train.steps = steps
+    return config
 
 
 def parse_variant(arg: str | None, allowed: tuple[str, ...]) -> str:

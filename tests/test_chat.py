@@ -1,4 +1,5 @@
-"""Conversations: LLaVA / ShareGPT files -> role documents -> the model's chat format, trained on replies only."""
+"""Fine-tuning data: conversations (LLaVA / ShareGPT files -> role documents -> the model's chat format,
+trained on replies only) and generation-tuning documents (a prompt as context -> the image to generate)."""
 import json
 
 import jax
@@ -76,6 +77,16 @@ def chat_setup(tokenizer):
     return config, Tokenizer(tokenizer.model_path, special)
 
 
+def one_document_row(tok, layout, doc) -> tuple[dict, dict]:
+    """(the tokenised document, its finished row: masks included) for a row holding that document alone."""
+    example = pipeline.TokenizeDocument(tok, layout).map(("doc", 0, records.encode(doc)))
+    n = len(example["tokens"])
+    return example, pipeline.FinishRow(layout.special)({
+        "tokens": example["tokens"], "targets": example["targets"], "tokens_segment_ids": np.ones(n, np.int32),
+        "tokens_positions": np.arange(n), "images": example["images"],
+        "images_segment_ids": np.ones(len(example["images"])), "events": example["events"]})
+
+
 def test_a_conversation_is_rendered_in_the_chat_format_and_only_replies_are_targets(photos, tokenizer):
     """The tokens are the Emu2-Chat text (the generation prompt's own format, emu_jax/chat.py), and
     a prediction is scored exactly where the next token is a reply's or its turn end's."""
@@ -84,17 +95,14 @@ def test_a_conversation_is_rendered_in_the_chat_format_and_only_replies_are_targ
     doc = records.document([{"image": open(photos / "astronaut.jpg", "rb").read(), "role": "user"},
                             {"text": "who is this?", "role": "user"}, {"text": "a dax", "role": "assistant"},
                             {"text": "where?", "role": "user"}, {"text": "a wug", "role": "assistant"}])
-    example = pipeline.TokenizeDocument(tok, layout).map(("chat", 0, records.encode(doc)))
+    example, row = one_document_row(tok, layout, doc)
     ids = list(example["tokens"])
     block = tokens_lib.image_block(layout.special, 4)
     expected_text = chat.prompt(chat.FORMATS["emu2_chat"], ["who is this?", "a dax", "where?"])
     prefix, rest = expected_text.split(" [USER]: ", 1)
     expected = [tok.bos_id] + tok.encode(prefix + " [USER]: ") + block + tok.encode(rest + " a wug") + [tok.eos_id]
     assert ids == expected
-    row = {"tokens": example["tokens"], "targets": example["targets"], "tokens_segment_ids": np.ones(len(ids)),
-           "tokens_positions": np.arange(len(ids)), "images": example["images"],
-           "images_segment_ids": np.ones(1), "events": example["events"]}
-    mask = pipeline.FinishRow(layout.special)(row)["text_mask"]
+    mask = row["text_mask"]
     trained = [ids[t + 1] for t in np.flatnonzero(mask)]
     assert trained == tok.encode("a dax") + [tok.eos_id] + tok.encode("a wug") + [tok.eos_id]  # replies, turn ends
 
@@ -111,12 +119,7 @@ def test_a_user_turns_tokens_change_no_gradient(photos, tokenizer):
     doc = records.document([{"text": "be brief.", "role": "system"},
                             {"image": open(photos / "coffee.jpg", "rb").read(), "role": "user"},
                             {"text": "what is this?", "role": "user"}, {"text": "a cup", "role": "assistant"}])
-    example = pipeline.TokenizeDocument(tok, layout).map(("chat", 0, records.encode(doc)))
-    n = len(example["tokens"])
-    row = pipeline.FinishRow(layout.special)({
-        "tokens": example["tokens"], "targets": example["targets"], "tokens_segment_ids": np.ones(n, np.int32),
-        "tokens_positions": np.arange(n), "images": example["images"], "images_segment_ids": np.ones(1),
-        "events": example["events"]})
+    example, row = one_document_row(tok, layout, doc)
     batch = jax.tree.map(lambda x: jnp.asarray(x)[None], row)
     model = build_model(config.model)
     params = init_params(model)
@@ -138,6 +141,49 @@ def test_a_user_turns_tokens_change_no_gradient(photos, tokenizer):
     assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(grads(jnp.asarray(relabelled))), jax.tree.leaves(same)))
 
 
+GENERATION = [{"prompt": "a cup of coffee", "image": "coffee.jpg"},
+              {"prompt": [{"image": "astronaut.jpg"}, "the same person, smiling"], "image": "astronaut.jpg"},
+              {"prompt": ["<grounding>a photo of <phrase>a cup</phrase><object>", {"box": [40, 60, 300, 420]},
+                          "</object>"], "image": "coffee.jpg"}]
+
+
+def test_generation_documents_score_the_target_image_alone(photos, tmp_path, tokenizer):
+    """Text -> image, subject-driven and grounded lines: the prompt (text, images, Emu2-Gen's box
+    image) is context; the regression mask covers the target image's block only (the prediction
+    at its [IMG] and its <image>s but the last), not a prompt image's; no text is scored but the
+    document's end."""
+    from emu_jax.data import media
+    source = photos / "gen.jsonl"
+    source.write_text("\n".join(json.dumps(e) for e in GENERATION))
+    paths, counts = write.convert("generation", str(source), str(tmp_path / "gen"))
+    assert (counts["documents"], counts["prompt_images"], counts["box_images"]) == (3, 1, 1)
+    reader = records.ShardReader({path: records.count_records(path) for path in paths})
+    docs = [records.decode(reader[i]) for i in range(len(reader))]
+    assert [[s.get("context", False) for s in d["segments"]] for d in docs] == [[True, False], [True, True, False],
+                                                                                 [True, True, True, False]]
+    assert np.array_equal(media.decode_image(docs[2]["segments"][1]["image"], 448), media.box_image(40, 60, 300, 420))
+
+    config = load_config("tiny")
+    tok = Tokenizer(tokenizer.model_path, config.model.tokens)
+    layout = pipeline.Layout.from_configs(config.model, config.data, 4)
+    for doc in docs[1:]:
+        example, row = one_document_row(tok, layout, doc)
+        ids, n = list(example["tokens"]), len(example["tokens"])
+        starts = [t for t, token in enumerate(ids) if token == layout.special["img"]]
+        assert len(starts) == 2  # the prompt's image (or box image), then the target
+        scored = list(np.flatnonzero(row["regression_mask"]))
+        assert scored == list(range(starts[1], starts[1] + 4))  # [IMG] and <image> x 3 of the target's block
+        assert list(np.flatnonzero(row["text_mask"])) == [n - 2]  # the document's end (EOS) alone
+
+
+def test_a_bad_generation_line_is_named(photos, tmp_path):
+    source = photos / "bad_gen.jsonl"
+    source.write_text(json.dumps({"prompt": ["a", {"box": [1, 2, 3]}], "image": "coffee.jpg"}))
+    with pytest.raises(records.SourceError, match=r"bad_gen.jsonl:1: a box is four integers"):
+        write.convert("generation", str(source), str(tmp_path / "bad"))
+    assert not list(tmp_path.glob("bad*.array_record"))
+
+
 def test_an_unknown_chat_format_is_named():
     with pytest.raises(chat.ChatError, match="unknown chat format 'vicuna'; known: emu2_chat, emu_i"):
         chat.get("vicuna")
@@ -154,3 +200,36 @@ def test_the_digits_chat_task_asks_in_the_chat_format():
     assert after == "what digit is this? [ASSISTANT]:" and query.meta["digit"] == 5
     results = [task.result(q, text) for q, text in zip(task.queries(), [" it is a zero.", "it is a six."])]
     assert task.score(results, "") == {"accuracy": 50.0}
+
+
+def test_a_grounding_conversation_is_rendered_in_the_grounding_mode(photos, tmp_path, tokenizer):
+    """An entry marked "grounding" becomes a document the pipeline renders with Emu2-Chat's grounding
+    system message and cue, then the box reply (text in 0-224); the digits grounding task asks with
+    the same prompt (its boxes in the world's words) and scores by box overlap."""
+    source = photos / "grounding.json"
+    source.write_text(json.dumps([{"image": "coffee.jpg", "grounding": True, "conversations": [
+        {"from": "human", "value": "<image>where is the cup?"}, {"from": "gpt", "value": chat.box_text(10, 20, 200, 210)}]}]))
+    paths, counts = write.convert("conversations", str(source), str(tmp_path / "grounding"))
+    assert counts["grounding_conversations"] == 1
+    doc = records.decode(records.ShardReader({paths[0]: 1})[0])
+    config, tok = chat_setup(tokenizer)
+    layout = pipeline.Layout.from_configs(config.model, config.data, 4)
+    ids = list(pipeline.TokenizeDocument(tok, layout).map(("chat", 0, records.encode(doc)))["tokens"])
+    before, after = chat.prompt(chat.get("emu2_chat", grounding=True), ["\0where is the cup?"]).split("\0")
+    assert before.startswith(chat.EMU2_GROUNDING_SYSTEM) and after.endswith(" [ASSISTANT]:<grounding>")
+    block = tokens_lib.image_block(layout.special, 4)
+    assert ids == ([tok.bos_id] + tok.encode(before) + block + tok.encode(after + "[10, 20, 200, 210]")
+                   + [tok.eos_id])
+
+    from emu_jax.eval.tasks import make_task
+    task = make_task({"kind": "digits_grounding", "limit": 2})
+    query = task.queries()[0]
+    text_before, image, text_after = task.prompt([], query)
+    assert (text_before, text_after) == (before, after.replace("the cup", "the digit"))
+    from emu_jax.data import digits
+    assert query.target == digits.box_words(query.meta["box"])
+    assert digits.words_box(query.target) is not None
+    results = [{"question_id": q.key, "answer": a} for q, a in zip(task.queries(), [query.target,
+                                                                                  "zero zero one one."])]
+    scores = task.score(results, "")
+    assert scores["accuracy"] == 50.0 and 30.0 < scores["mean_iou"] < 50.0

@@ -18,11 +18,15 @@ from emu_jax.parallel import mesh as mesh_lib
 TARGETS = r"^llm/.*/self_attn/(q_proj|k_proj|v_proj|o_proj)$|^vit/.*/attn/qkv$"
 
 
-def lora_config(scan: bool = False, rank: int = 4):
-    config = load_config("tiny")
+def lora_config(scan: bool = False, rank: int = 4, variant: str = "emu2"):
+    """The tiny model with adapters on TARGETS; Emu1's also on every projection of its Causal
+    Transformer (T5 self- and cross-attention, feed-forward, output projection, regression head)."""
+    config = load_config("tiny", variant)
     with config.unlocked():
-        config.model.lora.update(rank=rank, alpha=8.0, targets=TARGETS)
+        config.model.lora.update(rank=rank, alpha=8.0, targets=TARGETS + ("|^connector/" if variant == "emu1" else ""))
         config.model.llm.scan_layers = config.model.vit.scan_layers = scan
+        if variant == "emu1":
+            config.model.connector.scan_layers = scan
     return config
 
 
@@ -62,12 +66,12 @@ def test_adapters_sit_beside_their_kernels_sharded_on_its_axes(scan):
         assert b.value.shape[stacked:] == (4,) + kernel.value.shape[stacked:][contract:]
 
 
-@pytest.mark.parametrize("scan", [False, True])
-def test_an_adapted_model_starts_as_its_base_and_merges_exactly(scan):
+@pytest.mark.parametrize("scan, variant", [(False, "emu2"), (True, "emu2"), (True, "emu1")])
+def test_an_adapted_model_starts_as_its_base_and_merges_exactly(scan, variant):
     """B = 0: the adapted model computes its base bit for bit; with trained (random) adapters it
     computes what the base model computes on `merge`d kernels (W + alpha / r * A . B)."""
-    config = lora_config(scan)
-    model, base_model = build_model(config.model), build_model(lora_config(scan, rank=0).model)
+    config = lora_config(scan, variant=variant)
+    model, base_model = build_model(config.model), build_model(lora_config(scan, rank=0, variant=variant).model)
     inputs = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), example_inputs(model))
     params = nn.unbox(jax.jit(lambda k, b: model.init(k, **b))(init_key(0), inputs)["params"])
     rng = np.random.RandomState(1)
@@ -82,6 +86,10 @@ def test_an_adapted_model_starts_as_its_base_and_merges_exactly(scan):
     assert float(jnp.abs(adapted.logits - run(base_model, base).logits).max()) > 1e-3  # the adapters do act
     np.testing.assert_allclose(adapted.logits, merged.logits, atol=2e-5, rtol=1e-5)
     np.testing.assert_allclose(adapted.regression, merged.regression, atol=2e-5, rtol=1e-5)
+    if variant == "emu1":  # every projection of the Causal Transformer carries one
+        names = {"/".join(k.key for k in path[:-1]) for path, _ in jax.tree_util.tree_flatten_with_path(adapters)[0]}
+        connector = sorted(n.rsplit("/", 1)[-1] for n in names if n.startswith("connector/"))
+        assert connector == sorted(["q", "k", "v", "o"] * 2 + ["wi", "wo", "projection", "stu_regress_head"]), connector
 
 
 def test_lora_training_moves_only_the_adapters_with_optimizer_state_for_them_alone(digits_world):
@@ -201,3 +209,22 @@ def test_a_grown_vocabulary_keeps_the_checkpoints_rows_and_initialises_the_new(t
     np.testing.assert_array_equal(loaded["llm"]["lm_head"]["kernel"][:, :old], base["llm"]["lm_head"]["kernel"])
     np.testing.assert_array_equal(loaded["llm"]["layers_0"]["self_attn"]["q_proj"]["kernel"],
                                   base["llm"]["layers_0"]["self_attn"]["q_proj"]["kernel"])
+
+
+@pytest.mark.parametrize("name, variant, lora, loss, chat_format", [
+    ("emu2_chat", "lora", True, (1.0, 0.0), "emu2_chat"), ("emu2_chat", "full", False, (1.0, 0.0), "emu2_chat"),
+    ("emu1_14b", "instruct_lora", True, (1.0, 0.0), "emu_i"), ("emu1_14b", "instruct_full", False, (1.0, 0.0), "emu_i"),
+    ("emu2_gen", "lora", True, (0.0, 1.0), "emu2_chat"), ("emu2_gen", "full", False, (0.0, 1.0), "emu2_chat")])
+def test_the_release_fine_tuning_recipes(name, variant, lora, loss, chat_format):
+    """LoRA recipes train the adapters alone over a bf16 base; full ones train all but the visual
+    encoder; chat recipes score text in their model's format, generation recipes regression only."""
+    config = load_config(name, variant)
+    assert (config.loss.text_weight, config.loss.regression_weight) == loss
+    assert config.data.chat_format == chat_format and config.data.train_sources
+    if lora:
+        assert config.model.lora.rank == 16 and config.optimizer.train_only == lora_lib.ADAPTERS
+        assert config.model.param_dtype == "bfloat16" and not config.optimizer.freeze
+    else:
+        assert config.model.lora.rank == 0 and config.optimizer.freeze == "^vit/" and not config.optimizer.train_only
+    base = load_config(name, "instruct" if name == "emu1_14b" else None).model
+    assert base.llm.vocab_size == config.model.llm.vocab_size and base.connector == config.model.connector

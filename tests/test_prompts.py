@@ -22,6 +22,7 @@ import pytest
 from conftest import load_config
 from PIL import Image
 
+from emu_jax import chat
 from emu_jax import tokens as tokens_lib
 from emu_jax.data import media
 from emu_jax.data.tokenizer import Tokenizer
@@ -182,10 +183,14 @@ def official_mean_std():
 
 
 def test_grounding_boxes_are_text_in_0_to_224():
-    question = f"Where is the dog? {prompts.box_text(12, 40, 200, 224)}"
+    question = f"Where is the dog? {chat.box_text(12, 40, 200, 224)}"
     assert question.endswith("[12, 40, 200, 224]")
-    assert prompts.boxes_in("the dog [12, 40, 200, 224] and a cat [0, 1, 2, 3].") == [(12, 40, 200, 224), (0, 1, 2, 3)]
+    assert chat.boxes_in("the dog [12, 40, 200, 224] and a cat [0, 1, 2, 3].") == [(12, 40, 200, 224), (0, 1, 2, 3)]
     assert prompts.emu2_chat([question], grounding=True).endswith(" [ASSISTANT]:<grounding>")
+    # training renders a grounding conversation so that its reply follows the release's own prompt
+    assert chat.prompt(chat.get("emu2_chat", grounding=True), [question]) == prompts.emu2_chat([question], grounding=True)
+    with pytest.raises(chat.ChatError, match="chat format 'emu_i' has no grounding mode"):
+        chat.get("emu_i", grounding=True)
 
 
 # ----------------------------------------------------------------------------- Emu1 / Emu-I
@@ -298,7 +303,7 @@ def test_box_images_equal_the_demos():
         l, t, r, b = min(l, r), min(t, b), max(l, r), max(t, b)
         expected = cv2.rectangle(np.zeros((448, 448, 3), np.uint8), (int(l), int(t)), (int(r), int(b)),
                                  (255, 255, 255), 3)
-        np.testing.assert_array_equal(prompts.box_image(*box), expected, err_msg=str(box))
+        np.testing.assert_array_equal(media.box_image(*box), expected, err_msg=str(box))
         (segment,) = prompts.parse("<box:{},{},{},{}>".format(*box), 448)
         np.testing.assert_array_equal(segment.pixels, expected)
 

@@ -318,6 +318,22 @@ def test_vocabulary_and_special_token_ids_are_the_official_tokenizer(name):
         assert tokenizer.convert_tokens_to_ids(text) == token_id, text
 
 
+def test_emu_i_recipe_is_the_releases_lora_config():
+    """configs/emu1_14b.py:instruct_lora's adapters are the LoraConfig Emu1/inference.py wraps Emu-I in
+    (read from the file: r, lora_alpha, lora_dropout, target_modules); the export's wrapper too."""
+    import re
+    source = (official.RELEASE / "Emu1" / "inference.py").read_text()
+    call = re.search(r"LoraConfig\((.*?)\)", source, re.S).group(1)
+    value = lambda name: re.search(rf"\b{name}=([^,\n]+)", call).group(1)  # noqa: E731
+    targets = re.findall(r"'(\w+)'", re.search(r"target_modules=\[(.*?)\]", call).group(1))
+    lora = load_config("emu1_14b", "instruct_lora").model.lora
+    assert (lora.rank, lora.alpha, lora.dropout) == (int(value("r")), float(value("lora_alpha")),
+                                                     float(value("lora_dropout")))
+    assert lora.targets == rf"^llm/.*/self_attn/({'|'.join(targets)})$"
+    wrapper = layouts.get_layout("emu1_instruct").lora
+    assert (wrapper.rank, wrapper.alpha, wrapper.targets) == (lora.rank, lora.alpha, tuple(targets))
+
+
 def test_emu1_vit_and_connector_constants():
     config, release = _full("emu1").model, _emu1_json()
     vision, model = release["vision_cfg"], rm.official_emu1()[0]

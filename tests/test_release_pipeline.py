@@ -64,11 +64,11 @@ def test_sampler_trajectory_equals_diffusers_scheduler(scheduler, sampler, steps
 
 
 def test_released_decoder_configs_are_the_releases():
-    """configs/emu2_37b.py:gen's decoder read against the release's diffusion_config and the
+    """configs/emu2_gen.py's decoder read against the release's diffusion_config and the
     official pipelines' defaults (steps, guidance, size); Emu1's against its pipeline's defaults."""
     import inspect
     import diffusers
-    gen = load_config("emu2_37b", "gen").model
+    gen = load_config("emu2_gen").model
     unet = diffusers.UNet2DConditionModel.load_config(official.EMU2_DIFFUSION_CONFIG / "unet")
     assert tuple(unet["block_out_channels"]) == gen.unet.block_out_channels
     assert tuple(unet["transformer_layers_per_block"]) == gen.unet.transformer_depth

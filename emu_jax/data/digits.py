@@ -21,6 +21,7 @@ import fcntl
 import functools
 import io
 import os
+import re
 
 import numpy as np
 import sentencepiece as spm
@@ -74,6 +75,34 @@ def augmented(pixels: np.ndarray, rng: np.random.RandomState) -> np.ndarray:
     dx, dy = rng.randint(-3, 4, size=2)
     canvas.paste(img, ((IMAGE_SIZE - size) // 2 + dx, (IMAGE_SIZE - size) // 2 + dy))
     return np.asarray(canvas)
+
+
+CANVAS_SIZE = 64  # the grounding canvases: a digit somewhere in a larger image
+
+
+def boxed(pixels: np.ndarray, rng: np.random.RandomState, canvas: int = CANVAS_SIZE):
+    """(uint8 [canvas, canvas, 3], box (x1, y1, x2, y2) in its pixels, x2 and y2 exclusive): the
+    digit scaled into a random square box, a third to two thirds of the side, on a white canvas."""
+    side = rng.randint(canvas // 3, 2 * canvas // 3 + 1)
+    x1, y1 = (int(v) for v in rng.randint(0, canvas - side + 1, size=2))
+    out = np.full((canvas, canvas, 3), 255, np.uint8)
+    out[y1:y1 + side, x1:x1 + side] = np.asarray(Image.fromarray(pixels).resize((side, side), Image.BICUBIC))
+    return out, (x1, y1, x1 + side, y1 + side)
+
+
+GRID = 9  # box corners in words: the canvas side split in 9 steps (the world's tokenizer has no numerals)
+
+
+def box_words(box: tuple[int, int, int, int], canvas: int = CANVAS_SIZE) -> str:
+    """A canvas box in the world's words, corners rounded to the grid: "two three six seven." (Emu2-Chat's
+    `[x1, y1, x2, y2]`, whose numerals and brackets this vocabulary does not have)."""
+    return " ".join(NAMES[round(v * GRID / canvas)] for v in box) + "."
+
+
+def words_box(text: str, canvas: int = CANVAS_SIZE) -> tuple[float, float, float, float] | None:
+    """`box_words`' inverse: the first four digit names of `text` as a box in canvas pixels, or None."""
+    found = [NAMES.index(w) for w in re.findall(r"[a-z]+", text.lower()) if w in NAMES[:GRID + 1]][:4]
+    return tuple(g * canvas / GRID for g in found) if len(found) == 4 else None
 
 
 def moving_frames(pixels: np.ndarray, direction: str, count: int = 8) -> list[bytes]:

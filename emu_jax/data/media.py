@@ -33,6 +33,23 @@ def resize(img: Image.Image, size: int) -> np.ndarray:
     return np.asarray(img.convert("RGB").resize((size, size), Image.BICUBIC), np.uint8)
 
 
+BOX_CANVAS = 448  # Emu2-Gen's box images: EVA's input size
+BOX_HALF_WIDTH = 2  # the demo's cv2.rectangle(thickness=3) lights the pixels within 2 of the outline
+
+
+def box_image(x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
+    """Emu2-Gen's box image, uint8 [448, 448, 3]: black, with a white rectangle outline 5 pixels
+    wide with rounded corners, as the demo's `cv2.rectangle(..., (255, 255, 255), 3)` draws it;
+    corners clamped into the canvas and ordered as the demo does."""
+    x1, x2 = sorted(min(BOX_CANVAS, max(0, v)) for v in (x1, x2))
+    y1, y2 = sorted(min(BOX_CANVAS, max(0, v)) for v in (y1, y2))
+    y, x = np.arange(BOX_CANVAS)[:, None], np.arange(BOX_CANVAS)[None, :]
+    along_x, along_y = np.clip(x, x1, x2) - x, np.clip(y, y1, y2) - y  # offsets to the nearest point of each side
+    nearest = np.minimum.reduce([along_x ** 2 + (y - y1) ** 2, along_x ** 2 + (y - y2) ** 2,
+                                 along_y ** 2 + (x - x1) ** 2, along_y ** 2 + (x - x2) ** 2])
+    return np.repeat((nearest <= BOX_HALF_WIDTH ** 2)[..., None] * np.uint8(255), 3, axis=-1)
+
+
 def segment_midpoints(num_frames: int, count: int) -> list[int]:
     """Indices of the middle frame of each of `count` equal segments of `num_frames` frames."""
     return [min(int((i + 0.5) * num_frames / count), num_frames - 1) for i in range(count)]

@@ -168,10 +168,11 @@ class TokenizeDocument(grain.transforms.Map):
 
     def _pieces(self, doc) -> list[tuple[dict, bool]]:
         """(segment, is_target) in reading order: a conversation (segments with roles) rendered in
-        the layout's chat format, its replies the targets; any other document all targets."""
+        the layout's chat format, its replies the targets; any other document all but its
+        segments marked as context."""
         segments = doc["segments"]
         if not any("role" in s for s in segments):
-            return [(s, True) for s in segments]
+            return [(s, not s.get("context", False)) for s in segments]
         system = [s["text"] for s in segments if s.get("role") == "system" and "text" in s]
         turns = []
         for segment in segments:
@@ -184,7 +185,8 @@ class TokenizeDocument(grain.transforms.Map):
                 turns.append((role, []))
             turns[-1][1].append(segment)
         try:
-            rendered = chat.pieces(chat.get(self.layout.chat_format), turns, " ".join(system) if system else None)
+            fmt = chat.get(self.layout.chat_format, grounding=bool(doc["meta"].get("grounding")))
+            rendered = chat.pieces(fmt, turns, " ".join(system) if system else None)
         except chat.ChatError as e:
             raise RecordError("malformed", f"conversation: {e}") from e
         return [(records.text(item) if isinstance(item, str) else item, target) for item, target in rendered]

@@ -7,6 +7,8 @@
 
 A conversation's segments also carry a "role" ("system", "user", "assistant"); the pipeline
 renders such a document in the model's chat format and trains on the assistant's segments only.
+Elsewhere a segment marked `"context": true` is read but never scored: a generation-tuning
+document (Emu2-Gen's recipe) is its prompt as context, then the image to generate.
 
 Records are msgpack bytes, stored in ArrayRecord shards (`ShardWriter`, read back by
 `ShardReader`) or as the `document` feature of a TFDS dataset; both reach the pipeline as the same

@@ -6,6 +6,7 @@
     python -m emu_jax.data.write video --input=clips.jsonl --output=out/webvid          # {"video", "caption"}
     python -m emu_jax.data.write storyboard --input=boards.jsonl --output=out/story
     python -m emu_jax.data.write conversations --input=llava_instruct.json --image_root=coco/ --output=out/chat
+    python -m emu_jax.data.write generation --input=gen.jsonl --output=out/gen             # {"prompt", "image"}
 
 JSONL paths are relative to `--image_root` (default: the JSONL's folder). MMC4 lines hold
 `text_list` and `image_info` entries with `image_name` and `matched_text_index`; each image goes
@@ -14,7 +15,13 @@ before its matched sentence. Storyboard lines hold `frames` [{"image", "time"}] 
 {"image": path or [paths] | "video": path, "conversations": [{"from": "human"|"gpt"|"system", "value"}]})
 become documents whose segments carry roles; `<image>` / `<video>` tags place the media (untagged
 media open the first user turn), and the pipeline renders them in the model's chat format
-(`data.chat_format`). A bad line (not UTF-8, not JSON, a missing or
+(`data.chat_format`; an entry with "grounding": true in its grounding mode, boxes written as text
+`[x1, y1, x2, y2]` in 0-224). Generation tuning (Emu2-Gen's recipe: the regression loss on the image to
+generate, nothing else) reads lines {"prompt": text or a list of items, "image": the image to
+generate}; an item is text, {"image": path} (subject-driven generation) or {"box": [x1, y1, x2, y2]}
+(grounded generation: Emu2-Gen's box image, a white outline on a black 448x448 canvas, in its
+pixels), e.g. ["<grounding>a photo of <phrase>a dog</phrase><object>", {"box": [40, 60, 300, 420]},
+"</object>"]. The prompt is written as context (never scored), the image last. A bad line (not UTF-8, not JSON, a missing or
 mistyped field, an unreadable file, a video that does not open) stops the run with an error naming
 the file and line, and no finished-looking shard is left: shards are written under hidden names
 and renamed only once all are complete (`--skip_missing` drops MMC4 images whose files are missing
@@ -31,7 +38,7 @@ from collections import Counter
 from absl import app, flags
 from tqdm import tqdm
 
-from emu_jax.data import records
+from emu_jax.data import media, records
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
@@ -200,11 +207,42 @@ def conversation_documents(input_path: str, root: str, counts: Counter):
                 raise records.SourceError(f"{where}: speaker {speaker!r} is not one of {', '.join(SPEAKERS)}")
             segments += _turn(_field(turn, "value", where), SPEAKERS[speaker], media, where)
         counts["turns"] += len(turns)
-        yield where, records.document(segments, "conversations", id=str(entry.get("id", "")))
+        grounding = entry.get("grounding", False)
+        if not isinstance(grounding, bool):
+            raise records.SourceError(f"{where}: field 'grounding' should be true or false")
+        counts["grounding_conversations"] += grounding
+        yield where, records.document(segments, "conversations", id=str(entry.get("id", "")),
+                                      **({"grounding": True} if grounding else {}))
+
+
+def _prompt_item(item, root: str, where: str, counts: Counter) -> dict:
+    if isinstance(item, str):
+        return records.text(item)
+    if isinstance(item, dict) and "image" in item:
+        counts["prompt_images"] += 1
+        return records.image(records.read_source(os.path.join(root, _field(item, "image", where)), where))
+    if isinstance(item, dict) and "box" in item:
+        box = _field(item, "box", where, list)
+        if len(box) != 4 or not all(isinstance(v, int) for v in box):
+            raise records.SourceError(f"{where}: a box is four integers [x1, y1, x2, y2], got {box}")
+        counts["box_images"] += 1
+        return records.image(media.encode_png(media.box_image(*box)))
+    raise records.SourceError(f"{where}: a prompt item is text, {{\"image\": path}} or {{\"box\": [x1, y1, x2, y2]}}, "
+                              f"got {item!r:.80}")
+
+
+def generation_documents(input_path: str, root: str, counts: Counter):
+    for where, entry in _jsonl(input_path):
+        prompt = _field(entry, "prompt", where, (str, list))
+        items = [prompt] if isinstance(prompt, str) else prompt
+        context = [dict(_prompt_item(item, root, where, counts), context=True) for item in items]
+        target = records.image(records.read_source(os.path.join(root, _field(entry, "image", where)), where))
+        yield where, records.document(context + [target], "generation")
 
 
 WRITERS = {"pairs": pair_documents, "mmc4": mmc4_documents, "video": video_documents,
-           "storyboard": storyboard_documents, "conversations": conversation_documents}  # each yields (where, document): where names the file and line
+           "storyboard": storyboard_documents, "conversations": conversation_documents,
+           "generation": generation_documents}  # each yields (where, document): where names the file and line
 
 def convert(kind: str, input_path: str, output: str, image_root: str | None = None, num_shards: int = 1,
             skip_missing: bool = False) -> tuple[list[str], Counter]:

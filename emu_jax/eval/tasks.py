@@ -3,8 +3,9 @@ how a prompt is laid out, the official result entry each answer becomes, and the
 
 A few-shot prompt is the reference's interleaved layout: per demonstration its image(s) then its
 text (question and answer), then the query's image(s) and question; the model continues with the
-answer. Task families: the digits world (`digits_caption`, `digits_vqa`, `digits_chat`, `digits_labelling`,
-`digits_video`, `digits_t2i`, built from sklearn's digits, nothing to download) and the released
+answer. Task families: the digits world (`digits_caption`, `digits_vqa`, `digits_chat`,
+`digits_grounding`, `digits_labelling`, `digits_video`, `digits_t2i`, built from sklearn's digits,
+nothing to download) and the released
 benchmarks in their official files (`coco_caption`, `vqa` for VQAv2 / OKVQA / VizWiz, `videoqa` for
 MSVD-QA / MSRVTT-QA, `coco_t2i`).
 """
@@ -164,6 +165,42 @@ class DigitsChat(_Digits):
         truth = {q.key: q.meta["digit"] for q in self.queries()}
         return {"accuracy": 100.0 * float(np.mean([names_digit(r["answer"], truth[r["question_id"]])
                                                    for r in results]))}
+
+
+class DigitsGrounding(_Digits):
+    """"where is the digit?" about a held-out digit in a random box of a 64 px canvas, asked in the
+    chat format's grounding mode; the reply names the box in the world's words (`digits.box_words`);
+    right when it overlaps the truth with IoU >= 0.5 (also reported: the mean IoU, no box counting 0)."""
+    name = "digits_grounding"
+
+    def __init__(self, limit: int = 200, image_size: int = digits.IMAGE_SIZE, seed: int = 0,
+                 chat_format: str = "emu2_chat"):
+        super().__init__(limit, image_size, seed)
+        self.format = chat.get(chat_format, grounding=True)
+
+    def _example(self, i, d):
+        canvas, box = digits.boxed(self._images[i], np.random.RandomState([self.seed, i]))
+        return Example(i, [media.decode_image(media.encode_png(canvas), self.image_size)], "where is the digit?",
+                       digits.box_words(box), {"digit": d, "box": box})
+
+    def prompt(self, demonstrations, query):
+        before, after = chat.prompt(self.format, ["\0" + query.question]).split("\0")
+        return [before, *self.visual(query), after]
+
+    def score(self, results, out_dir, features=None):
+        truth = {q.key: q.meta["box"] for q in self.queries()}
+        overlaps = [box_iou(found, truth[r["question_id"]]) if (found := digits.words_box(r["answer"])) else 0.0
+                    for r in results]
+        return {"accuracy": 100.0 * float(np.mean(np.asarray(overlaps) >= 0.5)),
+                "mean_iou": 100.0 * float(np.mean(overlaps))}
+
+
+def box_iou(a, b) -> float:
+    """Intersection over union of two (x1, y1, x2, y2) boxes."""
+    width = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    height = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - width * height
+    return width * height / union if union > 0 else 0.0
 
 
 class DigitsLabelling(_Digits):
@@ -392,7 +429,7 @@ class CocoT2I(CocoCaption):
         return {"FID": fid.fid(images, np.stack([real[r["image_id"]] for r in results]), features)}
 
 
-TASKS = {cls.name: cls for cls in (DigitsCaption, DigitsVqa, DigitsChat, DigitsLabelling, DigitsVideo, DigitsT2I, CocoCaption,
+TASKS = {cls.name: cls for cls in (DigitsCaption, DigitsVqa, DigitsChat, DigitsGrounding, DigitsLabelling, DigitsVideo, DigitsT2I, CocoCaption,
                                    Vqa, VideoQa, CocoT2I)}
 
 

@@ -44,8 +44,6 @@ _OPEN = re.compile(r"(?<!\\)<(image|video|box):")
 EMU2_SYSTEM, EMU2_GROUNDING_SYSTEM = chat.EMU2_SYSTEM, chat.EMU2_GROUNDING_SYSTEM
 EMU_I_IMAGE_SYSTEM = chat.EMU_I_IMAGE_SYSTEM.replace("[IMG]", "\\[IMG]")
 EMU_I_VIDEO_SYSTEM = chat.EMU_I_VIDEO_SYSTEM.replace("[IMG]", "\\[IMG]")
-BOX_CANVAS = 448  # Emu2-Gen's box images: EVA's input size
-BOX_HALF_WIDTH = 2  # the demo's cv2.rectangle(thickness=3) lights the pixels within 2 of the outline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,36 +83,13 @@ def load_video(path: str, size: int, frames: int) -> list[np.ndarray]:
 
 # ----------------------------------------------------------------------------- boxes
 
-def box_image(x1: int, y1: int, x2: int, y2: int) -> np.ndarray:
-    """Emu2-Gen's box image, uint8 [448, 448, 3]: black, with a white rectangle outline 5 pixels
-    wide with rounded corners, as the demo's `cv2.rectangle(..., (255, 255, 255), 3)` draws it;
-    corners clamped into the canvas and ordered as the demo does."""
-    x1, x2 = sorted(min(BOX_CANVAS, max(0, v)) for v in (x1, x2))
-    y1, y2 = sorted(min(BOX_CANVAS, max(0, v)) for v in (y1, y2))
-    y, x = np.arange(BOX_CANVAS)[:, None], np.arange(BOX_CANVAS)[None, :]
-    along_x, along_y = np.clip(x, x1, x2) - x, np.clip(y, y1, y2) - y  # offsets to the nearest point of each side
-    nearest = np.minimum.reduce([along_x ** 2 + (y - y1) ** 2, along_x ** 2 + (y - y2) ** 2,
-                                 along_y ** 2 + (x - x1) ** 2, along_y ** 2 + (x - x2) ** 2])
-    return np.repeat((nearest <= BOX_HALF_WIDTH ** 2)[..., None] * np.uint8(255), 3, axis=-1)
-
-
 def _box(spec: str, size: int, position: int) -> np.ndarray:
     try:
         x1, y1, x2, y2 = (int(v) for v in spec.split(","))
     except ValueError:
         raise PromptError(f"prompt position {position}: <box:{spec}> needs four integers X1,Y1,X2,Y2") from None
-    pixels = box_image(x1, y1, x2, y2)
-    return pixels if size == BOX_CANVAS else media.resize(Image.fromarray(pixels), size)
-
-
-def box_text(x1: int, y1: int, x2: int, y2: int) -> str:
-    """A box as Emu2-Chat reads and writes it in grounding mode: `[x1, y1, x2, y2]` in 0-224."""
-    return f"[{x1}, {y1}, {x2}, {y2}]"
-
-
-def boxes_in(text: str) -> list[tuple[int, int, int, int]]:
-    """The `[x1, y1, x2, y2]` boxes of a grounding answer, in order."""
-    return [tuple(map(int, m)) for m in re.findall(r"\[(\d+), (\d+), (\d+), (\d+)\]", text)]
+    pixels = media.box_image(x1, y1, x2, y2)
+    return pixels if size == media.BOX_CANVAS else media.resize(Image.fromarray(pixels), size)
 
 
 # ----------------------------------------------------------------------------- parsing
@@ -170,7 +145,7 @@ def emu2_chat(messages: list[str], grounding: bool = False) -> str:
     """Emu2-Chat's prompt (emu_jax/chat.py's "emu2_chat"): the system message, then `" [USER]: "`
     before the first user message, `" [ASSISTANT]: "` before each answer, `"</s>[USER]: "` before
     each later user message, and `" [ASSISTANT]:"` at the end. Grounding mode has its own system
-    message and ends in `<grounding>` (boxes as text, see `box_text`). `messages` alternate user,
+    message and ends in `<grounding>` (boxes as text, see `chat.box_text`). `messages` alternate user,
     assistant, ..., ending with the user's; placeholders may sit in any of them."""
     try:
         text = chat.prompt(chat.FORMATS["emu2_chat"], messages, EMU2_GROUNDING_SYSTEM if grounding else None)

@@ -45,13 +45,14 @@ class T5AttentionLayer(nn.Module):
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: layers.lora_lib.LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x, kv_input=None, *, mask=None, bias=None):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(self.norm_eps, name="layer_norm", **kw)(x)
         h, _ = Attention(self.num_heads, self.head_dim, names=("q", "k", "v", "o"), scale=1.0,
-                         implementation=self.attention_impl, name=self.attention_name, **kw)(
+                         implementation=self.attention_impl, lora=self.lora, name=self.attention_name, **kw)(
             h, kv_input, mask=mask, bias=bias)
         return x + h
 
@@ -61,12 +62,14 @@ class T5FeedForwardLayer(nn.Module):
     norm_eps: float
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: layers.lora_lib.LoraSpec | None = None
 
     @nn.compact
     def __call__(self, x):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         h = RMSNorm(self.norm_eps, name="layer_norm", **kw)(x)
-        return x + Mlp(self.d_ff, activation="relu", names=("wi", "wo"), name="DenseReluDense", **kw)(h)
+        return x + Mlp(self.d_ff, activation="relu", names=("wi", "wo"), lora=self.lora, name="DenseReluDense",
+                       **kw)(h)
 
 
 class CausalFormerBlock(nn.Module):
@@ -77,12 +80,14 @@ class CausalFormerBlock(nn.Module):
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: layers.lora_lib.LoraSpec | None = None
 
     def setup(self):
         kw = dict(num_heads=self.num_heads, head_dim=self.head_dim, norm_eps=self.norm_eps,
-                  attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype)
+                  attention_impl=self.attention_impl, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)
         self.layer = [T5AttentionLayer("SelfAttention", **kw), T5AttentionLayer("EncDecAttention", **kw),
-                      T5FeedForwardLayer(self.d_ff, self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)]
+                      T5FeedForwardLayer(self.d_ff, self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+                                         lora=self.lora)]
 
     def __call__(self, x, unused_cache, shared):
         vision, position_bias, causal_mask = shared
@@ -106,6 +111,7 @@ class T5DecoderStack(nn.Module):
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: layers.lora_lib.LoraSpec | None = None
 
     def setup(self):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
@@ -115,7 +121,7 @@ class T5DecoderStack(nn.Module):
         self.block = layers.make_stack(
             CausalFormerBlock, self.num_layers, scan=self.scan_layers, remat=self.remat,
             num_heads=self.num_heads, head_dim=self.head_dim, d_ff=self.d_ff, norm_eps=self.norm_eps,
-            attention_impl=self.attention_impl, **kw)
+            attention_impl=self.attention_impl, lora=self.lora, **kw)
         self.final_layer_norm = RMSNorm(self.norm_eps, **kw)
 
     def __call__(self, queries, vision):
@@ -141,7 +147,7 @@ class CausalFormer(nn.Module):
         queries = jnp.broadcast_to(tokens.astype(stack.dtype), (vision.shape[0],) + tokens.shape[1:])
         x = stack(queries, vision)
         return layers.dense(self.llm_hidden, ("embed", "mlp"), use_bias=True, name="projection",
-                            dtype=stack.dtype, param_dtype=stack.param_dtype)(x)
+                            dtype=stack.dtype, param_dtype=stack.param_dtype, lora=stack.lora)(x)
 
 
 class CausalFormerConnector(nn.Module):
@@ -163,6 +169,7 @@ class CausalFormerConnector(nn.Module):
     attention_impl: str = "auto"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    lora: layers.lora_lib.LoraSpec | None = None
 
     @property
     def num_visual_tokens(self) -> int:
@@ -177,10 +184,10 @@ class CausalFormerConnector(nn.Module):
         stack = T5DecoderStack(self.d_model, self.num_layers, self.num_heads, self.head_dim, self.d_ff,
                                num_buckets=self.num_buckets, max_distance=self.max_distance,
                                norm_eps=self.norm_eps, scan_layers=self.scan_layers, remat=self.remat,
-                               attention_impl=self.attention_impl, parent=None, **kw)
+                               attention_impl=self.attention_impl, lora=self.lora, parent=None, **kw)
         self.ln_visual = layers.layer_norm(self.ln_visual_eps, name=None, **kw)
         self.cformer = CausalFormer(stack, self.llm_hidden, self.num_queries)
-        self.stu_regress_head = layers.dense(self.llm_hidden, ("embed", "mlp"), name=None, **kw)
+        self.stu_regress_head = layers.dense(self.llm_hidden, ("embed", "mlp"), name=None, lora=self.lora, **kw)
 
     def encode(self, vit_tokens):
         """ViT tokens -> (LLM input embeddings, regression targets); in Emu1 they are the same."""

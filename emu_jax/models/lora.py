@@ -7,7 +7,7 @@
 scanned stacks: `llm/layers/self_attn/q_proj`). A targeted projection y = x . W gains
 y += alpha / rank * dropout(x) . A . B, with A [*in, rank] (peft's initialisation: uniform within
 1/sqrt(fan-in)) and B [rank, *out] (zeros, so an adapted model starts as its base), held beside the
-kernel as `lora_a` / `lora_b` and sharded on the kernel's input / output logical axes. Dropout acts
+kernel as `lora_a` / `lora_b` (float32) and sharded on the kernel's input / output logical axes. Dropout acts
 only where the caller passes a "dropout" rng (training). Rank 0: no adapters.
 
 The trainer trains the adapters alone (`config.optimizer.train_only`); `merge` folds them into the
@@ -59,10 +59,11 @@ def adapt(module: nn.Module, x: jax.Array, y: jax.Array, kernel_axes: tuple, con
     in_shape, out_shape = x.shape[x.ndim - contract:], y.shape[y.ndim - (len(kernel_axes) - contract):]
     a_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform", in_axis=tuple(range(contract)),
                                               out_axis=-1)
+    # adapters are what trains: float32 whatever the frozen base is stored in (a LoRA recipe keeps it in bf16)
     a = module.param("lora_a", nn.with_logical_partitioning(a_init, kernel_axes[:contract] + (None,)),
-                     in_shape + (lora.rank,), module.param_dtype)
+                     in_shape + (lora.rank,), jnp.float32)
     b = module.param("lora_b", nn.with_logical_partitioning(nn.initializers.zeros, (None,) + kernel_axes[contract:]),
-                     (lora.rank,) + out_shape, module.param_dtype)
+                     (lora.rank,) + out_shape, jnp.float32)
     if lora.dropout and module.has_rng("dropout"):
         keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - lora.dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - lora.dropout), 0.0)

@@ -19,6 +19,7 @@ import time
 
 import flax.linen as nn
 import jax
+import numpy as np
 from absl import logging
 
 from emu_jax import config_lib
@@ -50,6 +51,7 @@ class Report:
     tokens_per_step: int = 0
     peak_flops: float = 0.0  # per device
     compile_seconds: float = 0.0
+    state_bytes: int = 0  # per device: parameters and optimizer state as sharded (a lower bound of the step's memory)
 
     @property
     def total_bytes(self) -> int:
@@ -127,6 +129,17 @@ def extrapolated_cost(config, devices, scanned_cost: dict) -> dict:
     return total
 
 
+def state_bytes_per_device(state) -> int:
+    """Bytes of the largest per-device share of an abstract, sharded train state."""
+    per_device: dict = {}
+    for leaf in jax.tree.leaves(state):
+        shard = leaf.sharding.shard_shape(leaf.shape)
+        size = int(np.prod(shard, dtype=np.int64)) * leaf.dtype.itemsize
+        for device in leaf.sharding.device_set:
+            per_device[device] = per_device.get(device, 0) + size
+    return max(per_device.values(), default=0)
+
+
 def compile_report(config, target: str, *, extrapolate: bool = True) -> Report:
     """Compiles the train step of `config` for `target` and reports memory, fit and speed; a step
     the compiler refuses for lack of memory, or whose parameters do not split over the mesh (a
@@ -146,16 +159,24 @@ def compile_report(config, target: str, *, extrapolate: bool = True) -> Report:
         if type(e).__name__ != "IndivisibleError":
             raise
         report.fits, report.unshardable = False, True
-        report.error = "cannot shard: " + str(e).strip().splitlines()[0][:500]
+        report.error = "the parameters do not split over this mesh: " + str(e).strip().splitlines()[0][:500]
         report.mesh = dict(zip(mesh_lib.MESH_AXES, mesh_lib.mesh_shape(config.mesh, len(devices))))
         return report
     report.mesh = dict(mesh.shape)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
+        report.state_bytes = state_bytes_per_device(trainer.abstract_state(setup))
+    if chip and report.state_bytes > chip.hbm_bytes:  # no compile can make it fit: skip minutes of compiling
+        report.fits = False
+        report.error = (f"the parameters and optimizer state alone take {report.state_bytes / topology_lib.GIB:.1f} "
+                        f"GiB per device, over the chip's {chip.hbm_bytes / topology_lib.GIB:.0f} GiB")
+        report.compile_seconds = time.perf_counter() - start
+        return report
     try:
         compiled = lowered.compile()
     except Exception as e:  # XlaRuntimeError; only out-of-memory is a finding, anything else is a bug
         if not any(marker in str(e) for marker in OUT_OF_MEMORY_MARKERS):
             raise
-        report.fits, report.error = False, str(e).strip().splitlines()[0][:500]
+        report.fits, report.error = False, "the compiler ran out of memory: " + str(e).strip().splitlines()[0][:500]
         report.compile_seconds = time.perf_counter() - start
         return report
     report.compile_seconds = time.perf_counter() - start
@@ -185,6 +206,8 @@ def suggestions(config, report: Report) -> list[tuple[str, dict]]:
     if not (mesh.fsdp == -1 and mesh.data == 1 and mesh.tensor == 1) and mesh.fsdp != report.devices:
         out.append(("shard parameters and optimizer state over all devices (FSDP)",
                     {"mesh.data": 1, "mesh.fsdp": -1, "mesh.tensor": 1}))
+    if report.hbm_bytes and report.state_bytes > report.hbm_bytes:
+        return out  # remat and micro-batches shrink activations, not the parameters and optimizer state
     remat = {f"model.{t}.remat": "full" for t, policy in report.remat.items() if policy != "full"}
     if remat:
         out.append(("rematerialise whole layers (keeps only layer inputs for the backward pass)", remat))
@@ -220,8 +243,7 @@ def format_report(report: Report) -> str:
              f"{report.global_batch} ({report.grad_accum_steps} accumulation step(s)), remat {report.remat}",
              f"compile: {report.compile_seconds:.1f} s"]
     if report.error:
-        why = "the parameters do not split over this mesh" if report.unshardable else "the compiler ran out of memory"
-        lines.append(f"does NOT fit: {why}: {report.error}")
+        lines.append(f"does NOT fit: {report.error}")
         return "\n".join(lines)
     m = report.memory
     lines.append(f"per-device memory: arguments {gib(m['arguments'])}, outputs {gib(m['outputs'])} "
