@@ -212,7 +212,8 @@ def evaluator(type: str, every: int = 0, final: bool = True, **options) -> ml_co
 
 def source(kind: str, path: str, split: str = "train", weight: float = 1.0) -> ml_collections.ConfigDict:
     """One data source: kind is "array_record" (path: a glob of shards), "tfds" (path: a prepared
-    dataset directory) or "digits" (path: where the embedded digits world is built)."""
+    dataset directory), "webdataset" (tar shards: a glob, a brace range or wids' shard-list JSON),
+    "parquet" (a glob of Parquet files) or "digits" (path: where the embedded digits world is built)."""
     return ml_collections.ConfigDict(dict(kind=kind, path=path, split=split, weight=weight))
 
 

@@ -1,6 +1,7 @@
 """The Grain input pipeline: records -> documents -> token and image arrays -> packed rows -> batches.
 
-    per source: records (ArrayRecord shards or a TFDS split) -> tag (source, index) -> shuffle -> repeat
+    per source: records (ArrayRecord shards, a TFDS split, webdataset tar shards or Parquet files:
+    data/webdata.py) -> tag (source, index) -> shuffle -> repeat
     -> mix by weight -> decode + tokenise (worker processes) -> (training) a random view of the
     document's images (`data.augment`, see augment.py) -> this process's slice (lazily: a process
     decodes only its own records)
@@ -32,7 +33,7 @@ from grain.experimental import FirstFitPackIterDataset
 
 from emu_jax import chat
 from emu_jax import tokens as tokens_lib
-from emu_jax.data import augment, media, records
+from emu_jax.data import augment, media, records, webdata
 from emu_jax.data.records import RecordError
 from emu_jax.data.tokenizer import Tokenizer, load_tokenizer
 
@@ -112,7 +113,19 @@ def open_digits(source, data_config):
     return grain.MapDataset.source(_tfds_source(dataset_dir, source.split)).map(_document_bytes)
 
 
-SOURCES = {"tfds": open_tfds, "array_record": open_array_record, "digits": open_digits}
+def _open_sized(reader_cls, sizes_of, what: str):
+    def open_source(source, data_config):
+        pattern = expand(source.path, data_config.data_dir)
+        sizes = sizes_of(pattern, data_config.strict)
+        if not sizes:
+            raise FileNotFoundError(f"no readable {what} match {source.path!r}")
+        return grain.MapDataset.source(reader_cls(sizes))
+    return open_source
+
+
+SOURCES = {"tfds": open_tfds, "array_record": open_array_record, "digits": open_digits,
+           "webdataset": _open_sized(webdata.TarShards, webdata.tar_shard_sizes, "webdataset tar shards"),
+           "parquet": _open_sized(webdata.ParquetRows, webdata.parquet_sizes, "Parquet files")}
 
 
 @dataclasses.dataclass(frozen=True)

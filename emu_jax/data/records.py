@@ -97,15 +97,18 @@ def encode(doc: dict) -> bytes:
 
 @dataclasses.dataclass(frozen=True)
 class Unreadable:
-    """Stands in for a record whose bytes could not be read from storage; `reason` names where."""
+    """Stands in for a record that could not be read from storage (or, for sources read directly
+    such as webdataset shards, could not become a document); `reason` names where, `kind` the
+    counter it is skipped under."""
     reason: str
+    kind: str = "unreadable"
 
 
 def decode(record: bytes | Unreadable) -> dict:
     """Bytes -> document. Text arrives as bytes and is checked as UTF-8 here, so that a bad
     record names its problem instead of failing later."""
     if isinstance(record, Unreadable):
-        raise RecordError("unreadable", record.reason)
+        raise RecordError(record.kind, record.reason)
     try:
         doc = msgpack.unpackb(record, raw=True)
     except Exception as e:  # msgpack raises several unrelated types for corrupt input

@@ -1,0 +1,238 @@
+"""Web-scale data as people store it, read directly: webdataset tar shards and Parquet files.
+
+Both are random-access Grain sources of documents (msgpack records, as ArrayRecord shards give),
+so they shuffle globally, mix by weight, split over hosts and resume exactly as ArrayRecord does
+(Grain checkpoints the iterator's position; a resumed run reads the same records next).
+
+webdataset (img2dataset's layout): members `KEY.jpg|png|webp` or `KEY.mp4|webm|avi` with `KEY.txt`
+(or a "caption" in `KEY.json`). Shards are indexed for random access by the `wids` package (a
+header scan through mmap, once per shard per reader); `path` is a glob, a brace range
+(`laion/{00000..00999}.tar`), or wids' shard-list JSON (`{"shardlist": [{"url", "nsamples"}]}`,
+`widsindex create`), whose counts spare the scan at start-up.
+
+Parquet: img2dataset's output (an image column `jpg` / `image` / `png` / `webp` of bytes or paths
+relative to the file's folder, and `caption` / `txt` / `text`), or OBELICS' interleaved rows
+(`texts` and `images` lists: at each position one of them holds the item). Rows are read a row
+group at a time (the last few groups are kept).
+
+A sample that cannot become a document (no media, no caption, an interleaved row with neither)
+comes back as `records.Unreadable` with kind "malformed", naming shard and position: the pipeline
+counts and skips it (data/malformed), or stops a strict run naming it; its bad image bytes are
+counted at decode time like any other (data/bad_image).
+"""
+from __future__ import annotations
+
+import bisect
+import collections
+import glob
+import itertools
+import json
+import os
+import threading
+from typing import Any
+
+from emu_jax.data import records
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+VIDEO_EXTENSIONS = ("mp4", "webm", "avi", "mkv")
+TEXT_EXTENSIONS = ("txt", "caption")
+
+
+def expand_paths(pattern: str) -> list[str]:
+    """A glob, a brace range, or both -> the sorted existing files."""
+    import braceexpand
+    return sorted({path for part in braceexpand.braceexpand(pattern) for path in glob.glob(part)})
+
+
+class _RandomAccess:
+    """Random access over several files (`len`, `[i]`): the file holding record i and its position
+    in it, each reader process opening files lazily (readers do not pickle)."""
+
+    def __init__(self, sizes: dict[str, int]):
+        self.sizes = dict(sizes)
+        self._paths = list(self.sizes)
+        self._ends = list(itertools.accumulate(self.sizes.values()))
+        self._open: dict[int, Any] = {}
+        self._lock = threading.Lock()
+
+    def __reduce__(self):
+        return type(self), (self.sizes,)
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def locate(self, index: int) -> tuple[int, int]:
+        if not 0 <= index < len(self):
+            raise IndexError(f"record {index} outside {len(self)} records")
+        shard = bisect.bisect_right(self._ends, index)
+        return shard, index - (self._ends[shard - 1] if shard else 0)
+
+    def opened(self, shard: int):
+        with self._lock:  # Grain reads from several threads
+            if shard not in self._open:
+                self._open[shard] = self.open(self._paths[shard])
+            return self._open[shard]
+
+    def open(self, path: str):
+        raise NotImplementedError
+
+
+# ----------------------------------------------------------------------------- webdataset tar shards
+
+def _tar_samples(path: str):
+    from wids.wids import IndexedTarSamples
+    return IndexedTarSamples(path=path)
+
+
+def tar_shard_sizes(pattern: str, strict: bool) -> dict[str, int]:
+    """{shard: samples}: from wids' shard-list JSON, or by indexing each shard. A shard that does
+    not index (truncated, not a tar) is skipped with a warning naming it, or raises in strict mode."""
+    from absl import logging
+    if pattern.endswith(".json"):
+        with open(pattern) as f:
+            listing = json.load(f)
+        root = os.path.dirname(pattern)
+        return {os.path.join(root, s["url"]): int(s["nsamples"]) for s in listing["shardlist"]}
+    sizes = {}
+    for path in expand_paths(pattern):
+        try:
+            samples = _tar_samples(path)
+            sizes[path] = len(samples)
+            samples.close()
+        except Exception as e:  # tarfile / wids raise several types for a broken file
+            error = records.SourceError(f"{path}: not a readable tar shard: {e}")
+            if strict:
+                raise error from e
+            logging.warning("skipping shard: %s", error)
+    return sizes
+
+
+def sample_document(sample: dict, where: str) -> bytes | records.Unreadable:
+    """A webdataset sample {extension: bytes, "__key__"} -> an encoded document: its image or video,
+    then its caption."""
+    media = next(((kind, sample[ext]) for kind, exts in (("image", IMAGE_EXTENSIONS), ("video", VIDEO_EXTENSIONS))
+                  for ext in exts if ext in sample), None)
+    caption = next((sample[ext] for ext in TEXT_EXTENSIONS if ext in sample), None)
+    if caption is None and "json" in sample:
+        try:
+            caption = json.loads(sample["json"]).get("caption")
+        except (ValueError, AttributeError):
+            caption = None
+    if media is None or caption is None:
+        missing = "image or video" if media is None else "caption (.txt, or json 'caption')"
+        return records.Unreadable(f"{where}: sample {sample.get('__key__', '?')!r} has no {missing}", "malformed")
+    text = caption.decode("utf-8", "replace") if isinstance(caption, bytes) else str(caption)
+    kind, data = media
+    return records.encode(records.document([{kind: bytes(data)}, records.text(text.strip())], "webdataset",
+                                           key=str(sample.get("__key__", ""))))
+
+
+class TarShards(_RandomAccess):
+    """Random access to the samples of webdataset tar shards, as documents."""
+
+    def open(self, path: str):
+        return _tar_samples(path)
+
+    def __getitem__(self, index: int) -> bytes | records.Unreadable:
+        shard, position = self.locate(index)
+        where = f"{self._paths[shard]} sample {position}"
+        try:
+            sample = self.opened(shard)[position]
+        except Exception as e:  # a member that does not read back
+            return records.Unreadable(f"{where} does not read: {e}")
+        return sample_document({k.lstrip("."): v.getvalue() if hasattr(v, "getvalue") else v
+                                for k, v in sample.items()}, where)
+
+
+# ----------------------------------------------------------------------------- Parquet
+
+IMAGE_COLUMNS = ("jpg", "image", "png", "webp")
+CAPTION_COLUMNS = ("caption", "txt", "text")
+
+
+def parquet_sizes(pattern: str, strict: bool) -> dict[str, int]:
+    from absl import logging
+    import pyarrow.parquet as pq
+    sizes = {}
+    for path in expand_paths(pattern):
+        try:
+            sizes[path] = pq.ParquetFile(path).metadata.num_rows
+        except Exception as e:  # pyarrow.ArrowInvalid and OSError for a file that is not Parquet
+            error = records.SourceError(f"{path}: not a readable Parquet file: {e}")
+            if strict:
+                raise error from e
+            logging.warning("skipping file: %s", error)
+    return sizes
+
+
+class _ParquetFile:
+    """One file's rows by index, a row group at a time (the last KEEP groups cached)."""
+    KEEP = 2
+
+    def __init__(self, path: str):
+        import pyarrow.parquet as pq
+        self.path, self.file = path, pq.ParquetFile(path)
+        self.starts = list(itertools.accumulate((self.file.metadata.row_group(g).num_rows
+                                                 for g in range(self.file.num_row_groups)), initial=0))
+        self._groups: collections.OrderedDict = collections.OrderedDict()
+
+    def row(self, position: int) -> dict:
+        group = bisect.bisect_right(self.starts, position) - 1
+        if group not in self._groups:
+            self._groups[group] = self.file.read_row_group(group).to_pylist()
+            while len(self._groups) > self.KEEP:
+                self._groups.popitem(last=False)
+        return self._groups[group][position - self.starts[group]]
+
+
+def _media_bytes(value, folder: str, where: str):
+    """Bytes from an image cell: the bytes themselves, or a path relative to the file's folder."""
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if isinstance(value, dict) and "bytes" in value:  # Hugging Face datasets' image struct
+        return value["bytes"] or _media_bytes(value.get("path"), folder, where)
+    if isinstance(value, str):
+        return records.read_source(os.path.join(folder, value), where)
+    return None
+
+
+def row_document(row: dict, folder: str, where: str) -> bytes | records.Unreadable:
+    """A Parquet row -> an encoded document (an interleaved OBELICS row, or an image and caption)."""
+    try:
+        if "texts" in row and "images" in row:
+            segments = []
+            for text, image in zip(row["texts"] or [], row["images"] or []):
+                if text is not None:
+                    segments.append(records.text(text))
+                elif image is not None:
+                    data = _media_bytes(image, folder, where)
+                    segments.append(records.image(data if data is not None else b""))
+            if not segments:
+                return records.Unreadable(f"{where}: interleaved row with no text and no image", "malformed")
+            return records.encode(records.document(segments, "parquet"))
+        image = next((row[c] for c in IMAGE_COLUMNS if row.get(c) is not None), None)
+        caption = next((row[c] for c in CAPTION_COLUMNS if row.get(c) is not None), None)
+        if image is None or caption is None:
+            missing = f"image ({'/'.join(IMAGE_COLUMNS)})" if image is None else f"caption ({'/'.join(CAPTION_COLUMNS)})"
+            return records.Unreadable(f"{where}: row has no {missing}", "malformed")
+        return records.encode(records.document([records.image(_media_bytes(image, folder, where)),
+                                                records.text(str(caption))], "parquet"))
+    except records.SourceError as e:  # an image path that does not read
+        return records.Unreadable(str(e), "missing_image")
+
+
+class ParquetRows(_RandomAccess):
+    """Random access to the rows of Parquet files, as documents."""
+
+    def open(self, path: str):
+        return _ParquetFile(path)
+
+    def __getitem__(self, index: int) -> bytes | records.Unreadable:
+        shard, position = self.locate(index)
+        path = self._paths[shard]
+        where = f"{path} row {position}"
+        try:
+            row = self.opened(shard).row(position)
+        except Exception as e:  # a row group that does not decode
+            return records.Unreadable(f"{where} does not read: {e}")
+        return row_document(row, os.path.dirname(path), where)
