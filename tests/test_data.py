@@ -387,3 +387,21 @@ def test_sources_are_mixed_by_weight(tmp_path, world):
     ds = pipeline.documents(config.data, config.data.train_sources, shuffle=True, process_index=0, process_count=1)
     names = [ds[i][0] for i in range(400)]
     assert abs(names.count("a") / 400 - 0.75) < 0.05
+
+
+def test_large_jpegs_are_decoded_in_draft_mode_close_to_the_full_decode():
+    """The pipeline decodes a 512 px JPEG at half scale before resizing to 224: not the full
+    decode's pixels (draft mode took effect) but within a couple of levels on average; a PNG (the
+    digits world) and a JPEG not larger than twice the size decode exactly as before."""
+    from skimage import data
+    photo = Image.fromarray(data.astronaut())
+
+    def encoded(size, fmt):
+        buffer = io.BytesIO()
+        photo.resize((size, size)).save(buffer, format=fmt, quality=90)
+        return buffer.getvalue()
+    full, draft = (media.decode_image(encoded(512, "JPEG"), 224, draft=d).astype(int) for d in (False, True))
+    assert not np.array_equal(full, draft) and np.abs(full - draft).mean() < 2.0
+    for size, fmt in ((512, "PNG"), (400, "JPEG")):
+        np.testing.assert_array_equal(media.decode_image(encoded(size, fmt), 224, draft=True),
+                                      media.decode_image(encoded(size, fmt), 224))

@@ -17,12 +17,18 @@ from PIL import Image
 from emu_jax.data.records import RecordError
 
 
-def decode_image(encoded: bytes, size: int) -> np.ndarray:
-    """Encoded bytes -> uint8 [size, size, 3]; RecordError("bad_image") if they do not decode."""
+def decode_image(encoded: bytes, size: int, draft: bool = False) -> np.ndarray:
+    """Encoded bytes -> uint8 [size, size, 3]; RecordError("bad_image") if they do not decode.
+    `draft`: a JPEG larger than twice `size` is decoded at the smallest DCT scale (1/2, 1/4, 1/8)
+    that keeps both sides >= `size`, then resized: a fraction of the decoding work, and pixels
+    within a few levels of the full decode's (the training pipeline's choice; prompts and
+    evaluation decode fully, as the release does)."""
     if not encoded:
         raise RecordError("missing_image", "image segment has no bytes")
     try:
         with Image.open(io.BytesIO(encoded)) as img:
+            if draft:
+                img.draft(img.mode, (size, size))  # a no-op for other formats
             img.load()  # decodes fully, so truncated files fail here and not later
             return resize(img, size)
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:

@@ -174,7 +174,7 @@ class TokenizeDocument(grain.transforms.Map):
         size, count = self.layout.image_size, self.layout.video_frames
         kind = records.segment_kind(segment)
         if kind == "image":
-            return media.decode_image(segment["image"], size)[None]
+            return media.decode_image(segment["image"], size, draft=True)[None]
         if kind == "video":
             return media.decode_video(segment["video"], size, count)
         return media.decode_frames(segment["frames"], size, count)

@@ -166,7 +166,9 @@ def parquet_sizes(pattern: str, strict: bool) -> dict[str, int]:
 
 
 class _ParquetFile:
-    """One file's rows by index, a row group at a time (the last KEEP groups cached)."""
+    """One file's rows by index, a row group at a time (the last KEEP groups cached). A ParquetFile
+    is not safe to read from several threads at once (Grain's prefetch threads crashed the reader
+    process): reads of one file take turns."""
     KEEP = 2
 
     def __init__(self, path: str):
@@ -175,14 +177,16 @@ class _ParquetFile:
         self.starts = list(itertools.accumulate((self.file.metadata.row_group(g).num_rows
                                                  for g in range(self.file.num_row_groups)), initial=0))
         self._groups: collections.OrderedDict = collections.OrderedDict()
+        self._lock = threading.Lock()
 
     def row(self, position: int) -> dict:
         group = bisect.bisect_right(self.starts, position) - 1
-        if group not in self._groups:
-            self._groups[group] = self.file.read_row_group(group).to_pylist()
-            while len(self._groups) > self.KEEP:
-                self._groups.popitem(last=False)
-        return self._groups[group][position - self.starts[group]]
+        with self._lock:
+            if group not in self._groups:
+                self._groups[group] = self.file.read_row_group(group).to_pylist()
+                while len(self._groups) > self.KEEP:
+                    self._groups.popitem(last=False)
+            return self._groups[group][position - self.starts[group]]
 
 
 def _media_bytes(value, folder: str, where: str):
