@@ -1,7 +1,7 @@
 """Records/s of the full input pipeline beside raw PIL decode + resize of the same images, in one run.
 
     pip install scikit-image   # real sample photos
-    python benchmarks/pipeline_throughput.py [--records=600] [--workers=2] [--image_size=224]
+    python benchmarks/pipeline_throughput.py [--records=3000] [--workers=2] [--image_size=224]
 
 Writes image-caption pairs of scikit-image's sample photos (re-encoded as JPEG at up to 512 px,
 as web-scale pairs arrive) as an ArrayRecord shard, webdataset tar shards (img2dataset's layout)
@@ -12,7 +12,8 @@ and a Parquet file (img2dataset's columns), then measures
             workers from each source, steady state (after the first batches, which include
             starting the workers)
 and prints each and its ratio to raw (target >= 1.6 at 2 workers on 2 cores: the pipeline decodes
-large JPEGs in draft mode, see media.decode_image).
+large JPEGs in draft mode, see media.decode_image). Parquet reads whole row groups (here 100 rows),
+which each worker decodes for its share of them.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from PIL import Image
 from emu_jax import config_lib
 from emu_jax.data import digits, pipeline, records
 
-flags.DEFINE_integer("records", 600, "Records to write and read.")
+flags.DEFINE_integer("records", 3000, "Records to write and read (enough that the steady state, not the "
+                     "workers' start and the prefetch buffers, decides the rate).")
 flags.DEFINE_integer("workers", 2, "Grain worker processes.")
 flags.DEFINE_integer("image_size", 224, "Model image size.")
 FLAGS = flags.FLAGS

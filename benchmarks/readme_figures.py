@@ -205,15 +205,26 @@ def footnotes(runs: list[tuple[str, dict]]) -> list[str]:
     return [""] + [versions_line(label, v) + "  " for label, v in seen.items()]
 
 
-def quickstart_table(out: pathlib.Path) -> str:
-    runs = gathered(out, "quickstart_seed*")
+def seed_table(out: pathlib.Path, pattern: str, columns: list[str], cells, extra: tuple[str, ...] = ()) -> str:
+    """A table with a row per finished run matching `pattern` (dependency set, seed, `cells(figures)`),
+    then `extra` rows and the versions each dependency set ran on."""
+    runs = gathered(out, pattern)
     if not runs:
         return ""
-    lines = ["| dependency set | seed | held-out caption accuracy | held-out text loss | wall time (2 cores) |",
-             "|---|---|---|---|---|"]
-    lines += [f"| {label} | {f['seed']} | {f['accuracy']:.3f} | {f['text_loss']:.3f} | {f['wall_s'] / 60:.1f} min |"
-              for label, f in runs]
-    return "\n".join(lines + footnotes(runs))
+    head = ["dependency set", "seed", *columns]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join([label, str(f["seed"]), *cells(f)]) + " |" for label, f in runs]
+    return "\n".join(lines + list(extra) + footnotes(runs))
+
+
+def minutes(seconds: float) -> str:
+    return f"{seconds / 60:.1f} min"
+
+
+def quickstart_table(out: pathlib.Path) -> str:
+    return seed_table(out, "quickstart_seed*", ["held-out caption accuracy", "held-out text loss",
+                                                "wall time (2 cores)"],
+                      lambda f: [f"{f['accuracy']:.3f}", f"{f['text_loss']:.3f}", minutes(f["wall_s"])])
 
 
 def real_digits_recognisability() -> float:
@@ -226,28 +237,23 @@ def real_digits_recognisability() -> float:
 
 
 def decoder_table(out: pathlib.Path) -> str:
-    runs = gathered(out, "decoder_seed*")
-    if not runs:
+    if not gathered(out, "decoder_seed*"):
         return ""
-    lines = ["| dependency set | seed | VAE recognisability | VAE latent std | VAE wall time | decoder recognisability "
-             "| decoder wall time |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {label} | {f['seed']} | {f['vae']:.3f} | {f['vae_latent_std']:.2f} | {f['vae_wall_s'] / 60:.1f} min "
-              f"| {f['decoder']:.3f} | {f['decoder_wall_s'] / 60:.1f} min |" for label, f in runs]
-    lines.append(f"| real held-out digits | | {real_digits_recognisability():.3f} | | | | |")
-    return "\n".join(lines + footnotes(runs))
+    return seed_table(out, "decoder_seed*", ["VAE recognisability", "VAE latent std", "VAE wall time",
+                                             "decoder recognisability", "decoder wall time"],
+                      lambda f: [f"{f['vae']:.3f}", f"{f['vae_latent_std']:.2f}", minutes(f["vae_wall_s"]),
+                                 f"{f['decoder']:.3f}", minutes(f["decoder_wall_s"])],
+                      extra=(f"| real held-out digits | | {real_digits_recognisability():.3f} | | | | |",))
 
 
 def chat_table(out: pathlib.Path) -> str:
-    runs = gathered(out, "chat_seed*")
-    if not runs:
-        return ""
-    lines = ["| dependency set | seed | chat accuracy: untuned -> tuned | grounding (IoU >= 0.5): untuned -> tuned "
-             "| grounding mean IoU, tuned | trainable parameters | wall time (2 cores) |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {label} | {f['seed']} | {f['chat_zero_shot']:.3f} -> **{f['chat_tuned']:.3f}** | "
-              f"{f['grounding_zero_shot']:.3f} -> {f['grounding_tuned']:.3f} | {f['grounding_iou_tuned']:.3f} | "
-              f"{f['adapters']:,} of {f['parameters']:,} ({f['adapters'] / f['parameters']:.1%}) | "
-              f"{f['wall_s'] / 60:.1f} min |" for label, f in runs]
-    return "\n".join(lines + footnotes(runs))
+    return seed_table(out, "chat_seed*", ["chat accuracy: untuned -> tuned", "grounding (IoU >= 0.5): untuned -> tuned",
+                                          "grounding mean IoU, tuned", "trainable parameters", "wall time (2 cores)"],
+                      lambda f: [f"{f['chat_zero_shot']:.3f} -> **{f['chat_tuned']:.3f}**",
+                                 f"{f['grounding_zero_shot']:.3f} -> {f['grounding_tuned']:.3f}",
+                                 f"{f['grounding_iou_tuned']:.3f}",
+                                 f"{f['adapters']:,} of {f['parameters']:,} ({f['adapters'] / f['parameters']:.1%})",
+                                 minutes(f["wall_s"])])
 
 
 SWEEP_ROWS = (  # (README row, task, demonstrations, metric columns joined by " / ")

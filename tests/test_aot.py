@@ -71,8 +71,8 @@ def test_extrapolated_flops_of_a_scanned_stack_equal_the_unrolled_compile():
 
 
 def test_a_config_that_cannot_fit_reports_so_with_suggestions(tmp_path):
-    """Emu2-37B on four v5e chips: the compiler runs out of HBM; the CLI says so, lists what would
-    lower memory as --config overrides, and exits cleanly."""
+    """Emu2-37B on four v5e chips: it cannot fit; the CLI says so, lists what would lower memory as
+    --config overrides, and exits cleanly."""
     out = tmp_path / "report.json"
     done = subprocess.run([sys.executable, "-m", "emu_jax.train_compile", "--config=configs/emu2_37b.py",
                            "--topology=v5e:2x2", "--noestimate", f"--json={out}"], cwd=ROOT, capture_output=True,
@@ -81,6 +81,11 @@ def test_a_config_that_cannot_fit_reports_so_with_suggestions(tmp_path):
     assert "does NOT fit" in done.stdout and "--config.mesh.fsdp=-1" in done.stdout
     report = json.loads(out.read_text())
     assert report["fits"] is False and report["devices"] == 4 and report["hbm_bytes"] == 16 * 2**30
+    # replicated, the parameters and AdamW's moments alone exceed HBM: refused before compiling, and
+    # only sharding them is suggested (remat and smaller micro-batches shrink activations only)
+    assert report["memory"] == {} and report["state_bytes"] > 12 * 35e9 > report["hbm_bytes"]  # 12 bytes a parameter
+    assert "the parameters and optimizer state alone take" in done.stdout
+    assert "--config.model.llm.remat=full" not in done.stdout
 
 
 def test_splash_attention_compiles_for_tpu_with_its_gradients():

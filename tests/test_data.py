@@ -203,12 +203,17 @@ def test_two_hosts_see_disjoint_data_covering_the_epoch(world):
 def test_restored_iterator_yields_the_same_following_batches(world, workers):
     data_dir, _ = world
     config = tiny_config(data_dir, global_batch_size=4)
+    assert_resumes_exactly(config, workers)
+
+
+def assert_resumes_exactly(config, workers: int = 0, read: int = 3, then: int = 3) -> None:
+    """After `read` batches, an iterator restored from the state gives the `then` batches that followed."""
     make = lambda: iter(pipeline.make_dataset(config.data, config.model, VISUAL, worker_count=workers))  # noqa: E731
     it = make()
-    for _ in range(3):
+    for _ in range(read):
         next(it)
     state = it.get_state()
-    expected = [next(it) for _ in range(3)]
+    expected = [next(it) for _ in range(then)]
     restored = make()
     restored.set_state(state)
     for want in expected:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from absl import flags
 from PIL import Image
-from test_data import VISUAL, tiny_config
+from test_data import VISUAL, assert_resumes_exactly, tiny_config
 
 from emu_jax import config_lib
 from emu_jax.data import media, pipeline, records, webdata
@@ -93,19 +93,7 @@ def test_webdataset_and_parquet_sources_count_bad_samples_and_resume_exactly(sha
         assert events[pipeline.EVENTS.index("malformed")] == bad // 2 and events[pipeline.EVENTS.index(
             "bad_image")] == bad // 2, source.kind
 
-        config = tiny_config(data_dir, global_batch_size=2, train_sources={"web": source})
-        make = lambda: iter(pipeline.make_dataset(config.data, config.model, VISUAL, worker_count=0))  # noqa: E731
-        it = make()
-        for _ in range(3):
-            next(it)
-        state = it.get_state()
-        expected = [next(it) for _ in range(4)]
-        restored = make()
-        restored.set_state(state)
-        for want in expected:
-            got = next(restored)
-            for key in want:
-                np.testing.assert_array_equal(got[key], want[key], err_msg=f"{source.kind} {key}")
+        assert_resumes_exactly(tiny_config(data_dir, global_batch_size=2, train_sources={"web": source}), then=4)
 
     config = tiny_config(data_dir, global_batch_size=1, strict=True, eval_sources={
         "web": config_lib.source("webdataset", str(folder / "shard-*.tar"))})

@@ -202,41 +202,59 @@ def count_records(path: str) -> int:
                       f"read)")
 
 
-class ShardReader:
-    """Random access to the records of ArrayRecord shards, as Grain reads a source (`len`, `[i]`),
-    from {shard path: number of records}. A record that does not read back (its chunk fails the
-    hash check; a chunk may hold several records, and each of them fails alone) comes back as
-    `Unreadable` naming shard and position, so the pipeline skips and counts it, or names it in
-    strict mode, like any other bad record."""
+class ConcatenatedFiles:
+    """Random access (`len`, `[i]`) over the records of several files, as Grain reads a source, from
+    {path: number of records}: `locate` finds the file and position of record i, `opened` a file's
+    reader (`open`, per subclass), opened lazily in each reader process (readers do not pickle)."""
 
     def __init__(self, sizes: dict[str, int]):
         self.sizes = dict(sizes)
         self._paths = list(self.sizes)
         self._ends = list(itertools.accumulate(self.sizes.values()))
-        self._readers: dict[int, Any] = {}
+        self._open: dict[int, Any] = {}
         self._lock = threading.Lock()
 
-    def __reduce__(self):  # open readers do not pickle: each Grain worker process opens its own
-        return ShardReader, (self.sizes,)
+    def __reduce__(self):
+        return type(self), (self.sizes,)
 
     def __len__(self) -> int:
         return self._ends[-1] if self._ends else 0
 
-    def __getitem__(self, index: int) -> bytes | Unreadable:
+    def locate(self, index: int) -> tuple[int, int]:
+        """(file, position in it) of record `index`."""
         if not 0 <= index < len(self):
             raise IndexError(f"record {index} outside {len(self)} records")
         shard = bisect.bisect_right(self._ends, index)
-        position = index - (self._ends[shard - 1] if shard else 0)
-        try:
-            return self._reader(shard).read([position])[0]
-        except RuntimeError as e:  # what the Riegeli reader raises for corrupt bytes
-            return Unreadable(f"{self._paths[shard]} record {position} does not read: {e}")
+        return shard, index - (self._ends[shard - 1] if shard else 0)
 
-    def _reader(self, shard: int):
+    def path(self, shard: int) -> str:
+        return self._paths[shard]
+
+    def opened(self, shard: int):
         with self._lock:  # Grain reads from several threads
-            if shard not in self._readers:
-                self._readers[shard] = _open_reader(self._paths[shard])
-            return self._readers[shard]
+            if shard not in self._open:
+                self._open[shard] = self.open(self._paths[shard])
+            return self._open[shard]
+
+    def open(self, path: str):
+        raise NotImplementedError
+
+
+class ShardReader(ConcatenatedFiles):
+    """Random access to the records of ArrayRecord shards. A record that does not read back (its
+    chunk fails the hash check; a chunk may hold several records, and each of them fails alone)
+    comes back as `Unreadable` naming shard and position, so the pipeline skips and counts it, or
+    names it in strict mode, like any other bad record."""
+
+    def open(self, path: str):
+        return _open_reader(path)
+
+    def __getitem__(self, index: int) -> bytes | Unreadable:
+        shard, position = self.locate(index)
+        try:
+            return self.opened(shard).read([position])[0]
+        except RuntimeError as e:  # what the Riegeli reader raises for corrupt bytes
+            return Unreadable(f"{self.path(shard)} record {position} does not read: {e}")
 
 
 def write_shards(prefix: str, docs: Iterable[dict], num_shards: int = 1) -> list[str]:

@@ -29,7 +29,6 @@ import itertools
 import json
 import os
 import threading
-from typing import Any
 
 from emu_jax.data import records
 
@@ -42,39 +41,6 @@ def expand_paths(pattern: str) -> list[str]:
     """A glob, a brace range, or both -> the sorted existing files."""
     import braceexpand
     return sorted({path for part in braceexpand.braceexpand(pattern) for path in glob.glob(part)})
-
-
-class _RandomAccess:
-    """Random access over several files (`len`, `[i]`): the file holding record i and its position
-    in it, each reader process opening files lazily (readers do not pickle)."""
-
-    def __init__(self, sizes: dict[str, int]):
-        self.sizes = dict(sizes)
-        self._paths = list(self.sizes)
-        self._ends = list(itertools.accumulate(self.sizes.values()))
-        self._open: dict[int, Any] = {}
-        self._lock = threading.Lock()
-
-    def __reduce__(self):
-        return type(self), (self.sizes,)
-
-    def __len__(self) -> int:
-        return self._ends[-1] if self._ends else 0
-
-    def locate(self, index: int) -> tuple[int, int]:
-        if not 0 <= index < len(self):
-            raise IndexError(f"record {index} outside {len(self)} records")
-        shard = bisect.bisect_right(self._ends, index)
-        return shard, index - (self._ends[shard - 1] if shard else 0)
-
-    def opened(self, shard: int):
-        with self._lock:  # Grain reads from several threads
-            if shard not in self._open:
-                self._open[shard] = self.open(self._paths[shard])
-            return self._open[shard]
-
-    def open(self, path: str):
-        raise NotImplementedError
 
 
 # ----------------------------------------------------------------------------- webdataset tar shards
@@ -127,7 +93,7 @@ def sample_document(sample: dict, where: str) -> bytes | records.Unreadable:
                                            key=str(sample.get("__key__", ""))))
 
 
-class TarShards(_RandomAccess):
+class TarShards(records.ConcatenatedFiles):
     """Random access to the samples of webdataset tar shards, as documents."""
 
     def open(self, path: str):
@@ -135,7 +101,7 @@ class TarShards(_RandomAccess):
 
     def __getitem__(self, index: int) -> bytes | records.Unreadable:
         shard, position = self.locate(index)
-        where = f"{self._paths[shard]} sample {position}"
+        where = f"{self.path(shard)} sample {position}"
         try:
             sample = self.opened(shard)[position]
         except Exception as e:  # a member that does not read back
@@ -225,7 +191,7 @@ def row_document(row: dict, folder: str, where: str) -> bytes | records.Unreadab
         return records.Unreadable(str(e), "missing_image")
 
 
-class ParquetRows(_RandomAccess):
+class ParquetRows(records.ConcatenatedFiles):
     """Random access to the rows of Parquet files, as documents."""
 
     def open(self, path: str):
@@ -233,7 +199,7 @@ class ParquetRows(_RandomAccess):
 
     def __getitem__(self, index: int) -> bytes | records.Unreadable:
         shard, position = self.locate(index)
-        path = self._paths[shard]
+        path = self.path(shard)
         where = f"{path} row {position}"
         try:
             row = self.opened(shard).row(position)

@@ -167,8 +167,8 @@ def compile_report(config, target: str, *, extrapolate: bool = True) -> Report:
         report.state_bytes = state_bytes_per_device(trainer.abstract_state(setup))
     if chip and report.state_bytes > chip.hbm_bytes:  # no compile can make it fit: skip minutes of compiling
         report.fits = False
-        report.error = (f"the parameters and optimizer state alone take {report.state_bytes / topology_lib.GIB:.1f} "
-                        f"GiB per device, over the chip's {chip.hbm_bytes / topology_lib.GIB:.0f} GiB")
+        report.error = (f"the parameters and optimizer state alone take {report.state_bytes / topology_lib.GIB:.2f} "
+                        f"GiB per device, over the chip's {chip.hbm_bytes / topology_lib.GIB:.2f} GiB")
         report.compile_seconds = time.perf_counter() - start
         return report
     try:
