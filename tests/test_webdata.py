@@ -122,3 +122,21 @@ def test_obelics_rows_become_interleaved_documents_and_paths_are_read(tmp_path):
     with pytest.raises(RecordError, match=r"paths.parquet row 1: cannot read .*none.jpg") as missing:
         records.decode(reader[3])
     assert missing.value.kind == "missing_image"
+
+
+def test_training_shuffles_parquet_by_row_group_so_each_group_is_decoded_once(tmp_path, monkeypatch):
+    """An epoch of 60 rows in 10 row groups: every row once, not in file order, and 10 row-group
+    decodes (a record-level shuffle decoded a group for nearly every row); the next epoch differs."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"jpg": [photo("coffee")] * 60, "caption": [f"row {i}" for i in range(60)]}),
+                   tmp_path / "rows.parquet", row_group_size=6)
+    decoded = []
+    read = pq.ParquetFile.read_row_group
+    monkeypatch.setattr(pq.ParquetFile, "read_row_group", lambda self, i, **kw: decoded.append(i) or read(self, i, **kw))
+    data = config_lib.data_config(train_sources={"rows": config_lib.source("parquet", str(tmp_path / "*.parquet"))})
+    ds = pipeline.mixture(data, data.train_sources, shuffle=True)
+    captions = [records.decode(ds[i][2])["segments"][1]["text"] for i in range(120)]
+    epoch, next_epoch = captions[:60], captions[60:]
+    assert sorted(epoch) == sorted(f"row {i}" for i in range(60)) and epoch != [f"row {i}" for i in range(60)]
+    assert sorted(decoded[:10]) == list(range(10)) and len(decoded) <= 20 and next_epoch != epoch

@@ -29,7 +29,7 @@ import grain
 import jax
 import numpy as np
 from absl import logging
-from grain.experimental import FirstFitPackIterDataset
+from grain.experimental import FirstFitPackIterDataset, index_shuffle
 
 from emu_jax import chat
 from emu_jax import tokens as tokens_lib
@@ -263,14 +263,58 @@ class FinishRow:
 
 # ----------------------------------------------------------------------------- the dataset
 
+class BlockShuffleMapDataset(grain.MapDataset):
+    """A new order each epoch that moves whole blocks of `block` consecutive records and shuffles
+    the records inside each block: every record once per epoch, and reads stay within a block, which
+    a source that decodes blocks at a time (Parquet's row groups) then decodes once, not per record.
+    The last, partial block keeps its place (its records are shuffled)."""
+
+    def __init__(self, parent: grain.MapDataset, *, block: int, seed: int):
+        super().__init__(parent)
+        self._block, self._seed = block, seed
+
+    def __len__(self) -> int:
+        return len(self._parent)
+
+    def _shuffled_index(self, index: int) -> int:
+        length = len(self._parent)
+        epoch, position = divmod(index, length)
+        seed = (self._seed + epoch) % 2**32
+        full = length // self._block * self._block
+        if position < full:
+            block, position = divmod(position, self._block)
+            start, size = index_shuffle(block, max_index=full // self._block - 1, seed=seed, rounds=4) * self._block, \
+                self._block
+        else:
+            start, size, position = full, length - full, position - full
+        within = index_shuffle(position, max_index=size - 1, seed=(seed * 7919 + start) % 2**32, rounds=4)
+        return epoch * length + start + within
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return self.slice(index)
+        return self._parent[self._shuffled_index(index)]
+
+
+# sources read a block at a time: the block their training shuffle keeps together
+SHUFFLE_BLOCKS = {"parquet": lambda source, data_config: webdata.row_group_rows(expand(source.path,
+                                                                                       data_config.data_dir))}
+
+
+def shuffled(ds: grain.MapDataset, source, data_config, seed: int) -> grain.MapDataset:
+    block = SHUFFLE_BLOCKS[source.kind](source, data_config) if source.kind in SHUFFLE_BLOCKS else 1
+    return BlockShuffleMapDataset(ds, block=block, seed=seed) if block > 1 else ds.shuffle(seed=seed)
+
+
 def mixture(data_config, sources, *, shuffle: bool) -> grain.MapDataset:
-    """Tagged records of the weighted mixture of `sources`, every process's. Shuffled and repeated
-    forever when `shuffle` (training); one pass in order otherwise (evaluation)."""
+    """Tagged records of the weighted mixture of `sources`, every process's. Shuffled (whole blocks
+    for sources read a block at a time) and repeated forever when `shuffle` (training); one pass in
+    order otherwise (evaluation)."""
     datasets, weights = [], []
     for i, (name, source) in enumerate(sorted(sources.items())):
         ds = SOURCES[source.kind](source, data_config).map_with_index(Tag(name))
         if shuffle:
-            ds = ds.shuffle(seed=data_config.seed + i).repeat()
+            ds = shuffled(ds, source, data_config, data_config.seed + i).repeat()
         datasets.append(ds)
         weights.append(source.weight)
     return datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)

@@ -13,7 +13,8 @@ header scan through mmap, once per shard per reader); `path` is a glob, a brace 
 Parquet: img2dataset's output (an image column `jpg` / `image` / `png` / `webp` of bytes or paths
 relative to the file's folder, and `caption` / `txt` / `text`), or OBELICS' interleaved rows
 (`texts` and `images` lists: at each position one of them holds the item). Rows are read a row
-group at a time (the last few groups are kept).
+group at a time (the last two are kept); training shuffles whole row groups and the rows inside
+each (`pipeline.BlockShuffleMapDataset`), so a group is decoded once per epoch per reader.
 
 A sample that cannot become a document (no media, no caption, an interleaved row with neither)
 comes back as `records.Unreadable` with kind "malformed", naming shard and position: the pipeline
@@ -129,6 +130,14 @@ def parquet_sizes(pattern: str, strict: bool) -> dict[str, int]:
                 raise error from e
             logging.warning("skipping file: %s", error)
     return sizes
+
+
+def row_group_rows(pattern: str) -> int:
+    """Rows in the first row group of the first file (datasets write them evenly): the block a
+    training shuffle keeps together, so that a row group is decoded once per epoch, not per row."""
+    import pyarrow.parquet as pq
+    paths = expand_paths(pattern)
+    return pq.ParquetFile(paths[0]).metadata.row_group(0).num_rows if paths else 1
 
 
 class _ParquetFile:
