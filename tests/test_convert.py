@@ -416,3 +416,14 @@ def test_a_layout_outside_the_configs_model_family_is_named(emu2_state):
     message = convert_error(config, state, layout="diffusers_unet")
     assert message.startswith("layout diffusers_unet is not a layout of the config's model family 'emu' (its "
                               "layouts: emu1, emu1_instruct, emu2,"), message
+
+
+def test_a_failed_safetensors_write_leaves_no_file_behind(tmp_path):
+    """A tensor whose producer gives the wrong shape stops the write naming it; neither the file nor
+    its partial copy remains (an export that fails half-way leaves nothing a loader could pick up)."""
+    from emu_jax.convert.tensors import write_safetensors
+    out = tmp_path / "model.safetensors"
+    entries = [("a", (2, 3), "float32", lambda: np.zeros((2, 3))), ("b", (4,), "float32", lambda: np.zeros((5,)))]
+    with pytest.raises(ValueError, match=r"model.safetensors: tensor b produced shape \(5,\), header says \(4,\)"):
+        write_safetensors(str(out), entries)
+    assert list(tmp_path.iterdir()) == []

@@ -178,7 +178,7 @@ def write_safetensors(path: str, entries: Iterable[tuple[str, tuple, str, Callab
     """Writes a safetensors file whose tensors are produced one at a time: `entries` are
     (key, shape, dtype name, produce) and only one produced tensor is alive at once. The header
     is written first from the shapes, so the whole model is never in memory. The file appears
-    under its name only when complete. Returns the bytes written."""
+    under its name only when complete; a failed write removes its partial file. Returns the bytes written."""
     entries = list(entries)
     header, offset = {}, 0
     for key, shape, dtype, _ in entries:
@@ -190,14 +190,19 @@ def write_safetensors(path: str, entries: Iterable[tuple[str, tuple, str, Callab
     blob = json.dumps(header, separators=(",", ":")).encode()
     blob += b" " * (-len(blob) % 8)
     partial = path + ".partial"
-    with open(partial, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)) + blob)
-        for key, shape, dtype, produce in entries:
-            array = np.ascontiguousarray(produce(), dtype=np.dtype(dtype))
-            if array.shape != tuple(shape):
-                raise ValueError(f"{path}: tensor {key} produced shape {array.shape}, header says {tuple(shape)}")
-            array.tofile(f)  # no copy of the tensor's bytes
-            if on_tensor:
-                on_tensor(array.nbytes)
+    try:
+        with open(partial, "wb") as f:
+            f.write(struct.pack("<Q", len(blob)) + blob)
+            for key, shape, dtype, produce in entries:
+                array = np.ascontiguousarray(produce(), dtype=np.dtype(dtype))
+                if array.shape != tuple(shape):
+                    raise ValueError(f"{path}: tensor {key} produced shape {array.shape}, header says {tuple(shape)}")
+                array.tofile(f)  # no copy of the tensor's bytes
+                if on_tensor:
+                    on_tensor(array.nbytes)
+    except BaseException:  # nothing half-written stays behind (Ctrl-C included)
+        if os.path.exists(partial):
+            os.remove(partial)
+        raise
     os.replace(partial, path)
     return offset

@@ -52,6 +52,7 @@ class _Task:
 
 
 class EmuTask(_Task):
+    name = "emu"
     metric_keys = ("loss", "text_loss", "regression_loss")
 
     def __init__(self, config):
@@ -214,7 +215,7 @@ class DiffusionTask(_DecoderTask):
         return jax.jit(lambda params, images: self._apply(params, lambda m, x: m.condition(x), images))
 
 
-TASKS = {"emu": EmuTask, "vae": VaeTask, "decoder": DiffusionTask}
+TASKS = {task.name: task for task in (EmuTask, VaeTask, DiffusionTask)}  # config.task -> the task
 
 
 def make_task(config):
