@@ -283,8 +283,8 @@ class BlockShuffleMapDataset(grain.MapDataset):
         full = length // self._block * self._block
         if position < full:
             block, position = divmod(position, self._block)
-            start, size = index_shuffle(block, max_index=full // self._block - 1, seed=seed, rounds=4) * self._block, \
-                self._block
+            size = self._block
+            start = index_shuffle(block, max_index=full // self._block - 1, seed=seed, rounds=4) * size
         else:
             start, size, position = full, length - full, position - full
         within = index_shuffle(position, max_index=size - 1, seed=(seed * 7919 + start) % 2**32, rounds=4)
