@@ -14,8 +14,9 @@ e.g. python -m emu_jax.train --config=configs/emu2_gen.py:lora --workdir=/runs/m
          --config.data.data_dir=/data --config.train.init_from.vit=/ckpt/emu2_gen/checkpoints \\
          --config.train.init_from.connector=/ckpt/emu2_gen/checkpoints \\
          --config.train.init_from.llm=/ckpt/emu2_gen/checkpoints
-     python -m emu_jax.generate --config=configs/emu2_gen.py --checkpoint=/ckpt/emu2_gen/checkpoints \\
-         --adapter=/runs/my_gen/checkpoints --prompt='a photo of a dax[IMG]'
+     python -m emu_jax.generate --config=configs/emu2_gen.py:lora --checkpoint=/ckpt/emu2_gen/checkpoints \\
+         --decoder=/ckpt/emu2_gen/checkpoints --adapter=/runs/my_gen/checkpoints --prompt='a photo of a dax[IMG]'
+(the run's own config with `--adapter`: it says which projections carry adapters)
 """
 from emu_jax import config_lib
 

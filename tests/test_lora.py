@@ -180,6 +180,18 @@ def test_lora_needs_targets():
         build_model(config.model)
 
 
+def test_an_adapter_with_a_config_without_lora_is_refused_not_ignored(tmp_path):
+    """A rank-0 config has no adapter parameters: generate and export with --adapter would silently
+    use the base model alone; both say so in one line instead."""
+    from emu_jax.convert import exporter
+    from emu_jax.generate.generator import Generator
+    config = load_config("tiny")
+    for build in (lambda: Generator.from_checkpoints(config, str(tmp_path / "base"), adapter=str(tmp_path / "run")),
+                  lambda: exporter.Adapters(str(tmp_path / "run"), config)):
+        with pytest.raises(lora_lib.LoraConfigError, match=r"--adapter .*run: the config has no model.lora \(rank 0\)"):
+            build()
+
+
 def test_a_grown_vocabulary_keeps_the_checkpoints_rows_and_initialises_the_new(tmp_path):
     """Emu2 -> Emu2-Chat: [USER] and [ASSISTANT] added; train.init_from fills the other rows of the
     embedding and the output head from the checkpoint."""

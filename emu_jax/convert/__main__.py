@@ -44,9 +44,10 @@ flags.mark_flags_as_required(["config", "out"])
 
 def main(argv):
     from emu_jax.convert import plan, tensors
+    from emu_jax.models import lora
     try:
         _run(argv)
-    except (plan.ConversionError, tensors.SourceError, FileExistsError, FileNotFoundError) as e:
+    except (plan.ConversionError, tensors.SourceError, FileExistsError, FileNotFoundError, lora.LoraConfigError) as e:
         raise SystemExit(f"error: {e}") from None  # the message names the file and keys; no traceback
 
 

@@ -86,10 +86,7 @@ class Adapters:
     which projections carry them, their per-layer factors, and the merge W + alpha / rank * A . B."""
 
     def __init__(self, adapter_dir: str, config):
-        self.spec = lora_lib.spec(config.model.lora)
-        if self.spec is None:
-            raise plan_lib.ConversionError(f"--adapter {adapter_dir}: the config has no model.lora (rank 0); give "
-                                           f"the config the LoRA run trained with")
+        self.spec = lora_lib.required_spec(config.model.lora, adapter_dir)
         model = families.of(config.model).build(config.model)
         abstract = jax.eval_shape(lambda kw: model.init(jax.random.key(0), **kw)["params"],
                                   families.of(config.model).example_inputs(model))

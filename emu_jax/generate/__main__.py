@@ -61,9 +61,10 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)
     from emu_jax.generate import prompts as prompts_lib
+    from emu_jax.models import lora
     try:
         generate(flags.FLAGS)
-    except (prompts_lib.PromptError, FileNotFoundError) as e:  # a bad prompt, image or checkpoint: one line
+    except (prompts_lib.PromptError, FileNotFoundError, lora.LoraConfigError) as e:  # bad input: one line
         sys.exit(f"error: {e}")
 
 

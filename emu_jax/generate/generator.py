@@ -90,6 +90,7 @@ class Generator:
             abstract, shardings = mesh_lib.abstract_model(model, family.example_inputs(model), mesh, rules)
             wanted = abstract_with_shardings(abstract, shardings)
             if adapter:
+                lora_lib.required_spec(config.model.get("lora"), adapter)
                 base, adapters = lora_lib.split(wanted)
                 params = lora_lib.join(restore_params(checkpoint, base), restore_params(adapter, adapters))
             else:

@@ -42,6 +42,20 @@ class LoraSpec:
         return re.search(self.targets, "/".join(path)) is not None
 
 
+class LoraConfigError(ValueError):
+    """A LoRA run's adapters given with a config that describes no adapters."""
+
+
+def required_spec(lora_config, adapter_dir: str) -> LoraSpec:
+    """The spec a LoRA run's adapters at `adapter_dir` were trained with, or one line saying the
+    config lacks it (adapters read with a rank-0 config would be silently left out)."""
+    found = spec(lora_config)
+    if found is None:
+        raise LoraConfigError(f"--adapter {adapter_dir}: the config has no model.lora (rank 0); give the config the "
+                              f"LoRA run trained with")
+    return found
+
+
 def spec(lora_config) -> LoraSpec | None:
     """The model config's `lora` entry as a LoraSpec (None: no adapters)."""
     if lora_config is None or not lora_config.get("rank"):
