@@ -1,6 +1,6 @@
 """The README's result tables, measured by running the commands the README gives users:
 
-    python benchmarks/readme_figures.py                         # quickstart x 3 seeds, decoder, chat, sweep
+    python benchmarks/readme_figures.py                         # quickstart x 3 seeds, decoder, chat, gen, sweep
     python benchmarks/readme_figures.py --label=newest --stages=quickstart   # from a virtualenv of the newest releases
 
 Stages (each run is a subprocess of the CLI a user types, one at a time: they use every core):
@@ -11,6 +11,10 @@ Stages (each run is a subprocess of the CLI a user types, one at a time: they us
   chat        `configs/tiny_chat.py` on that seed's quickstart checkpoints (digits-world conversations
               from `python -m emu_jax.data.digits_chat` and `data.write conversations`), with
               `--config.train.steps=0` first: held-out chat and grounding accuracy, untuned and tuned
+  gen         `configs/tiny_gen.py`: `:vae` and `:decoder` (that seed's tiny decoder continued on the
+              canvases of `python -m emu_jax.data.digits_gen`), then `:full` from that seed's quickstart
+              checkpoints (the encoder the canvas decoder's), untuned (`--config.train.steps=0`) and tuned: where the held-out canvases' digit
+              is drawn (crop classified as the digit, ink centre in the box)
   sweep       `python -m emu_jax.evaluate --config=configs/eval/digits.py` on seed 0's checkpoints
   benchmarks  each `python benchmarks/<name>.py` with its defaults: the lines it prints (ratios
               measured side by side in one run), verbatim
@@ -38,7 +42,7 @@ import time
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "pillow", "sentencepiece",
             "tensorflow-datasets")
-STAGES = ("quickstart", "decoder", "chat", "sweep", "benchmarks")
+STAGES = ("quickstart", "decoder", "chat", "gen", "sweep", "benchmarks")
 # each benchmark -> the start of the first line it prints itself (TFDS and the official release's tokenizer
 # print before it; the README shows the benchmark's own lines)
 BENCHMARKS = {"pipeline_throughput": "raw PIL", "train_step_flops": "device:", "generate_speed": "device:",
@@ -162,6 +166,52 @@ def chat(results: pathlib.Path, work: pathlib.Path, seed: int) -> dict:
     return measured(results / f"chat_seed{seed}.json", work / f"chat_seed{seed}", measure)
 
 
+def gen_data(work: pathlib.Path) -> pathlib.Path:
+    """The digits-world generation examples as a user's JSONL, written into shards (once per label)."""
+    data = work / "gen_data"
+    if not list(data.glob("canvases_test-*.array_record")):
+        run_cli(["emu_jax.data.digits_gen", f"--out={data}"], work / "gen_data_log.txt")
+        for split in ("train", "test"):
+            for kind, name, jsonl in (("generation", "gen", f"{split}.jsonl"), ("pairs", "canvases",
+                                                                             f"{split}-canvases.jsonl")):
+                run_cli(["emu_jax.data.write", kind, f"--input={data / jsonl}", f"--output={data}/{name}_{split}"],
+                        work / f"gen_data_write_{name}_{split}_log.txt")
+    return data
+
+
+def gen_sources(data: pathlib.Path, name: str) -> list[str]:
+    return [f"--config.data.{kind}_sources.{name}.path={data}/{name}_{split}-*.array_record"
+            for kind, split in (("train", "train"), ("eval", "test"))]
+
+
+def gen(results: pathlib.Path, work: pathlib.Path, seed: int) -> dict:
+    def measure(run_dir):
+        decoder(results, work, seed, needs_checkpoint=True)
+        data = gen_data(work)
+        base = work / f"quickstart_seed{seed}" / "workdir" / "checkpoints"
+        tiny_decoder = work / f"decoder_seed{seed}"
+        canvas_vae, canvas_decoder = run_dir / "vae" / "workdir", run_dir / "decoder" / "workdir"
+        seeds = [f"--config.seed={seed}", f"--config.data.seed={seed}"]
+        vae_wall = train(run_dir / "vae", "configs/tiny_gen.py:vae", seeds + gen_sources(data, "canvases") + [
+            f"--config.train.init_from.vae={tiny_decoder}/vae/workdir/checkpoints"])
+        decoder_wall = train(run_dir / "decoder", "configs/tiny_gen.py:decoder", seeds + gen_sources(data, "canvases") + [
+            f"--config.train.init_from.vae={canvas_vae}/checkpoints",
+            f"--config.train.init_from.unet={tiny_decoder}/decoder/workdir/checkpoints",
+            f"--config.train.init_from.vit={base}", f"--config.train.init_from.connector={base}"])
+        flags = seeds + gen_sources(data, "gen") + [
+            *(f"--config.train.init_from.{tower}={base}" for tower in ("connector", "llm")),
+            *(f"--config.{key}={canvas_decoder}/checkpoints" for key in ("train.init_from.vit", "evals.generation.decoder"))]
+        train(run_dir / "zero_shot", "configs/tiny_gen.py:full", flags + ["--config.train.steps=0"])
+        wall = train(run_dir / "tuned", "configs/tiny_gen.py:full", flags)
+        figures = {f"{stage}_{metric}": last_metric(run_dir / stage / "workdir", f"eval/canvases/{metric}") / 100
+                   for stage in ("vae", "decoder") for metric in ("crop_accuracy", "in_box")}
+        figures |= {f"{when}_{metric}": last_metric(run_dir / when / "workdir", f"eval/generation/{metric}") / 100
+                    for when in ("zero_shot", "tuned") for kind in ("", "grounded_", "subject_")
+                    for metric in (f"{kind}crop_accuracy", f"{kind}in_box")}
+        return dict(figures, seed=seed, wall_s=wall, vae_wall_s=vae_wall, decoder_wall_s=decoder_wall)
+    return measured(results / f"gen_seed{seed}.json", work / f"gen_seed{seed}", measure)
+
+
 def sweep(results: pathlib.Path, work: pathlib.Path) -> dict:
     def measure(run_dir):
         quickstart(results, work, 0, needs_checkpoint=True)
@@ -256,6 +306,20 @@ def chat_table(out: pathlib.Path) -> str:
                                  minutes(f["wall_s"])])
 
 
+def gen_table(out: pathlib.Path) -> str:
+    def cells(f):
+        return [f"{f['vae_crop_accuracy']:.3f} / {f['vae_in_box']:.3f}",
+                f"{f['decoder_crop_accuracy']:.3f} / {f['decoder_in_box']:.3f}",
+                f"{f['zero_shot_crop_accuracy']:.3f} / {f['zero_shot_in_box']:.3f}",
+                f"**{f['tuned_crop_accuracy']:.3f}** / **{f['tuned_in_box']:.3f}**",
+                f"{f['tuned_grounded_crop_accuracy']:.3f} / {f['tuned_grounded_in_box']:.3f}",
+                f"{f['tuned_subject_crop_accuracy']:.3f} / {f['tuned_subject_in_box']:.3f}",
+                minutes(f["vae_wall_s"] + f["decoder_wall_s"]), minutes(f["wall_s"])]
+    return seed_table(out, "gen_seed*", ["canvas VAE", "canvas decoder", "generation untuned", "generation tuned",
+                                         "tuned: grounded", "tuned: subject", "decoder stages wall", "tuning wall"],
+                      cells)
+
+
 SWEEP_ROWS = (  # (README row, task, demonstrations, metric columns joined by " / ")
     ("caption accuracy", "caption", "none", ("accuracy",)),
     ("VQA accuracy (\"what digit is this?\")", "vqa", "none", ("accuracy",)),
@@ -300,7 +364,8 @@ def benchmarks_table(out: pathlib.Path) -> str:
     return "\n".join(blocks + footnotes(runs)[1:])
 
 
-TABLES = {"quickstart": quickstart_table, "decoder": decoder_table, "chat": chat_table, "sweep": sweep_table,
+TABLES = {"quickstart": quickstart_table, "decoder": decoder_table, "chat": chat_table, "gen": gen_table,
+          "sweep": sweep_table,
           "benchmarks": benchmarks_table}
 
 
@@ -334,6 +399,8 @@ def main():
             decoder(results, work, seed)
         for seed in seeds if "chat" in stages else ():
             chat(results, work, seed)
+        for seed in seeds if "gen" in stages else ():
+            gen(results, work, seed)
         if "sweep" in stages:
             sweep(results, work)
         for name in BENCHMARKS if "benchmarks" in stages else ():

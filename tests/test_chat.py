@@ -233,3 +233,50 @@ def test_a_grounding_conversation_is_rendered_in_the_grounding_mode(photos, tmp_
                                                                                   "zero zero one one."])]
     scores = task.score(results, "")
     assert scores["accuracy"] == 50.0 and 30.0 < scores["mean_iou"] < 50.0
+
+
+def test_digits_generation_asks_as_its_written_records_train_and_scores_where_the_digit_is(tmp_path, tokenizer):
+    """The generation recipe's held-out examples, written as a user's JSONL and converted, render to
+    the tokens and pixels the digits_generation task prompts with (up to the target's [IMG]); the
+    subject's target is its source moved by half a canvas; the independent check passes the true
+    canvases and fails them drawn in the opposite quadrant."""
+    from emu_jax.data import digits, digits_gen
+    from emu_jax.data import media
+    from emu_jax.eval.tasks import make_task
+    from emu_jax.generate import prompts
+    written = digits_gen.write(str(tmp_path), "test")
+    paths, counts = write.convert("generation", written[0], str(tmp_path / "gen"))
+    assert (counts["documents"], counts["box_images"], counts["prompt_images"]) == (720, 360, 360)
+    reader = records.ShardReader({path: records.count_records(path) for path in paths})
+    config = load_config("tiny")
+    tok = Tokenizer(tokenizer.model_path, config.model.tokens)
+    layout = pipeline.Layout.from_configs(config.model, config.data, 4)
+    task = make_task({"kind": "digits_generation", "limit": 10})
+    queries = task.queries()
+    for query, record in zip(queries[:2], (reader[0], reader[1])):
+        rendered = pipeline.TokenizeDocument(tok, layout).map(("gen", 0, record))
+        ids, images = prompts.encode(task.prompt([], query), tok, layout.special, 4, 4)
+        assert ids == list(rendered["tokens"][:len(ids)]) and ids[-1] == layout.special["img"]
+        assert np.array_equal(np.stack(images), rendered["images"][:1])  # the box image or the source canvas
+    examples = digits_gen.examples("test", limit=10)
+    assert [e.kind for e in examples[:2]] == ["grounded", "subject"]
+    half = digits.CANVAS_SIZE // 2
+    for e in examples:
+        x1, y1, x2, y2 = e.box
+        assert x1 // half == (x2 - 1) // half and y1 // half == (y2 - 1) // half  # inside one quadrant
+        if e.kind == "subject":
+            direction = e.prompt[1].rsplit(" ", 1)[1]
+            dx, dy = digits.MOVES[direction]
+            moved_back = np.roll(e.target, (-dy * half, -dx * half), axis=(0, 1))
+            assert np.array_equal(moved_back, e.prompt[0][1])  # the source: the same digit, half a canvas back
+
+    def score(canvases):
+        results = []
+        for query, canvas in zip(queries, canvases):
+            results.append(task.image_result(query, media.decode_image(media.encode_png(canvas), 32), str(tmp_path)))
+        return task.score(results, str(tmp_path))
+    truth = score([e.target for e in examples])
+    assert truth["crop_accuracy"] >= 90.0 and truth["in_box"] == 100.0 and truth["subject_in_box"] == 100.0
+    flipped = score([e.target[::-1, ::-1] for e in examples])
+    assert flipped["in_box"] == 0.0 and flipped["crop_accuracy"] <= 30.0
+

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from conftest import init_key, small_decoder_config
+from conftest import SMALL_DECODER, init_key, load_config, small_decoder_config
 
 from emu_jax import config_lib
 from emu_jax.models import diffusion
@@ -169,7 +169,8 @@ def test_diffusion_training_step_reduces_the_loss_on_a_fixed_batch(data_dir):
 @pytest.mark.slow
 def test_decoder_stages_run_resume_with_ema_and_log_sample_grids(data_dir, tmp_path):
     """VAE stage, then the UNet stage initialised from it with an EMA; a second launch of the
-    finished UNet run restores the EMA and has nothing left to do."""
+    finished UNet run restores the EMA and has nothing left to do; the generation recipe's run
+    (configs/tiny_gen.py) scores its held-out prompts through that decoder."""
     from absl import flags
     from emu_jax.train import trainer
     flags.FLAGS.mark_as_parsed()
@@ -188,6 +189,8 @@ def test_decoder_stages_run_resume_with_ema_and_log_sample_grids(data_dir, tmp_p
             config.evals.digits.count = 8
             if "latents" in config.evals:
                 config.evals.latents.count = 8
+            else:  # the generation recipe's check of its decoder stage, on 8 held-out canvases
+                config.evals.canvases = config_lib.evaluator("canvas_reconstructions", count=8)
             for key, value in overrides.items():
                 config.train.init_from[key] = value
         return trainer.train(config, str(workdir))
@@ -195,8 +198,31 @@ def test_decoder_stages_run_resume_with_ema_and_log_sample_grids(data_dir, tmp_p
     vae = stage("vae", tmp_path / "vae", 2)
     assert 0.0 <= vae["digits/recognisability"] <= 100.0 and vae["latents/latent_std"] > 0 and vae["step"] == 2
     decoder = stage("decoder", tmp_path / "decoder", 2, vae=str(tmp_path / "vae" / "checkpoints"))
-    assert decoder["step"] == 2
+    assert decoder["step"] == 2 and 0.0 <= decoder["canvases/crop_accuracy"] <= 100.0
+    assert 0.0 <= decoder["canvases/in_box"] <= 100.0
     assert os.path.exists(tmp_path / "decoder" / "samples" / "samples_0000002.png")
     assert os.path.isdir(tmp_path / "decoder" / "checkpoints" / "2" / "ema")
     again = stage("decoder", tmp_path / "decoder", 2)
     assert again["digits/recognisability"] == decoder["digits/recognisability"]  # same EMA weights restored, same samples
+    gen = gen_recipe_run(data_dir, tmp_path, decoder=str(tmp_path / "decoder" / "checkpoints"))
+    assert gen["step"] == 2 and 0.0 <= gen["generation/crop_accuracy"] <= 100.0
+    assert 0.0 <= gen["generation/subject_in_box"] <= 100.0
+    assert len(list((tmp_path / "gen" / "evals" / "generation" / "2").glob("*.png"))) == 4  # drawn by the decoder
+
+
+def gen_recipe_run(data_dir, tmp_path, decoder: str) -> dict:
+    """configs/tiny_gen.py:lora for two steps on written digits_gen records, its encoder from the
+    decoder stage, scored by the digits_generation task through that decoder."""
+    from emu_jax.data import digits_gen, write
+    from emu_jax.train import trainer
+    jsonl = digits_gen.write(str(tmp_path / "gen_data"), "test")[0]
+    write.convert("generation", jsonl, str(tmp_path / "gen_data" / "gen"))
+    source = config_lib.source("array_record", str(tmp_path / "gen_data" / "gen-*.array_record"))
+    config = config_lib.with_overrides(load_config("tiny_gen", "lora"), dict(
+        SMALL_DECODER, **{"data.data_dir": data_dir, "data.worker_count": 0, "data.global_batch_size": 8,
+                                    "train.steps": 2, "train.init_from.vit": decoder,
+                                    "train.init_from.connector": "", "train.init_from.llm": "",
+                                    "evals.generation.decoder": decoder, "evals.generation.task.limit": 2}))
+    with config.unlocked():
+        config.data.train_sources = config.data.eval_sources = {"gen": source}
+    return trainer.train(config, str(tmp_path / "gen"))

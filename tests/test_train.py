@@ -227,13 +227,35 @@ def final_state(workdir):
     return step, params, data
 
 
+def photo_sources(folder) -> dict[str, list[str]]:
+    """`--config.` overrides that train on 120 samples of real photos as img2dataset would store them:
+    two webdataset tar shards, or one Parquet file in row groups of 10 (a checkpoint falls mid-shard)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from test_webdata import PHOTOS, photo, write_tar
+    samples = [(f"{i:05d}", photo(PHOTOS[i % len(PHOTOS)]), f"a photo of a {PHOTOS[i % len(PHOTOS)]}")
+               for i in range(120)]
+    for shard in range(2):
+        write_tar(folder / f"shard-{shard:05d}.tar", [m for key, jpg, text in samples[60 * shard:60 * (shard + 1)]
+                                                      for m in ((f"{key}.jpg", jpg), (f"{key}.txt", text.encode()))])
+    pq.write_table(pa.table({"jpg": [jpg for _, jpg, _ in samples], "caption": [t for _, _, t in samples]}),
+                   folder / "part-0.parquet", row_group_size=10)
+    return {kind: [f"--config.data.train_sources.digits.kind={kind}", f"--config.data.train_sources.digits.path={path}"]
+            for kind, path in (("webdataset", folder / "shard-*.tar"), ("parquet", folder / "*.parquet"))}
+
+
 @pytest.mark.slow
-def test_run_killed_with_sigkill_resumes_bit_identical(tmp_path, data_dir):
+@pytest.mark.parametrize("source", ["digits", "webdataset", "parquet"])
+def test_run_killed_with_sigkill_resumes_bit_identical(tmp_path, data_dir, source):
     """Killed outright mid-run, then relaunched: the same parameters and data position as a run never
     killed, and the killed run's data workers did not outlive it (nor, after a normal end, their
-    shared memory: test_faults covers SIGTERM and Ctrl-C)."""
+    shared memory: test_faults covers SIGTERM and Ctrl-C). Also for webdataset shards and Parquet
+    (the run is killed mid-shard)."""
     import psutil
     steps = ["--config.train.steps=40", "--config.train.checkpoint_every=10", "--config.train.log_every=10"]
+    if source != "digits":
+        (tmp_path / "photos").mkdir()
+        steps += photo_sources(tmp_path / "photos")[source]
     reference = cli(tmp_path / "reference", data_dir, *steps)
     assert reference.wait(timeout=600) == 0, reference.stderr.read()
     assert "leaked shared_memory" not in reference.stderr.read()  # data workers' batches released at the end

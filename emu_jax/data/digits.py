@@ -85,9 +85,41 @@ def boxed(pixels: np.ndarray, rng: np.random.RandomState, canvas: int = CANVAS_S
     digit scaled into a random square box, a third to two thirds of the side, on a white canvas."""
     side = rng.randint(canvas // 3, 2 * canvas // 3 + 1)
     x1, y1 = (int(v) for v in rng.randint(0, canvas - side + 1, size=2))
+    box = (x1, y1, x1 + side, y1 + side)
+    return placed(pixels, box, canvas), box
+
+
+def placed(pixels: np.ndarray, box: tuple[int, int, int, int], canvas: int = CANVAS_SIZE) -> np.ndarray:
+    """uint8 [canvas, canvas, 3]: the digit scaled into the square `box` of a white canvas."""
+    x1, y1, x2, y2 = box
     out = np.full((canvas, canvas, 3), 255, np.uint8)
-    out[y1:y1 + side, x1:x1 + side] = np.asarray(Image.fromarray(pixels).resize((side, side), Image.BICUBIC))
-    return out, (x1, y1, x1 + side, y1 + side)
+    out[y1:y2, x1:x2] = np.asarray(Image.fromarray(pixels).resize((x2 - x1, y2 - y1), Image.BICUBIC))
+    return out
+
+
+# The generation canvases: the digit in one quadrant (0 top left, 1 top right, 2 bottom left, 3
+# bottom right), in a square box of 3/8 to 1/2 of the side jittered inside it. The 2x2-pooled tiny
+# encoder gives one embedding per quadrant; a digit drawn at the canvas centre lies in no box.
+MOVES = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+
+
+def quadrant_box(quadrant: int, rng: np.random.RandomState, canvas: int = CANVAS_SIZE) -> tuple[int, int, int, int]:
+    half = canvas // 2
+    side = rng.randint(3 * canvas // 8, half + 1)
+    x1, y1 = (int(v) for v in rng.randint(0, half - side + 1, size=2))
+    x1, y1 = x1 + half * (quadrant % 2), y1 + half * (quadrant // 2)
+    return x1, y1, x1 + side, y1 + side
+
+
+def moved_quadrant(quadrant: int, direction: str) -> int | None:
+    """The quadrant one step `direction` of `quadrant`, or None off the canvas."""
+    dx, dy = MOVES[direction]
+    column, row = quadrant % 2 + dx, quadrant // 2 + dy
+    return row * 2 + column if 0 <= column < 2 and 0 <= row < 2 else None
+
+
+def moved_text(direction: str) -> str:
+    return f"the same digit moved {direction}"  # no comma: the world's tokenizer has none
 
 
 GRID = 9  # box corners in words: the canvas side split in 9 steps (the world's tokenizer has no numerals)

@@ -9,12 +9,15 @@ a metric `m` of evaluator `name` is logged as `eval/<name>/<m>`. Types:
                    `config.generate`, `shots` demonstrations drawn at random from its train pool
                    (0: zero-shot), scored by the task; the first `texts` answers are logged, and
                    the official results file is written under `<workdir>/evals/<name>/<step>/`.
-                   The sweep's cells answer and score through the same functions.
+                   The sweep's cells answer and score through the same functions. Tasks that
+                   ask for images need `decoder`: a visual decoder's checkpoint.
   captions         greedy captions of the first `count` images of the eval sources (any dataset)
   reconstructions  a PNG grid (and TensorBoard image) of `count` held-out images above what the
                    model makes of them (the visual decoder's stages)
   recognisability  the share of `count` held-out digits whose reconstruction an independent
                    classifier labels with its digit (eval/recognisability.py), in percent
+  canvas_reconstructions  the same share and the ink's place for `count` held-out generation
+                   canvases (data/digits_gen.py), with a grid of 8
   latent_std       the standard deviation of the VAE's latent means over `count` held-out images:
                    a decoder stage wants `model.vae.scaling_factor` near its inverse
 
@@ -124,12 +127,15 @@ def answer(task: Task, generator, queries: list[Example], demos: list[list[Examp
     return results
 
 
-def generator_for(ctx: Context, decoding=None):
-    """A generator over the parameters in hand (the run's mesh), `decoding` overriding `generate.*`."""
+def generator_for(ctx: Context, decoding=None, decoder: str = ""):
+    """A generator over the parameters in hand (the run's mesh), `decoding` overriding `generate.*`;
+    `decoder`: a visual decoder's checkpoint that draws the images asked for (without one, images
+    stay regressed embeddings)."""
     from emu_jax import config_lib
-    from emu_jax.generate.generator import Generator
+    from emu_jax.generate.generator import Generator, restore_decoder
     config = config_lib.with_overrides(ctx.subject.config, {f"generate.{k}": v for k, v in (decoding or {}).items()})
-    return Generator(config, ctx.params, ctx.subject.tokenizer, mesh=ctx.mesh)
+    decoder_params = restore_decoder(config, decoder, ctx.mesh) if decoder else None
+    return Generator(config, ctx.params, ctx.subject.tokenizer, decoder_params=decoder_params, mesh=ctx.mesh)
 
 
 @evaluator("task")
@@ -141,7 +147,7 @@ def task_evaluator(ctx: Context, name: str, entry) -> dict:
     demos = demonstrations(task, queries, pool, "random", shots, ctx.subject.config.seed)
     out_dir = process_out(os.path.join(ctx.workdir, "evals", name, str(ctx.step)))
     os.makedirs(out_dir, exist_ok=True)
-    results = answer(task, generator_for(ctx, entry.get("decoding")), queries, demos, out_dir)
+    results = answer(task, generator_for(ctx, entry.get("decoding"), entry.get("decoder", "")), queries, demos, out_dir)
     write_json(os.path.join(out_dir, "results.json"), results)
     for query, result in list(zip(queries, results))[:entry.get("texts", 0)]:
         ctx.writer.text(ctx.step, name, f"{query.target or query.question}: {result.get(task.answer_field, '')}")
@@ -182,6 +188,23 @@ def recognisability_evaluator(ctx: Context, name: str, entry) -> dict:
     images, digits = _digits(ctx, entry.count)
     outputs = np.concatenate([ctx.subject.reconstruct(ctx.params, images[i:i + 64]) for i in range(0, len(images), 64)])
     return {"recognisability": 100.0 * recognisability.digit_accuracy(outputs, digits)}
+
+
+@evaluator("canvas_reconstructions")
+def canvas_reconstructions_evaluator(ctx: Context, name: str, entry) -> dict:
+    """The generation canvases of `count` held-out digits (data/digits_gen.py) as the decoder stage
+    redraws them, scored as DigitsGeneration scores generated ones; a grid of the first 8 is saved."""
+    from emu_jax.data import digits, digits_gen, media
+    examples = [e for e in digits_gen.examples("test", limit=entry.count) if e.kind == "grounded"]
+    size = ctx.subject.model.image_size
+    images = np.stack([media.decode_image(media.encode_png(e.target), size) for e in examples])
+    outputs = np.concatenate([ctx.subject.reconstruct(ctx.params, images[i:i + 64]) for i in range(0, len(images), 64)])
+    grid = image_grid.grid([images[:8], outputs[:8]])
+    if ctx.writer.enabled:
+        image_grid.save_png(grid, os.path.join(ctx.workdir, "samples", f"{name}_{ctx.step:07d}.png"))
+    found = recognisability.placement(outputs, [e.box for e in examples], [e.digit for e in examples],
+                                      digits.CANVAS_SIZE)
+    return {key: 100.0 * value for key, value in found.items()}
 
 
 @evaluator("latent_std")

@@ -36,3 +36,27 @@ def classifier():
 def digit_accuracy(images: np.ndarray, digits_: list[int]) -> float:
     model, _ = classifier()
     return float((model.predict(ink_features(np.asarray(images))) == np.asarray(digits_)).mean())
+
+
+def ink_centre(image: np.ndarray) -> tuple[float, float] | None:
+    """(x, y) in pixels of the ink's centre of mass: darkness below the image's median grey (its
+    background, which a decoder may not draw pure white), or None for an image without ink."""
+    gray = np.asarray(Image.fromarray(image).convert("L"), np.float64)
+    ink = np.maximum(np.median(gray) - gray, 0.0)
+    if ink.sum() == 0:
+        return None
+    ys, xs = np.indices(ink.shape) + 0.5
+    return float((ink * xs).sum() / ink.sum()), float((ink * ys).sum() / ink.sum())
+
+
+def placement(images: np.ndarray, boxes: list, digits_: list[int], canvas: int) -> dict:
+    """Is each image's digit where its box says? `boxes` (x1, y1, x2, y2) are in pixels of a `canvas`
+    side, scaled to the images' own. `crop_accuracy`: the share whose crop at the box the classifier
+    labels as the digit; `in_box`: the share whose ink centre lies inside the box."""
+    crops, inside = [], []
+    for image, box in zip(np.asarray(images), boxes):
+        x1, y1, x2, y2 = (v * image.shape[1] / canvas for v in box)
+        crops.append(np.asarray(Image.fromarray(image).crop((x1, y1, x2, y2)).resize((32, 32), Image.BICUBIC)))
+        centre = ink_centre(image)
+        inside.append(centre is not None and x1 <= centre[0] <= x2 and y1 <= centre[1] <= y2)
+    return {"crop_accuracy": digit_accuracy(np.stack(crops), digits_), "in_box": float(np.mean(inside))}

@@ -4,7 +4,7 @@ how a prompt is laid out, the official result entry each answer becomes, and the
 A few-shot prompt is the reference's interleaved layout: per demonstration its image(s) then its
 text (question and answer), then the query's image(s) and question; the model continues with the
 answer. Task families: the digits world (`digits_caption`, `digits_vqa`, `digits_chat`,
-`digits_grounding`, `digits_labelling`, `digits_video`, `digits_t2i`, built from sklearn's digits,
+`digits_grounding`, `digits_labelling`, `digits_video`, `digits_t2i`, `digits_generation`, built from sklearn's digits,
 nothing to download) and the released
 benchmarks in their official files (`coco_caption`, `vqa` for VQAv2 / OKVQA / VizWiz, `videoqa` for
 MSVD-QA / MSRVTT-QA, `coco_t2i`).
@@ -289,6 +289,53 @@ class DigitsT2I(_Digits):
         return out
 
 
+class DigitsGeneration(Task):
+    """Emu2-Gen's grounded and subject-driven generation in the digits world (data/digits_gen.py): per
+    held-out digit, "a handwritten <digit>" + a box image, and a canvas with the digit + "the same
+    digit moved <direction>", each -> a canvas. Scored by the independent classifier on the crop at the
+    target box (`crop_accuracy`) and by where the ink is (`in_box`), per kind and over both."""
+    name, kind, result_key, answer_field = "digits_generation", "image", "image_id", "caption"
+
+    def __init__(self, limit: int = 200, image_size: int = digits.IMAGE_SIZE, seed: int = 0):
+        from emu_jax.data import digits_gen
+        self.image_size = image_size
+        self._examples = {e.key: e for e in digits_gen.examples("test", seed, limit)}
+
+    def _pixels(self, pixels: np.ndarray) -> np.ndarray:
+        return media.decode_image(media.encode_png(pixels), self.image_size)
+
+    def _segment(self, item):
+        if isinstance(item, str):
+            return item
+        kind, value = item
+        if kind == "box":  # drawn as `data.write generation` draws a prompt's {"box": ...}
+            from emu_jax.data import digits_gen
+            return prompts.ImageInput(self._pixels(media.box_image(*digits_gen.box_entry(value)["box"])))
+        return prompts.ImageInput(self._pixels(value))
+
+    def queries(self):
+        return [Example(key, [], " ".join(i for i in e.prompt if isinstance(i, str)), "", {"digit": e.digit})
+                for key, e in self._examples.items()]
+
+    def prompt(self, demonstrations, query):
+        return [self._segment(item) for item in self._examples[query.key].prompt] + [prompts.ImageRequest()]
+
+    def score(self, results, out_dir, features=None):
+        from emu_jax.eval import recognisability
+        out = {}
+        for kind in ("grounded", "subject", ""):
+            chosen = [r for r in results if self._examples[r["image_id"]].kind.startswith(kind)]
+            if not chosen:
+                continue
+            images = np.stack([media.decode_image(open(os.path.join(out_dir, r["file"]), "rb").read(),
+                                                  self.image_size) for r in chosen])
+            examples = [self._examples[r["image_id"]] for r in chosen]
+            found = recognisability.placement(images, [e.box for e in examples], [e.digit for e in examples],
+                                              digits.CANVAS_SIZE)
+            out |= {f"{kind}_{k}" if kind else k: 100.0 * v for k, v in found.items()}
+        return out
+
+
 # ----------------------------------------------------------------------------- released benchmarks
 
 def _image_path(image_dir: str, pattern: str, entry: dict) -> str:
@@ -429,7 +476,8 @@ class CocoT2I(CocoCaption):
         return {"FID": fid.fid(images, np.stack([real[r["image_id"]] for r in results]), features)}
 
 
-TASKS = {cls.name: cls for cls in (DigitsCaption, DigitsVqa, DigitsChat, DigitsGrounding, DigitsLabelling, DigitsVideo, DigitsT2I, CocoCaption,
+TASKS = {cls.name: cls for cls in (DigitsCaption, DigitsVqa, DigitsChat, DigitsGrounding, DigitsLabelling, DigitsVideo, DigitsT2I,
+                                   DigitsGeneration, CocoCaption,
                                    Vqa, VideoQa, CocoT2I)}
 
 

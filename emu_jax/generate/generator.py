@@ -95,17 +95,7 @@ class Generator:
                 params = lora_lib.join(restore_params(checkpoint, base), restore_params(adapter, adapters))
             else:
                 params = restore_params(checkpoint, wanted)
-            decoder_params = None
-            if decoder_checkpoint:
-                decoder_family = families.get("visual_decoder")
-                decoder = decoder_family.build(config.model)
-                abstract, shardings = mesh_lib.abstract_model(decoder, decoder_family.example_inputs(decoder), mesh,
-                                                              rules)
-                wanted = {t: abstract_with_shardings(abstract[t], shardings[t]) for t in ("unet", "vae")}
-                try:
-                    decoder_params = restore_params(decoder_checkpoint, wanted, item="ema")
-                except FileNotFoundError:
-                    decoder_params = restore_params(decoder_checkpoint, wanted)
+        decoder_params = restore_decoder(config, decoder_checkpoint, mesh) if decoder_checkpoint else None
         return cls(config, params, tokenizer or load_tokenizer(config.data, config.model.tokens), decoder_params=decoder_params, mesh=mesh)
 
     # ------------------------------------------------------------------ generation
@@ -277,6 +267,21 @@ class Generator:
         for (out, i, _), image in zip(places, pixels):
             out.pieces[i] = image
         self.timing.decoder_seconds += time.perf_counter() - begin
+
+
+def restore_decoder(config, checkpoint: str, mesh=None) -> dict:
+    """The visual decoder's UNet and VAE from `checkpoint` (its EMA when it has one), over `mesh`
+    (default: the config's)."""
+    mesh = mesh or mesh_lib.make_mesh(config.mesh, allow_subset=True)
+    family = families.get("visual_decoder")
+    decoder = family.build(config.model)
+    with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
+        abstract, shardings = mesh_lib.abstract_model(decoder, family.example_inputs(decoder), mesh, config.mesh.rules)
+    wanted = {t: abstract_with_shardings(abstract[t], shardings[t]) for t in ("unet", "vae")}
+    try:
+        return restore_params(checkpoint, wanted, item="ema")
+    except FileNotFoundError:
+        return restore_params(checkpoint, wanted)
 
 
 def without_remat(model_config):
