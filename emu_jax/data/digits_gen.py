@@ -7,15 +7,11 @@ Emu2-Gen's recipe has them:
 Per train digit one of each for the original image and one of each for a random view
 (`digits.augmented`); per held-out digit one of each. Also `<split>-canvases.jsonl`: every target
 canvas with its caption, in `data.write pairs`' JSONL, to retrain the tiny visual decoder (which
-draws centred 32 px digits) on canvases. Writes `<out>/<split>-*.jsonl` and the PNGs under
-`<out>/images/`:
+draws centred 32 px digits) on canvases. Writes `<out>/<split>*.jsonl` and the PNGs under
+`<out>/images/`, which `python -m emu_jax.data.write generation` and `pairs` turn into shards as
+they would a user's own files (the commands: configs/tiny_gen.py):
 
     python -m emu_jax.data.digits_gen --out=/tmp/digits_gen
-    for split in train test; do
-      python -m emu_jax.data.write generation --input=/tmp/digits_gen/$split.jsonl --output=/tmp/digits_gen/gen_$split
-      python -m emu_jax.data.write pairs --input=/tmp/digits_gen/$split-canvases.jsonl \\
-          --output=/tmp/digits_gen/canvases_$split
-    done
 """
 from __future__ import annotations
 
