@@ -213,6 +213,7 @@ def evaluator(type: str, every: int = 0, final: bool = True, **options) -> ml_co
 def source(kind: str, path: str, split: str = "train", weight: float = 1.0) -> ml_collections.ConfigDict:
     """One data source: kind is "array_record" (path: a glob of shards), "tfds" (path: a prepared
     dataset directory), "webdataset" (tar shards: a glob, a brace range or wids' shard-list JSON),
+    "webdataset_stream" (the same shards read front to back without an index: `data.stream`),
     "parquet" (a glob of Parquet files) or "digits" (path: where the embedded digits world is built)."""
     return ml_collections.ConfigDict(dict(kind=kind, path=path, split=split, weight=weight))
 
@@ -227,6 +228,9 @@ def data_config(**overrides) -> ml_collections.ConfigDict:
         seed=0, worker_count=2, worker_buffer_size=2, strict=False,
         chat_format="emu2_chat",  # conversation documents (segments with roles) are rendered so: emu_jax/chat.py
         augment=augment_config(),
+        # streamed sources (webdataset_stream): shards each reader interleaves, and the window of
+        # samples a training shuffle mixes (that many encoded documents held per reader)
+        stream=ml_collections.ConfigDict(dict(open_shards=4, shuffle_window=1000)),
         # image batches (the visual decoder's stages) read only documents whose meta has these
         # values, e.g. {"view": 0}: the digits world's original images, not its fixed extra views
         image_documents_where=ml_collections.ConfigDict()) | overrides)

@@ -229,7 +229,8 @@ def final_state(workdir):
 
 def photo_sources(folder) -> dict[str, list[str]]:
     """`--config.` overrides that train on 120 samples of real photos as img2dataset would store them:
-    two webdataset tar shards, or one Parquet file in row groups of 10 (a checkpoint falls mid-shard)."""
+    two webdataset tar shards (read indexed or streamed), or one Parquet file in row groups of 10 (a
+    checkpoint falls mid-shard)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     from test_webdata import PHOTOS, photo, write_tar
@@ -241,16 +242,17 @@ def photo_sources(folder) -> dict[str, list[str]]:
     pq.write_table(pa.table({"jpg": [jpg for _, jpg, _ in samples], "caption": [t for _, _, t in samples]}),
                    folder / "part-0.parquet", row_group_size=10)
     return {kind: [f"--config.data.train_sources.digits.kind={kind}", f"--config.data.train_sources.digits.path={path}"]
-            for kind, path in (("webdataset", folder / "shard-*.tar"), ("parquet", folder / "*.parquet"))}
+            for kind, path in (("webdataset", folder / "shard-*.tar"), ("webdataset_stream", folder / "shard-*.tar"),
+                               ("parquet", folder / "*.parquet"))}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["digits", "webdataset", "parquet"])
+@pytest.mark.parametrize("source", ["digits", "webdataset", "webdataset_stream", "parquet"])
 def test_run_killed_with_sigkill_resumes_bit_identical(tmp_path, data_dir, source):
     """Killed outright mid-run, then relaunched: the same parameters and data position as a run never
     killed, and the killed run's data workers did not outlive it (nor, after a normal end, their
-    shared memory: test_faults covers SIGTERM and Ctrl-C). Also for webdataset shards and Parquet
-    (the run is killed mid-shard)."""
+    shared memory: test_faults covers SIGTERM and Ctrl-C). Also for webdataset shards (indexed and
+    streamed) and Parquet (the run is killed mid-shard)."""
     import psutil
     steps = ["--config.train.steps=40", "--config.train.checkpoint_every=10", "--config.train.log_every=10"]
     if source != "digits":

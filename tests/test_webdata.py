@@ -140,3 +140,61 @@ def test_training_shuffles_parquet_by_row_group_so_each_group_is_decoded_once(tm
     epoch, next_epoch = captions[:60], captions[60:]
     assert sorted(epoch) == sorted(f"row {i}" for i in range(60)) and epoch != [f"row {i}" for i in range(60)]
     assert sorted(decoded[:10]) == list(range(10)) and len(decoded) <= 20 and next_epoch != epoch
+
+
+def test_streamed_tar_shards_read_every_sample_once_per_host_count_bad_ones_and_resume_mid_shard(
+        shards, tmp_path, digits_world):
+    """kind=webdataset_stream reads the shards front to back (no index): one pass gives the indexed
+    reader's documents, split over two hosts by shard with nothing read twice; a captionless sample
+    and a cut JPEG are counted, a shard cut off in the middle ends with one `unreadable` and the
+    samples before it; training (window shuffle, repeated, two worker processes) resumes exactly."""
+    folder, samples = shards
+    stream = config_lib.source("webdataset_stream", str(folder / "shard-*.tar"))
+
+    def read(process_index, process_count):
+        config = tiny_config(digits_world, eval_sources={"web": stream})
+        return [(where, record) for _, where, record in pipeline.stream_mixture(
+            config.data, config.data.eval_sources, shuffle=False, process_index=process_index,
+            process_count=process_count)]
+
+    def keys(process_index, process_count):
+        return [(where, record.kind if isinstance(record, records.Unreadable) else records.decode(record)["meta"]["key"])
+                for where, record in read(process_index, process_count)]
+    indexed = webdata.TarShards(webdata.tar_shard_sizes(str(folder / "shard-*.tar"), strict=False))
+    assert sorted(r for _, r in read(0, 1) if isinstance(r, bytes)) == sorted(
+        indexed[i] for i in range(len(indexed)) if isinstance(indexed[i], bytes))  # the same documents
+    alone = keys(0, 1)
+    assert sorted(key for _, key in alone) == sorted([key for key, _, _ in samples] + ["00007", "malformed"])
+    first, second = keys(0, 2), keys(1, 2)
+    assert sorted(map(str, first + second)) == sorted(map(str, alone)) and not set(map(str, first)) & set(map(str, second))
+    assert all("shard-00000" in where for where, _ in first) and all("shard-00001" in where for where, _ in second)
+
+    config = tiny_config(digits_world, global_batch_size=1, eval_sources={"web": stream})
+    batches = list(pipeline.make_dataset(config.data, config.model, VISUAL, split="eval", worker_count=0))
+    events = sum(b["events"].sum(0) for b in batches)
+    assert sum(b["image_mask"].sum() for b in batches) == 6
+    assert events[pipeline.EVENTS.index("malformed")] == 1 and events[pipeline.EVENTS.index("bad_image")] == 1
+
+    config = tiny_config(digits_world, global_batch_size=1, strict=True, eval_sources={"web": stream})
+    with pytest.raises(RecordError, match=r"shard-00001.tar sample 3: sample '00006' has no caption"):
+        list(pipeline.make_dataset(config.data, config.model, VISUAL, split="eval", worker_count=0))
+
+    cut = tmp_path / "cut-00000.tar"
+    with tarfile.open(folder / "shard-00001.tar") as tar:
+        inside = next(m for m in tar.getmembers() if m.name == "00005.jpg").offset_data + 100
+    cut.write_bytes((folder / "shard-00001.tar").read_bytes()[:inside])  # a download that stopped in 00005.jpg
+    config = tiny_config(digits_world, global_batch_size=1, eval_sources={
+        "web": config_lib.source("webdataset_stream", str(cut))})
+    batches = list(pipeline.make_dataset(config.data, config.model, VISUAL, split="eval", worker_count=0))
+    events = sum(b["events"].sum(0) for b in batches)
+    assert events[pipeline.EVENTS.index("unreadable")] == 1 and sum(b["image_mask"].sum() for b in batches) == 2
+
+    train = tiny_config(digits_world, global_batch_size=2, train_sources={"web": stream})
+    with train.unlocked():
+        train.data.stream.shuffle_window = 4
+    assert_resumes_exactly(train, workers=2, read=5, then=4)
+    mixed = tiny_config(digits_world, global_batch_size=2, train_sources={
+        "web": stream, "digits": config_lib.source("digits", "{data_dir}", "train", weight=0.5)})
+    assert_resumes_exactly(mixed, read=3, then=3)
+    with pytest.raises(ValueError, match="'web': webdataset_stream is read front to back"):
+        pipeline.documents(train.data, train.data.train_sources, shuffle=False, process_index=0, process_count=1)

@@ -5,6 +5,8 @@
     -> mix by weight -> decode + tokenise (worker processes) -> (training) a random view of the
     document's images (`data.augment`, see augment.py) -> this process's slice (lazily: a process
     decodes only its own records)
+    (with a streamed source, `STREAMS`: its shards are dealt out to hosts and shuffled in a window;
+    the others give this process its slice first; then mix by weight -> decode -> views)
     -> first-fit packing of tokens and image slots -> loss masks -> batch -> multiprocess prefetch
 
 A packed row holds `tokens`, `positions` and `segment_ids` [seq_len] (0 = padding), `images`
@@ -128,6 +130,15 @@ SOURCES = {"tfds": open_tfds, "array_record": open_array_record, "digits": open_
            "parquet": _open_sized(webdata.ParquetRows, webdata.parquet_sizes, "Parquet files")}
 
 
+def open_tar_stream(source, data_config, **share) -> grain.IterDataset:
+    return webdata.tar_stream(expand(source.path, data_config.data_dir), open_shards=data_config.stream.open_shards,
+                              window=data_config.stream.shuffle_window, **share)
+
+
+# sources without random access: IterDatasets of (where, record), split over hosts by themselves
+STREAMS = {"webdataset_stream": open_tar_stream}
+
+
 @dataclasses.dataclass(frozen=True)
 class Tag:
     """Attaches (source name, record index) so that errors can name the record."""
@@ -135,6 +146,15 @@ class Tag:
 
     def __call__(self, index, record):
         return self.name, index, record
+
+
+@dataclasses.dataclass(frozen=True)
+class TagStream:
+    """(where, record) of a streamed source -> (source name, where, record): `where` names shard and sample."""
+    name: str
+
+    def __call__(self, element):
+        return (self.name, *element)
 
 
 # ----------------------------------------------------------------------------- documents
@@ -306,18 +326,53 @@ def shuffled(ds: grain.MapDataset, source, data_config, seed: int) -> grain.MapD
     return BlockShuffleMapDataset(ds, block=block, seed=seed) if block > 1 else ds.shuffle(seed=seed)
 
 
+def tagged(data_config, name: str, source, position: int, shuffle: bool) -> grain.MapDataset:
+    """One random-access source's tagged records, every process's: shuffled (whole blocks for sources
+    read a block at a time) and repeated forever when `shuffle` (training); one pass in order otherwise."""
+    if source.kind not in SOURCES:
+        known = ", ".join(sorted(SOURCES) + sorted(STREAMS))
+        raise ValueError(f"source {name!r}: " + (f"{source.kind} is read front to back, and this reader needs random "
+                                                 f"access (kind=webdataset indexes the same shards)" if source.kind in
+                                                 STREAMS else f"unknown kind {source.kind!r}; known: {known}"))
+    ds = SOURCES[source.kind](source, data_config).map_with_index(Tag(name))
+    return shuffled(ds, source, data_config, data_config.seed + position).repeat() if shuffle else ds
+
+
 def mixture(data_config, sources, *, shuffle: bool) -> grain.MapDataset:
-    """Tagged records of the weighted mixture of `sources`, every process's. Shuffled (whole blocks
-    for sources read a block at a time) and repeated forever when `shuffle` (training); one pass in
-    order otherwise (evaluation)."""
+    """Tagged records of the weighted mixture of random-access `sources`, every process's."""
+    datasets = [tagged(data_config, name, source, i, shuffle) for i, (name, source) in enumerate(sorted(sources.items()))]
+    weights = [source.weight for _, source in sorted(sources.items())]
+    return datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+
+
+def stream_mixture(data_config, sources, *, shuffle: bool, process_index: int, process_count: int) -> grain.IterDataset:
+    """This process's tagged records of a mixture with streamed sources: those deal their shards out
+    to hosts, the random-access ones give this process its slice; mixed by weight (Grain's mix of
+    iterators, checkpointed as the rest)."""
     datasets, weights = [], []
     for i, (name, source) in enumerate(sorted(sources.items())):
-        ds = SOURCES[source.kind](source, data_config).map_with_index(Tag(name))
-        if shuffle:
-            ds = shuffled(ds, source, data_config, data_config.seed + i).repeat()
+        if source.kind in STREAMS:
+            ds = STREAMS[source.kind](source, data_config, shuffle=shuffle, seed=data_config.seed + i,
+                                      process_index=process_index, process_count=process_count).map(TagStream(name))
+        else:
+            ds = tagged(data_config, name, source, i, shuffle)[process_index::process_count].to_iter_dataset()
         datasets.append(ds)
         weights.append(source.weight)
-    return datasets[0] if len(datasets) == 1 else grain.MapDataset.mix(datasets, weights)
+    return datasets[0] if len(datasets) == 1 else grain.IterDataset.mix(datasets, weights)
+
+
+def examples(data_config, sources, transform, *, split: str, process_index: int, process_count: int,
+             keep=None) -> grain.IterDataset:
+    """This process's examples: `transform` (a tagged record -> an example) over the documents that
+    `keep` (a filter, or None) keeps, with training's random views (`augmented`)."""
+    shuffle = split == "train"
+    if not any(source.kind in STREAMS for source in sources.values()):
+        ds = mixture(data_config, sources, shuffle=shuffle)
+        ds = (ds.filter(keep) if keep else ds).map(transform)
+        return augmented(ds, data_config, split)[process_index::process_count].to_iter_dataset()
+    ds = stream_mixture(data_config, sources, shuffle=shuffle, process_index=process_index,
+                        process_count=process_count)
+    return augmented((ds.filter(keep) if keep else ds).map(transform), data_config, split)
 
 
 def documents(data_config, sources, *, shuffle: bool, process_index: int, process_count: int) -> grain.MapDataset:
@@ -325,7 +380,7 @@ def documents(data_config, sources, *, shuffle: bool, process_index: int, proces
     return mixture(data_config, sources, shuffle=shuffle)[process_index::process_count]
 
 
-def augmented(ds: grain.MapDataset, data_config, split: str) -> grain.MapDataset:
+def augmented(ds, data_config, split: str):
     """Training examples with fresh random views of their images (`data.augment`), drawn before
     the split over processes: a record's view depends on its place in the mixture, not on how many
     processes share it. Evaluation reads the originals."""
@@ -375,9 +430,8 @@ def make_dataset(data_config, model_config, visual_tokens: int, *, split: str = 
     layout = Layout.from_configs(model_config, data_config, visual_tokens)
     sources = data_config.train_sources if split == "train" else data_config.eval_sources
     tokenizer = load_tokenizer(data_config, layout.special)
-    ds = mixture(data_config, sources, shuffle=split == "train").map(TokenizeDocument(tokenizer, layout,
-                                                                                      data_config.strict))
-    ds = augmented(ds, data_config, split)[process_index::process_count].to_iter_dataset()
+    ds = examples(data_config, sources, TokenizeDocument(tokenizer, layout, data_config.strict), split=split,
+                  process_index=process_index, process_count=process_count)
     ds = FirstFitPackIterDataset(
         ds, length_struct={"tokens": layout.seq_len, "targets": layout.seq_len, "images": layout.max_images,
                            "events": layout.seq_len},
@@ -434,11 +488,10 @@ def make_image_dataset(data_config, image_size: int, *, split: str = "train", pr
     """Batches of single images (the first image of each document) with `valid` and `events`."""
     process_index, process_count = _process_share(data_config, process_index, process_count)
     sources = data_config.train_sources if split == "train" else data_config.eval_sources
-    ds = mixture(data_config, sources, shuffle=split == "train")
-    if data_config.image_documents_where:
-        ds = ds.filter(MetaMatches(tuple(sorted(data_config.image_documents_where.items()))))
-    ds = ds.map(FirstImage(image_size, data_config.strict))
-    ds = augmented(ds, data_config, split)[process_index::process_count].to_iter_dataset()
+    where = data_config.image_documents_where
+    ds = examples(data_config, sources, FirstImage(image_size, data_config.strict), split=split,
+                  process_index=process_index, process_count=process_count,
+                  keep=MetaMatches(tuple(sorted(where.items()))) if where else None)
     ds = ds.batch(data_config.global_batch_size // process_count, drop_remainder=split == "train")
     return _prefetch(ds, data_config, worker_count)
 

@@ -8,7 +8,9 @@ webdataset (img2dataset's layout): members `KEY.jpg|png|webp` or `KEY.mp4|webm|a
 (or a "caption" in `KEY.json`). Shards are indexed for random access by the `wids` package (a
 header scan through mmap, once per shard per reader); `path` is a glob, a brace range
 (`laion/{00000..00999}.tar`), or wids' shard-list JSON (`{"shardlist": [{"url", "nsamples"}]}`,
-`widsindex create`), whose counts spare the scan at start-up.
+`widsindex create`), whose counts spare the scan at start-up. Or streamed (`tar_stream`, no index:
+front to back, shards dealt out to hosts and workers, samples mixed in a window), resuming mid-shard
+all the same.
 
 Parquet: img2dataset's output (an image column `jpg` / `image` / `png` / `webp` of bytes or paths
 relative to the file's folder, and `caption` / `txt` / `text`), or OBELICS' interleaved rows
@@ -30,6 +32,9 @@ import itertools
 import json
 import os
 import threading
+
+import grain
+from grain.experimental import InterleaveIterDataset, WindowShuffleIterDataset
 
 from emu_jax.data import records
 
@@ -109,6 +114,86 @@ class TarShards(records.ConcatenatedFiles):
             return records.Unreadable(f"{where} does not read: {e}")
         return sample_document({k.lstrip("."): v.getvalue() if hasattr(v, "getvalue") else v
                                 for k, v in sample.items()}, where)
+
+
+# ----------------------------------------------------------------------------- webdataset, streamed
+
+def _stream_samples(path: str):
+    """A tar shard read front to back (no index, no seeking: a pipe or a bucket works), as
+    webdataset groups it: consecutive members sharing a key are one sample {extension: bytes,
+    "__key__"}. A shard that stops reading ends with an Unreadable naming where it stopped."""
+    import tarfile
+    sample, count = {}, 0
+    try:
+        with tarfile.open(path, "r|*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                key, _, extension = os.path.basename(member.name).partition(".")
+                key = os.path.join(os.path.dirname(member.name), key)
+                if sample and sample["__key__"] != key:
+                    yield sample
+                    sample, count = {}, count + 1
+                sample.setdefault("__key__", key)
+                sample[extension.lower()] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as e:
+        yield records.Unreadable(f"{path}: stops reading after sample {count}: {e}")
+        return
+    if sample:
+        yield sample
+
+
+class TarStream(grain.IterDataset):
+    """One tar shard's samples in order, as (where, document)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path = path
+
+    def __iter__(self):
+        return _TarStreamIterator(self.path)
+
+
+class _TarStreamIterator(grain.DatasetIterator):
+    """Its state is the number of samples read: a restored iterator reopens the shard and reads
+    past that many (a resumed run continues with the same sample, not the shard's first)."""
+
+    def __init__(self, path: str):
+        super().__init__()
+        self.path, self.position, self._samples = path, 0, None
+
+    def __next__(self) -> tuple[str, bytes | records.Unreadable]:
+        if self._samples is None:
+            self._samples = _stream_samples(self.path)
+            for _ in range(self.position):
+                next(self._samples, None)
+        sample = next(self._samples)  # StopIteration: the shard is done
+        where = f"{self.path} sample {self.position}"
+        self.position += 1
+        return where, sample if isinstance(sample, records.Unreadable) else sample_document(sample, where)
+
+    def get_state(self) -> dict:
+        return {"position": self.position}
+
+    def set_state(self, state: dict) -> None:
+        self.position, self._samples = int(state["position"]), None
+
+
+def tar_stream(pattern: str, *, shuffle: bool, seed: int, process_index: int, process_count: int,
+               open_shards: int, window: int):
+    """webdataset tar shards streamed, as a Grain IterDataset of (where, document): the shards
+    (reshuffled every epoch and repeated when `shuffle`) dealt out to hosts, and by Grain to each
+    host's workers; each reader interleaves `open_shards` shards; training mixes samples in a
+    window of `window` (Grain checkpoints every position: shard sequence, samples into each open
+    shard, the window's start)."""
+    paths = expand_paths(pattern)
+    if not paths:
+        raise FileNotFoundError(f"no webdataset tar shards match {pattern!r}")
+    shards = grain.MapDataset.source(paths)
+    if shuffle:
+        shards = shards.shuffle(seed=seed).repeat()
+    ds = InterleaveIterDataset(shards[process_index::process_count].map(TarStream), cycle_length=open_shards)
+    return WindowShuffleIterDataset(ds, window_size=window, seed=seed) if shuffle else ds
 
 
 # ----------------------------------------------------------------------------- Parquet
