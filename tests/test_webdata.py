@@ -193,6 +193,15 @@ def test_streamed_tar_shards_read_every_sample_once_per_host_count_bad_ones_and_
     with train.unlocked():
         train.data.stream.shuffle_window = 4
     assert_resumes_exactly(train, workers=2, read=5, then=4)
+    wide = tiny_config(digits_world, global_batch_size=2, train_sources={"web": stream})  # one window: 1000 samples
+    make = lambda: iter(pipeline.make_dataset(wide.data, wide.model, VISUAL, worker_count=0))  # noqa: E731
+    straight, once = make(), make()
+    for _ in range(3):
+        next(straight)
+    once.set_state(straight.get_state())
+    for _ in range(3):  # restored once, then checkpointed again: a second restore must read on the same
+        next(straight), next(once)
+    assert once.get_state() == straight.get_state()
     mixed = tiny_config(digits_world, global_batch_size=2, train_sources={
         "web": stream, "digits": config_lib.source("digits", "{data_dir}", "train", weight=0.5)})
     assert_resumes_exactly(mixed, read=3, then=3)

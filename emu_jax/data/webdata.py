@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import collections
+import copy
 import glob
 import itertools
 import json
@@ -193,7 +194,28 @@ def tar_stream(pattern: str, *, shuffle: bool, seed: int, process_index: int, pr
     if shuffle:
         shards = shards.shuffle(seed=seed).repeat()
     ds = InterleaveIterDataset(shards[process_index::process_count].map(TarStream), cycle_length=open_shards)
-    return WindowShuffleIterDataset(ds, window_size=window, seed=seed) if shuffle else ds
+    return WindowShuffleIterDataset(_CopiedState(ds), window_size=window, seed=seed) if shuffle else ds
+
+
+class _CopiedState(grain.IterDataset):
+    """Its parent, restored from a copy of the state given. Grain 0.2.18's interleave keeps lists of
+    the state it is restored from and advances them, and the window shuffle restores it from the
+    very dict it keeps as its window's start: without the copy a restored run's next checkpoint
+    holds a window start that has moved on, and a second restore reads other samples."""
+
+    def __iter__(self):
+        return _CopiedStateIterator(self._parent.__iter__())
+
+
+class _CopiedStateIterator(grain.DatasetIterator):
+    def __next__(self):
+        return next(self._parent)
+
+    def get_state(self):
+        return self._parent.get_state()
+
+    def set_state(self, state):
+        self._parent.set_state(copy.deepcopy(state))
 
 
 # ----------------------------------------------------------------------------- Parquet
