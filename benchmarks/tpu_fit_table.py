@@ -3,12 +3,17 @@ compile entry, run as a user would run it (one subprocess per cell):
 
     python benchmarks/tpu_fit_table.py --jobs=2                    # pretraining: the released configs on pods
     python benchmarks/tpu_fit_table.py --table=finetune --jobs=1   # fine-tuning recipes (LoRA, full) on small slices
+    python benchmarks/tpu_fit_table.py --table=search --jobs=1     # the fastest plan that fits vs the first fit
 
 Each cell runs `python -m emu_jax.train_compile --config=configs/<config>.py --topology=<slice>
 --fit --json=...` (libtpu, no TPU needed; step-time estimates on the table's ESTIMATED slices);
 finished cells are kept under --out, so a re-run only compiles the missing ones. Prints the
 markdown table and writes it between the README's `<!-- <table>-table:begin -->` /
 `<!-- <table>-table:end -->` markers.
+
+The search table runs `train_compile --search` with SEARCH_FLAGS per cell and sets the fastest plan
+beside the first fit (the `tpu` table's cell for the same config and slice, compiled if missing):
+the search also estimates the first-fit plan with its probes, so both estimates are shown for it.
 """
 import argparse
 import concurrent.futures
@@ -24,26 +29,76 @@ TABLES = {  # name: (configs (file[:variant]), slices, slices with step-time est
     "tpu": (("emu2_37b", "emu1_14b"), ("v5p-64", "v5p-128", "v5p-256", "v5e-256", "v6e-256"), ("v5p-128",)),
     "finetune": (("emu2_chat:lora", "emu2_chat:full", "emu1_14b:instruct_lora", "emu1_14b:instruct_full"),
                  ("v5p-8", "v5p-16", "v5e-16", "v6e-8"), ()),
+    "search": (("emu2_37b",), ("v5p-128",), ()),
 }
+# the space searched per cell: every remat policy per tower, 1 or 2-way tensor parallelism, 1 or 2
+# micro-batches (4 groups of 11 probe compiles, about an hour for emu2_37b on 2 cores)
+SEARCH_FLAGS = ("--tensor=1,2", "--accum=1,2", "--data=1", "--scan=true", "--verify=1")
 
 
-def run_cell(config: str, tpu_slice: str, out: pathlib.Path, estimated: tuple) -> dict:
-    name = f"{config.replace(':', '_')}_{tpu_slice}"
-    path = out / f"{name}.json"
+def _compile_cell(config: str, tpu_slice: str, path: pathlib.Path, flags: list) -> dict:
+    """Runs train_compile for one cell (unless its JSON exists) and returns the JSON."""
     if not path.exists():
-        log = out / f"{name}.log"
+        log = path.with_suffix(".log")
         file, _, variant = config.partition(":")
         with open(log, "w") as stream:
-            estimate = "--estimate" if tpu_slice in estimated else "--noestimate"
             done = subprocess.run([sys.executable, "-m", "emu_jax.train_compile",
                                    f"--config=configs/{file}.py" + (f":{variant}" if variant else ""),
-                                   f"--topology={tpu_slice}", "--fit", estimate, f"--json={path}.tmp"], cwd=ROOT,
+                                   f"--topology={tpu_slice}", *flags, f"--json={path}.tmp"], cwd=ROOT,
                                   stdout=stream, stderr=subprocess.STDOUT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
                                   check=False)
         if done.returncode:
             raise RuntimeError(f"{config} on {tpu_slice} failed; see {log}")
         os.replace(f"{path}.tmp", path)
     return dict(json.loads(path.read_text()), config=config, slice=tpu_slice)
+
+
+def run_cell(config: str, tpu_slice: str, out: pathlib.Path, estimated: tuple) -> dict:
+    estimate = "--estimate" if tpu_slice in estimated else "--noestimate"
+    return _compile_cell(config, tpu_slice, out / f"{config.replace(':', '_')}_{tpu_slice}.json", ["--fit", estimate])
+
+
+def run_search_cell(config: str, tpu_slice: str, out: pathlib.Path, estimated: tuple) -> dict:
+    del estimated
+    name = f"{config.replace(':', '_')}_{tpu_slice}"
+    first_fit = _compile_cell(config, tpu_slice, out / f"{name}.json", ["--fit", "--estimate"])
+    found = _compile_cell(config, tpu_slice, out / f"search_{name}.json", ["--search", *SEARCH_FLAGS])
+    return dict(found, first_fit=first_fit)
+
+
+def _plan_text(plan: dict) -> str:
+    remat = "/".join(f"{t} {p}" for t, p in plan["remat"])
+    return f"{plan['data']}x{plan['fsdp']}x{plan['tensor']}, {remat}, {plan['accum']} micro-batch(es)"
+
+
+def search_row(cell: dict) -> str:
+    gib = 2 ** 30
+    candidates = cell["candidates"]
+    best = candidates[0] if candidates[0]["verdict"] == "fits" else None
+    first = cell["first_fit"]
+    first_overrides = {k: v for k, v in first["overrides"].items() if not k.startswith("mesh.")}
+    # the first-fit plan among the searched ones (same remat, mesh and micro-batches): its probe estimate
+    same = [c for c in candidates if all(c["overrides"].get(k) == v for k, v in first_overrides.items())
+            and (c["plan"]["data"], c["plan"]["fsdp"], c["plan"]["tensor"]) == tuple(first["mesh"][a] for a in
+                                                                                      ("data", "fsdp", "tensor"))
+            and c["plan"]["accum"] == first["grad_accum_steps"]]
+    probed = f"{same[0]['mfu']:.0%}" if same and same[0]["mfu"] else "n/a"
+    compiles = sum(1 for c in candidates if c["compiled"])
+    fastest = (f"{_plan_text(best['plan'])} | {best['compiled']['bytes'] / gib:.1f} / {first['hbm_bytes'] / gib:.0f} GiB"
+               f" | {best['estimated_seconds']:.2f} s | **{best['mfu']:.0%}**") if best else "nothing fits | | |"
+    first_remat = "/".join(sorted(set(first["remat"].values())))
+    return (f"| {cell['config']} | {cell['slice']} | {fastest} | {first_remat} remat, "
+            f"{first['mesh']['data']}x{first['mesh']['fsdp']}x{first['mesh']['tensor']}, {first['grad_accum_steps']} "
+            f"micro-batch(es) | {first['total_bytes'] / gib:.1f} GiB | {first['estimated_seconds']:.2f} s | "
+            f"{first['mfu']:.0%} (probes: {probed}) | {len(candidates)} plans, {cell['probes']} probe + "
+            f"{compiles} full compiles |")
+
+
+def search_table(cells: list[dict]) -> str:
+    head = ("| config | slice | fastest plan that fits (mesh, remat, micro-batches) | memory/chip | est. step | "
+            "est. MFU | first fit (`--fit`) | memory/chip | est. step | est. MFU | searched |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
+    return "\n".join([head] + [search_row(c) for c in cells])
 
 
 def row(cell: dict) -> str:
@@ -85,10 +140,11 @@ def main():
     cells = [(c, s) for s in (args.slices.split(",") if args.slices else slices) for c in configs]
     if args.cached_only:
         cells = [(c, s) for c, s in cells if (out / f"{c.replace(':', '_')}_{s}.json").exists()]
+    runner, tabulate = (run_search_cell, search_table) if args.table == "search" else (run_cell, table)
     with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
-        results = list(pool.map(lambda cell: run_cell(*cell, out, estimated), cells))
+        results = list(pool.map(lambda cell: runner(*cell, out, estimated), cells))
     results.sort(key=lambda r: (configs.index(r["config"]), slices.index(r["slice"])))
-    markdown = table(results)
+    markdown = tabulate(results)
     print(markdown)
     readme = pathlib.Path(args.readme)
     text = readme.read_text()

@@ -129,3 +129,51 @@ def test_compile_entry_on_this_machines_fake_cpu_mesh_reports_memory():
     assert report.fits is None and report.hbm_bytes is None  # no HBM to compare with on a CPU
     assert report.memory["arguments"] > 0 and report.total_bytes > 0 and report.compiler_flops > 0
     assert "per-device memory" in aot.format_report(report)
+
+
+@pytest.mark.parametrize("policy,saved", [("save_qkv", {"query_proj", "key_proj", "value_proj"}),
+                                          # out_proj too, where something after the layer needs it
+                                          # (a post-norm ViT's norm); the sum here does not
+                                          ("save_attention", {"query_proj", "key_proj", "value_proj",
+                                                              "attention_context"}),
+                                          ("full", set())])
+def test_named_remat_policies_keep_exactly_the_tensors_they_name(policy, saved, capsys):
+    """A remat policy that names tensors saves them for the backward pass (and nothing else the
+    layer computes): a tag missing from Attention would silently turn the policy into full remat."""
+    def block(params, x):
+        attention = nn.remat(layers.Attention, policy=layers.REMAT_POLICIES[policy])(num_heads=2, head_dim=4)
+        return attention.apply(params, x)[0].sum()
+
+    x = jnp.ones((1, 3, 8))
+    params = layers.Attention(num_heads=2, head_dim=4).init(jax.random.key(0), x)
+    jax.ad_checkpoint.print_saved_residuals(block, params, x)
+    lines = capsys.readouterr().out.splitlines()
+    names = {line.split("named '")[1].split("'")[0] for line in lines if "named '" in line}
+    computed = [line for line in lines if "from the argument" not in line and "named '" not in line]
+    assert names == saved and not computed
+
+
+def test_plan_search_estimates_each_plan_from_probes_and_verifies_the_fastest(tmp_path):
+    """Tiny on a v5p:2x2x2 slice, the ViT frozen (its backward is dropped, so it keeps "none"), the
+    LLM searched over no remat and full remat: no remat is the faster estimate, is verified by its
+    own compile and comes first, and its estimate (full remat is the probes' reference plan, no
+    remat is solved from one more probe) equals the compiler's cost of the whole plan compiled
+    unrolled at its real depth; a second search compiles nothing (the cache)."""
+    from emu_jax.train import plan_search
+    config = config_lib.with_overrides(load_config("tiny"), {"model.llm.num_layers": 4,
+                                                             "optimizer.freeze": "^vit/"})
+    space = plan_search.Space(policies=("none", "full"), tensor=(1,), accum=(1,))
+    result = plan_search.search(config, "v5p:2x2x2", space, cache_dir=str(tmp_path))
+    plans = [c.plan for c in result.candidates]
+    assert [dict(p.remat) for p in plans] == [{"vit": "none", "llm": "none"}, {"vit": "none", "llm": "full"}]
+    assert result.probes == 4 and result.compiled == 5  # (1, 1), (2, 1), (1, 2) layers, then full remat at 2
+    best, other = result.candidates
+    assert best.verdict == "fits" and best.compiled["bytes"] > 0 and other.verdict == plan_search.NOT_COMPILED
+    assert best.mfu > other.mfu > 0 and best.estimated_seconds < other.estimated_seconds
+    unrolled = config_lib.with_overrides(config, dict(best.plan.overrides(), **{
+        "model.vit.scan_layers": False, "model.llm.scan_layers": False}))
+    report = aot.compile_report(unrolled, "v5p:2x2x2", extrapolate=False)
+    assert best.estimated_seconds == pytest.approx(report.compiler_seconds, rel=0.02)
+    assert best.estimated_bytes == pytest.approx(report.total_bytes, rel=0.25)
+    again = plan_search.search(config, "v5p:2x2x2", space, cache_dir=str(tmp_path))
+    assert again.compiled == 0 and [c.verdict for c in again.candidates] == [c.verdict for c in result.candidates]

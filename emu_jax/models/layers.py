@@ -13,6 +13,7 @@ import flax.linen as nn
 import flax.struct
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from emu_jax.models import lora as lora_lib
 
@@ -426,6 +427,7 @@ class Attention(nn.Module):
         if self.fused_qkv and kv_input is not None:
             raise ValueError("a fused qkv projection cannot cross-attend")
         q, k, v = self._project_qkv(x, x if kv_input is None else kv_input)
+        q, k, v = (checkpoint_name(t, name) for t, name in zip((q, k, v), ("query_proj", "key_proj", "value_proj")))
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if cache is not None:
@@ -434,17 +436,23 @@ class Attention(nn.Module):
         out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask, bias=bias,
                                     scale=self.scale, implementation=self.implementation)
         out = dense(x.shape[-1], ("heads", "head_dim", "embed"), name=self.names[-1], axis=(-2, -1),
-                    use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype, lora=self.lora)(out)
-        return out, cache
+                    use_bias=self.out_bias, dtype=self.dtype, param_dtype=self.param_dtype,
+                    lora=self.lora)(checkpoint_name(out, "attention_context"))
+        return checkpoint_name(out, "out_proj"), cache
 
 
 # ----------------------------------------------------------------------------- layer stacks
 
+# What a rematerialised layer keeps for its backward pass (the rest is recomputed), lightest last.
+# The named ones save tensors tagged with `checkpoint_name` in Attention and Mlp.
+_save = jax.checkpoint_policies.save_only_these_names
 REMAT_POLICIES: dict[str, Any] = {
-    "none": None,
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,
+    "none": None,  # everything
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # every matmul output
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # weight matmuls' outputs
+    "save_attention": _save("query_proj", "key_proj", "value_proj", "attention_context", "out_proj"),  # MLP recomputed
+    "save_qkv": _save("query_proj", "key_proj", "value_proj"),  # attention and MLP recomputed
+    "full": jax.checkpoint_policies.nothing_saveable,  # only the layer's input
 }
 
 

@@ -45,6 +45,7 @@ class Report:
     error: str = ""  # the compiler's out-of-memory message (or the sharding error), when it refused
     unshardable: bool = False  # a parameter dimension does not divide over its mesh axes
     compiler_flops: float = 0.0  # per device, as cost_analysis reports it (scanned bodies once)
+    compiler_seconds: float = 0.0  # the compiler's estimated step time, likewise
     estimated_flops: float = 0.0  # per device, extrapolated over the scanned layers
     estimated_seconds: float = 0.0
     analytic_flops: float = 0.0  # per device
@@ -102,14 +103,14 @@ def compiled_cost(compiled) -> dict:
     return {"flops": float(cost.get("flops", 0.0)), "seconds": float(cost.get("optimal_seconds", 0.0))}
 
 
-def _scannable(config) -> dict:
+def scannable_layers(config) -> dict:
     """{tower: its layer-count key} of the trained model family's towers that may be scanned."""
     return make_task(config).family.scanned_layers
 
 
 def _scanned(config) -> dict:
     """{tower: layer count} of the towers the config scans."""
-    return {t: config.model[t][key] for t, key in _scannable(config).items()
+    return {t: config.model[t][key] for t, key in scannable_layers(config).items()
             if t in config.model and config.model[t].get("scan_layers")}
 
 
@@ -121,7 +122,7 @@ def extrapolated_cost(config, devices, scanned_cost: dict) -> dict:
     for tower, depth in _scanned(config).items():
         logging.info("compiling %s unrolled at 2 layers (cost of one layer)", tower)
         two_layers = config_lib.with_overrides(config, {f"model.{tower}.scan_layers": False,
-                                                        f"model.{tower}.{_scannable(config)[tower]}": 2})
+                                                        f"model.{tower}.{scannable_layers(config)[tower]}": 2})
         lowered, _, _ = lower_train_step(two_layers, devices)
         layer = {k: v - scanned_cost[k] for k, v in compiled_cost(lowered.compile()).items()}
         for key in total:
@@ -148,7 +149,7 @@ def compile_report(config, target: str, *, extrapolate: bool = True) -> Report:
     tc = config.train
     report = Report(target=target, devices=len(devices), mesh={}, global_batch=config.data.global_batch_size,
                     grad_accum_steps=tc.grad_accum_steps,
-                    remat={t: config.model[t].get("remat", "none") for t in _scannable(config) if t in config.model},
+                    remat={t: config.model[t].get("remat", "none") for t in scannable_layers(config) if t in config.model},
                     fits=None, hbm_bytes=chip.hbm_bytes if chip else None,
                     peak_flops=chip.peak_bf16_flops if chip else 0.0)
     start = time.perf_counter()
@@ -183,11 +184,12 @@ def compile_report(config, target: str, *, extrapolate: bool = True) -> Report:
     report.memory = _memory(compiled)
     if chip:
         report.fits = report.total_bytes <= chip.hbm_bytes
-    report.compiler_flops = compiled_cost(compiled)["flops"]
+    cost = compiled_cost(compiled)
+    report.compiler_flops, report.compiler_seconds = cost["flops"], cost["seconds"]
     report.analytic_flops = setup.task.step_flops(setup.abstract_params, setup.optimizer.frozen) / len(devices)
     report.tokens_per_step = config.data.global_batch_size * config.data.get("seq_len", 0)
     if extrapolate:
-        estimate = extrapolated_cost(config, devices, compiled_cost(compiled))
+        estimate = extrapolated_cost(config, devices, cost)
         report.estimated_flops, report.estimated_seconds = estimate["flops"], estimate["seconds"]
     return report
 
