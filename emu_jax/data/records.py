@@ -43,7 +43,15 @@ class RecordError(ValueError):
 
 
 class SourceError(ValueError):
-    """A source file or line that cannot be turned into records; the message names where."""
+    """A source file or line that cannot be turned into records; the message names where, `kind`
+    what is wrong (the counter a converter that goes on past it counts it under)."""
+
+    def __init__(self, message: str, kind: str = "bad_entry"):
+        super().__init__(message)
+        self.kind = kind
+
+    def __reduce__(self):
+        return SourceError, (str(self), self.kind)
 
 
 def read_source(path: str, where: str) -> bytes:
@@ -52,7 +60,7 @@ def read_source(path: str, where: str) -> bytes:
         with open(path, "rb") as f:
             return f.read()
     except OSError as e:
-        raise SourceError(f"{where}: cannot read {path}: {e.strerror}") from e
+        raise SourceError(f"{where}: cannot read {path}: {e.strerror}", "unreadable_file") from e
 
 
 def text(value: str) -> dict:
@@ -136,7 +144,7 @@ def decode(record: bytes | Unreadable) -> dict:
             "meta": {text(k): text(v) for k, v in meta.items()} if isinstance(meta, dict) else {}}
 
 
-def _temporary(path: str) -> str:
+def temporary_path(path: str) -> str:
     """Where a shard is written until it is finished: a hidden name, which no shard glob
     (`prefix-*`) matches, so that a half-written file (even one a killed writer left) is never read."""
     directory, name = os.path.split(path)
@@ -152,7 +160,7 @@ class ShardWriter:
         from array_record.python.array_record_module import ArrayRecordWriter
         os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
         self.paths = [f"{prefix}-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
-        self._writers = [ArrayRecordWriter(_temporary(p), "group_size:1") for p in self.paths]
+        self._writers = [ArrayRecordWriter(temporary_path(p), "group_size:1") for p in self.paths]
         self.count = 0
 
     def write(self, doc: dict) -> None:
@@ -163,7 +171,7 @@ class ShardWriter:
         for writer in self._writers:
             writer.close()
         for path in self.paths:
-            os.replace(_temporary(path), path)
+            os.replace(temporary_path(path), path)
 
     def __enter__(self):
         return self
@@ -176,8 +184,8 @@ class ShardWriter:
             try:
                 writer.close()
             finally:
-                if os.path.exists(_temporary(path)):
-                    os.remove(_temporary(path))
+                if os.path.exists(temporary_path(path)):
+                    os.remove(temporary_path(path))
 
 
 def _open_reader(path: str):

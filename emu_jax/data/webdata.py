@@ -38,11 +38,7 @@ import grain
 from grain.experimental import InterleaveIterDataset, WindowShuffleIterDataset
 
 from emu_jax.data import records
-
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-VIDEO_EXTENSIONS = ("mp4", "webm", "avi", "mkv")
-TEXT_EXTENSIONS = ("txt", "caption")
-
+from emu_jax.data.web_documents import row_document, sample_document, stream_samples
 
 def expand_paths(pattern: str) -> list[str]:
     """A glob, a brace range, or both -> the sorted existing files."""
@@ -80,26 +76,6 @@ def tar_shard_sizes(pattern: str, strict: bool) -> dict[str, int]:
     return sizes
 
 
-def sample_document(sample: dict, where: str) -> bytes | records.Unreadable:
-    """A webdataset sample {extension: bytes, "__key__"} -> an encoded document: its image or video,
-    then its caption."""
-    media = next(((kind, sample[ext]) for kind, exts in (("image", IMAGE_EXTENSIONS), ("video", VIDEO_EXTENSIONS))
-                  for ext in exts if ext in sample), None)
-    caption = next((sample[ext] for ext in TEXT_EXTENSIONS if ext in sample), None)
-    if caption is None and "json" in sample:
-        try:
-            caption = json.loads(sample["json"]).get("caption")
-        except (ValueError, AttributeError):
-            caption = None
-    if media is None or caption is None:
-        missing = "image or video" if media is None else "caption (.txt, or json 'caption')"
-        return records.Unreadable(f"{where}: sample {sample.get('__key__', '?')!r} has no {missing}", "malformed")
-    text = caption.decode("utf-8", "replace") if isinstance(caption, bytes) else str(caption)
-    kind, data = media
-    return records.encode(records.document([{kind: bytes(data)}, records.text(text.strip())], "webdataset",
-                                           key=str(sample.get("__key__", ""))))
-
-
 class TarShards(records.ConcatenatedFiles):
     """Random access to the samples of webdataset tar shards, as documents."""
 
@@ -118,31 +94,6 @@ class TarShards(records.ConcatenatedFiles):
 
 
 # ----------------------------------------------------------------------------- webdataset, streamed
-
-def _stream_samples(path: str):
-    """A tar shard read front to back (no index, no seeking: a pipe or a bucket works), as
-    webdataset groups it: consecutive members sharing a key are one sample {extension: bytes,
-    "__key__"}. A shard that stops reading ends with an Unreadable naming where it stopped."""
-    import tarfile
-    sample, count = {}, 0
-    try:
-        with tarfile.open(path, "r|*") as tar:
-            for member in tar:
-                if not member.isfile():
-                    continue
-                key, _, extension = os.path.basename(member.name).partition(".")
-                key = os.path.join(os.path.dirname(member.name), key)
-                if sample and sample["__key__"] != key:
-                    yield sample
-                    sample, count = {}, count + 1
-                sample.setdefault("__key__", key)
-                sample[extension.lower()] = tar.extractfile(member).read()
-    except (tarfile.TarError, OSError, EOFError) as e:
-        yield records.Unreadable(f"{path}: stops reading after sample {count}: {e}")
-        return
-    if sample:
-        yield sample
-
 
 class TarStream(grain.IterDataset):
     """One tar shard's samples in order, as (where, document)."""
@@ -165,7 +116,7 @@ class _TarStreamIterator(grain.DatasetIterator):
 
     def __next__(self) -> tuple[str, bytes | records.Unreadable]:
         if self._samples is None:
-            self._samples = _stream_samples(self.path)
+            self._samples = stream_samples(self.path)
             for _ in range(self.position):
                 next(self._samples, None)
         sample = next(self._samples)  # StopIteration: the shard is done
@@ -220,10 +171,6 @@ class _CopiedStateIterator(grain.DatasetIterator):
 
 # ----------------------------------------------------------------------------- Parquet
 
-IMAGE_COLUMNS = ("jpg", "image", "png", "webp")
-CAPTION_COLUMNS = ("caption", "txt", "text")
-
-
 def parquet_sizes(pattern: str, strict: bool) -> dict[str, int]:
     from absl import logging
     import pyarrow.parquet as pq
@@ -269,42 +216,6 @@ class _ParquetFile:
                 while len(self._groups) > self.KEEP:
                     self._groups.popitem(last=False)
             return self._groups[group][position - self.starts[group]]
-
-
-def _media_bytes(value, folder: str, where: str):
-    """Bytes from an image cell: the bytes themselves, or a path relative to the file's folder."""
-    if isinstance(value, (bytes, bytearray)):
-        return bytes(value)
-    if isinstance(value, dict) and "bytes" in value:  # Hugging Face datasets' image struct
-        return value["bytes"] or _media_bytes(value.get("path"), folder, where)
-    if isinstance(value, str):
-        return records.read_source(os.path.join(folder, value), where)
-    return None
-
-
-def row_document(row: dict, folder: str, where: str) -> bytes | records.Unreadable:
-    """A Parquet row -> an encoded document (an interleaved OBELICS row, or an image and caption)."""
-    try:
-        if "texts" in row and "images" in row:
-            segments = []
-            for text, image in zip(row["texts"] or [], row["images"] or []):
-                if text is not None:
-                    segments.append(records.text(text))
-                elif image is not None:
-                    data = _media_bytes(image, folder, where)
-                    segments.append(records.image(data if data is not None else b""))
-            if not segments:
-                return records.Unreadable(f"{where}: interleaved row with no text and no image", "malformed")
-            return records.encode(records.document(segments, "parquet"))
-        image = next((row[c] for c in IMAGE_COLUMNS if row.get(c) is not None), None)
-        caption = next((row[c] for c in CAPTION_COLUMNS if row.get(c) is not None), None)
-        if image is None or caption is None:
-            missing = f"image ({'/'.join(IMAGE_COLUMNS)})" if image is None else f"caption ({'/'.join(CAPTION_COLUMNS)})"
-            return records.Unreadable(f"{where}: row has no {missing}", "malformed")
-        return records.encode(records.document([records.image(_media_bytes(image, folder, where)),
-                                                records.text(str(caption))], "parquet"))
-    except records.SourceError as e:  # an image path that does not read
-        return records.Unreadable(str(e), "missing_image")
 
 
 class ParquetRows(records.ConcatenatedFiles):

@@ -43,25 +43,32 @@ from emu_jax.data import media, records
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 
 
+def parse_line(raw: bytes, where: str) -> dict | None:
+    """A JSONL line's object (None for a blank line); a SourceError naming `where` otherwise."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise records.SourceError(f"{where}: not UTF-8 (byte {e.start} of the line)", "not_utf8") from e
+    if not line.strip():
+        return None
+    try:
+        entry = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise records.SourceError(f"{where}: not JSON: {e}", "not_json") from e
+    if not isinstance(entry, dict):
+        raise records.SourceError(f"{where}: expected a JSON object", "not_object")
+    return entry
+
+
 def _jsonl(path: str):
     if not os.path.isfile(path):
         raise records.SourceError(f"{path}: no such JSONL file")
     with open(path, "rb") as f:  # decoded line by line: a bad byte is reported at its line
         for number, raw in enumerate(f, 1):
             where = f"{path}:{number}"
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise records.SourceError(f"{where}: not UTF-8 (byte {e.start} of the line)") from e
-            if not line.strip():
-                continue
-            try:
-                entry = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise records.SourceError(f"{where}: not JSON: {e}") from e
-            if not isinstance(entry, dict):
-                raise records.SourceError(f"{where}: expected a JSON object")
-            yield where, entry
+            entry = parse_line(raw, where)
+            if entry is not None:
+                yield where, entry
 
 
 def _json_entries(path: str):
@@ -84,12 +91,70 @@ def _json_entries(path: str):
 
 def _field(entry: dict, key: str, where: str, kind=str):
     if not isinstance(entry, dict):
-        raise records.SourceError(f"{where}: expected an object with {key!r}, got {type(entry).__name__}")
+        raise records.SourceError(f"{where}: expected an object with {key!r}, got {type(entry).__name__}",
+                                  "wrong_type")
     if key not in entry:
-        raise records.SourceError(f"{where}: missing field {key!r}")
+        raise records.SourceError(f"{where}: missing field {key!r}", "missing_field")
     if not isinstance(entry[key], kind):
-        raise records.SourceError(f"{where}: field {key!r} should be {getattr(kind, '__name__', kind)}")
+        raise records.SourceError(f"{where}: field {key!r} should be {getattr(kind, '__name__', kind)}",
+                                  "wrong_type")
     return entry[key]
+
+
+# ----------------------------------------------------------------------------- one entry -> a document
+# Each takes (entry, where, root, counts): a JSON object from the line (or list entry) `where`,
+# the folder its paths are relative to, and a Counter it adds to; it returns the document or
+# raises a SourceError naming `where`.
+
+def pair_document(entry: dict, where: str, root: str, counts: Counter) -> dict:
+    image_path = os.path.join(root, _field(entry, "image", where))
+    return records.document([records.image(records.read_source(image_path, where)),
+                             records.text(_field(entry, "caption", where))], "pairs")
+
+
+def mmc4_document(entry: dict, where: str, root: str, counts: Counter, skip_missing: bool = False) -> dict:
+    texts = _field(entry, "text_list", where, list)
+    by_sentence: dict[int, list[bytes]] = {}
+    for info in _field(entry, "image_info", where, list):
+        index = _field(info, "matched_text_index", where, int)
+        if not 0 <= index < len(texts):
+            raise records.SourceError(f"{where}: matched_text_index {index} outside text_list of {len(texts)}")
+        path = os.path.join(root, _field(info, "image_name", where))
+        if skip_missing and not os.path.exists(path):
+            counts["missing_images"] += 1
+            continue
+        by_sentence.setdefault(index, []).append(records.read_source(path, where))
+    segments = []
+    for i, sentence in enumerate(texts):
+        segments += [records.image(b) for b in by_sentence.get(i, [])] + [records.text(sentence)]
+    return records.document(segments, "mmc4", url=entry.get("url", ""))
+
+
+def video_document(entry: dict, where: str, root: str, counts: Counter) -> dict:
+    import av
+    path = os.path.join(root, _field(entry, "video", where))
+    encoded = records.read_source(path, where)
+    try:  # probe the container so that a broken file is reported here, not at training time
+        with av.open(path) as container:
+            if not container.streams.video:
+                raise records.SourceError(f"{where}: {path} has no video stream")
+    except av.FFmpegError as e:
+        raise records.SourceError(f"{where}: {path} is not a readable video: {e}") from e
+    return records.document([records.video(encoded), records.text(_field(entry, "caption", where))], "video")
+
+
+def storyboard_document(entry: dict, where: str, root: str, counts: Counter) -> dict:
+    events = []
+    for frame in _field(entry, "frames", where, list):
+        path = os.path.join(root, _field(frame, "image", where))
+        time = float(_field(frame, "time", where, (int, float)))
+        events.append((time, 0, records.image(records.read_source(path, where))))
+    for subtitle in _field(entry, "subtitles", where, list):
+        events.append((float(_field(subtitle, "start", where, (int, float))), 1,
+                       records.text(_field(subtitle, "text", where))))
+    if not events:
+        raise records.SourceError(f"{where}: storyboard has neither frames nor subtitles")
+    return records.document([segment for _, _, segment in sorted(events, key=lambda e: e[:2])], "storyboard")
 
 
 def pair_documents(input_path: str, root: str, counts: Counter):
@@ -111,59 +176,7 @@ def pair_documents(input_path: str, root: str, counts: Counter):
             yield where, records.document([records.image(image), records.text(caption)], "pairs", file=name)
         return
     for where, entry in _jsonl(input_path):
-        image_path = os.path.join(root, _field(entry, "image", where))
-        yield where, records.document([records.image(records.read_source(image_path, where)),
-                                records.text(_field(entry, "caption", where))], "pairs")
-
-
-def mmc4_documents(input_path: str, root: str, counts: Counter, skip_missing: bool = False):
-    for where, entry in _jsonl(input_path):
-        texts = _field(entry, "text_list", where, list)
-        by_sentence: dict[int, list[bytes]] = {}
-        for info in _field(entry, "image_info", where, list):
-            index = _field(info, "matched_text_index", where, int)
-            if not 0 <= index < len(texts):
-                raise records.SourceError(f"{where}: matched_text_index {index} outside text_list of {len(texts)}")
-            path = os.path.join(root, _field(info, "image_name", where))
-            if skip_missing and not os.path.exists(path):
-                counts["missing_images"] += 1
-                continue
-            by_sentence.setdefault(index, []).append(records.read_source(path, where))
-        segments = []
-        for i, sentence in enumerate(texts):
-            segments += [records.image(b) for b in by_sentence.get(i, [])] + [records.text(sentence)]
-        yield where, records.document(segments, "mmc4", url=entry.get("url", ""))
-
-
-def video_documents(input_path: str, root: str, counts: Counter):
-    import av
-    for where, entry in _jsonl(input_path):
-        path = os.path.join(root, _field(entry, "video", where))
-        encoded = records.read_source(path, where)
-        try:  # probe the container so that a broken file is reported here, not at training time
-            with av.open(path) as container:
-                if not container.streams.video:
-                    raise records.SourceError(f"{where}: {path} has no video stream")
-        except av.FFmpegError as e:
-            raise records.SourceError(f"{where}: {path} is not a readable video: {e}") from e
-        yield where, records.document([records.video(encoded), records.text(_field(entry, "caption", where))],
-                                      "video")
-
-
-def storyboard_documents(input_path: str, root: str, counts: Counter):
-    for where, entry in _jsonl(input_path):
-        events = []
-        for frame in _field(entry, "frames", where, list):
-            path = os.path.join(root, _field(frame, "image", where))
-            time = float(_field(frame, "time", where, (int, float)))
-            events.append((time, 0, records.image(records.read_source(path, where))))
-        for subtitle in _field(entry, "subtitles", where, list):
-            events.append((float(_field(subtitle, "start", where, (int, float))), 1,
-                           records.text(_field(subtitle, "text", where))))
-        if not events:
-            raise records.SourceError(f"{where}: storyboard has neither frames nor subtitles")
-        yield where, records.document([segment for _, _, segment in sorted(events, key=lambda e: e[:2])],
-                                      "storyboard")
+        yield where, pair_document(entry, where, root, counts)
 
 
 SPEAKERS = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -183,36 +196,35 @@ def _turn(text: str, role: str, media: list[dict], where: str) -> list[dict]:
     return segments
 
 
-def conversation_documents(input_path: str, root: str, counts: Counter):
-    for where, entry in _json_entries(input_path):
-        if not isinstance(entry, dict):
-            raise records.SourceError(f"{where}: expected a JSON object")
-        images = entry.get("image", [])
-        images = [images] if isinstance(images, str) else images
-        if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
-            raise records.SourceError(f"{where}: field 'image' should be a path or a list of paths")
-        media = [records.image(records.read_source(os.path.join(root, p), where)) for p in images]
-        if "video" in entry:
-            media.append(records.video(records.read_source(os.path.join(root, _field(entry, "video", where)), where)))
-        turns = _field(entry, "conversations", where, list)
-        tagged = sum(len(MEDIA_TAG.findall(t.get("value", ""))) for t in turns if isinstance(t, dict))
-        if media and not tagged:  # untagged media open the first user turn (LLaVA's convention)
-            turns = [dict(turns[0], value="<image>" * len(media) + _field(turns[0], "value", where))] + turns[1:]
-        elif tagged != len(media):
-            raise records.SourceError(f"{where}: {tagged} <image>/<video> tags for {len(media)} media")
-        segments = []
-        for turn in turns:
-            speaker = _field(turn, "from", where)
-            if speaker not in SPEAKERS:
-                raise records.SourceError(f"{where}: speaker {speaker!r} is not one of {', '.join(SPEAKERS)}")
-            segments += _turn(_field(turn, "value", where), SPEAKERS[speaker], media, where)
-        counts["turns"] += len(turns)
-        grounding = entry.get("grounding", False)
-        if not isinstance(grounding, bool):
-            raise records.SourceError(f"{where}: field 'grounding' should be true or false")
-        counts["grounding_conversations"] += grounding
-        yield where, records.document(segments, "conversations", id=str(entry.get("id", "")),
-                                      **({"grounding": True} if grounding else {}))
+def conversation_document(entry: dict, where: str, root: str, counts: Counter) -> dict:
+    if not isinstance(entry, dict):
+        raise records.SourceError(f"{where}: expected a JSON object")
+    images = entry.get("image", [])
+    images = [images] if isinstance(images, str) else images
+    if not isinstance(images, list) or not all(isinstance(p, str) for p in images):
+        raise records.SourceError(f"{where}: field 'image' should be a path or a list of paths")
+    media = [records.image(records.read_source(os.path.join(root, p), where)) for p in images]
+    if "video" in entry:
+        media.append(records.video(records.read_source(os.path.join(root, _field(entry, "video", where)), where)))
+    turns = _field(entry, "conversations", where, list)
+    tagged = sum(len(MEDIA_TAG.findall(t.get("value", ""))) for t in turns if isinstance(t, dict))
+    if media and not tagged:  # untagged media open the first user turn (LLaVA's convention)
+        turns = [dict(turns[0], value="<image>" * len(media) + _field(turns[0], "value", where))] + turns[1:]
+    elif tagged != len(media):
+        raise records.SourceError(f"{where}: {tagged} <image>/<video> tags for {len(media)} media")
+    segments = []
+    for turn in turns:
+        speaker = _field(turn, "from", where)
+        if speaker not in SPEAKERS:
+            raise records.SourceError(f"{where}: speaker {speaker!r} is not one of {', '.join(SPEAKERS)}")
+        segments += _turn(_field(turn, "value", where), SPEAKERS[speaker], media, where)
+    counts["turns"] += len(turns)
+    grounding = entry.get("grounding", False)
+    if not isinstance(grounding, bool):
+        raise records.SourceError(f"{where}: field 'grounding' should be true or false")
+    counts["grounding_conversations"] += grounding
+    return records.document(segments, "conversations", id=str(entry.get("id", "")),
+                            **({"grounding": True} if grounding else {}))
 
 
 def _prompt_item(item, root: str, where: str, counts: Counter) -> dict:
@@ -231,18 +243,34 @@ def _prompt_item(item, root: str, where: str, counts: Counter) -> dict:
                               f"got {item!r:.80}")
 
 
-def generation_documents(input_path: str, root: str, counts: Counter):
-    for where, entry in _jsonl(input_path):
-        prompt = _field(entry, "prompt", where, (str, list))
-        items = [prompt] if isinstance(prompt, str) else prompt
-        context = [dict(_prompt_item(item, root, where, counts), context=True) for item in items]
-        target = records.image(records.read_source(os.path.join(root, _field(entry, "image", where)), where))
-        yield where, records.document(context + [target], "generation")
+def generation_document(entry: dict, where: str, root: str, counts: Counter) -> dict:
+    prompt = _field(entry, "prompt", where, (str, list))
+    items = [prompt] if isinstance(prompt, str) else prompt
+    context = [dict(_prompt_item(item, root, where, counts), context=True) for item in items]
+    target = records.image(records.read_source(os.path.join(root, _field(entry, "image", where)), where))
+    return records.document(context + [target], "generation")
 
 
-WRITERS = {"pairs": pair_documents, "mmc4": mmc4_documents, "video": video_documents,
-           "storyboard": storyboard_documents, "conversations": conversation_documents,
-           "generation": generation_documents}  # each yields (where, document): where names the file and line
+# kind: one entry -> a document (also what the Beam pipelines of `emu_jax.data.beam_write` run per line)
+ENTRY_WRITERS = {"pairs": pair_document, "mmc4": mmc4_document, "video": video_document,
+                 "storyboard": storyboard_document, "conversations": conversation_document,
+                 "generation": generation_document}
+
+
+def _entry_documents(kind: str):
+    """kind's whole-file reader: (where, document) for each entry of a JSONL file (or, for
+    conversations, a JSON list)."""
+    entries = _json_entries if kind == "conversations" else _jsonl
+
+    def documents(input_path: str, root: str, counts: Counter, **extra):
+        for where, entry in entries(input_path):
+            yield where, ENTRY_WRITERS[kind](entry, where, root, counts, **extra)
+    return documents
+
+
+# each yields (where, document): where names the file and line
+WRITERS = {kind: _entry_documents(kind) for kind in ENTRY_WRITERS} | {"pairs": pair_documents}
+
 
 def convert(kind: str, input_path: str, output: str, image_root: str | None = None, num_shards: int = 1,
             skip_missing: bool = False) -> tuple[list[str], Counter]:
