@@ -333,10 +333,10 @@ def test_every_consumer_builds_the_model_of_the_configs_family(monkeypatch):
     Generator(config, None, None)
     plan._boxed_params(config)  # the Emu towers and the decoder's
     assert built == ["recording"] * 5
-    assert aot._scannable(load_config("tiny")) == {"vit": "depth", "llm": "num_layers"}
+    assert aot.scannable_layers(load_config("tiny")) == {"vit": "depth", "llm": "num_layers"}
     with config.unlocked():
         config.task = "emu"
-    assert aot._scannable(config) == {"llm": "num_layers"}
+    assert aot.scannable_layers(config) == {"llm": "num_layers"}
     config.model.family = "emu3"
     with pytest.raises(ValueError, match="unknown model family 'emu3'; known: emu, recording, visual_decoder"):
         make_task(config)
