@@ -76,6 +76,7 @@ class JsonlKind:
     image_root: str | None = None
     skip_missing: bool = False
     read = staticmethod(numbered_lines)
+    spread = True  # lines are small: spread them over workers before their media are read
 
     def where(self, path: str, position: int) -> str:
         return f"{path}:{position}"
@@ -93,6 +94,7 @@ class JsonlKind:
 class TarKind:
     """webdataset tar shards (img2dataset's layout), as `webdata` reads them."""
     read = staticmethod(tar_samples)
+    spread = False  # samples carry their media: a shard per worker, no extra shuffle of the bytes
 
     def where(self, path: str, position: int) -> str:
         return f"{path} sample {position}"
@@ -105,6 +107,7 @@ class TarKind:
 class ParquetKind:
     """Parquet files (img2dataset's columns, OBELICS' interleaved rows), as `webdata` reads them."""
     read = staticmethod(parquet_rows)
+    spread = False
 
     def where(self, path: str, position: int) -> str:
         return f"{path} row {position}"
@@ -200,12 +203,11 @@ def build(pipeline, kind: str, input_pattern: str, output: str, *, num_shards: i
     if not paths:
         raise records.SourceError(f"{input_pattern}: no input file matches")
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    converted = (pipeline
-                 | "files" >> beam.Create(paths)
-                 | "read" >> beam.ParDo(ReadFile(source))
-                 | "spread" >> beam.Reshuffle()
-                 | "convert" >> beam.ParDo(ToDocument(source, num_shards)).with_outputs(
-                     ToDocument.REJECTS, main="documents"))
+    items = pipeline | "files" >> beam.Create(paths) | "read" >> beam.ParDo(ReadFile(source))
+    if source.spread:
+        items = items | "spread" >> beam.Reshuffle()
+    converted = items | "convert" >> beam.ParDo(ToDocument(source, num_shards)).with_outputs(
+        ToDocument.REJECTS, main="documents")
     (converted[ToDocument.REJECTS]
      | "rejects" >> beam.io.WriteToText(output + "-rejects", file_name_suffix=".jsonl", shard_name_template=""))
     every_shard = pipeline | "shards" >> beam.Create([(i, None) for i in range(num_shards)])  # empty ones too
