@@ -37,9 +37,9 @@ flags.DEFINE_integer("matmul_size", 2048, "Side of the reference matmul.")
 FLAGS = flags.FLAGS
 
 
-def random_batch(config, model, rng):
+def random_batch(config, model, rng, b: int, t: int, n: int):
+    """b rows of t random tokens with n image blocks each, and n random images per row."""
     special = config.model.tokens
-    b, t, n = FLAGS.batch, FLAGS.seq_len, FLAGS.images
     block = tokens_lib.image_block(special, model.visual_tokens_per_image)
     tokens = rng.randint(3, 500, size=(b, t)).astype(np.int32)
     for row in range(b):
@@ -55,11 +55,9 @@ def random_batch(config, model, rng):
             "events": np.zeros((b, 9), np.int32)}
 
 
-def main(argv):
-    del argv
-    config = FLAGS.config
-    with config.unlocked():
-        config.model.dtype = FLAGS.dtype
+def measured_step(config, batch_size: int, seq_len: int, images: int, steps: int) -> tuple[list[float], float]:
+    """(seconds of each timed step, analytic FLOPs of a step) of the trainer's step for `config`
+    on this process's devices (data parallel), random tokens and images."""
     mesh = mesh_lib.make_mesh({"data": -1, "fsdp": 1, "tensor": 1})
     with jax.set_mesh(mesh), nn.logical_axis_rules(config.mesh.rules):
         task = EmuTask(config)
@@ -69,10 +67,18 @@ def main(argv):
         params = trainer.init_params(model, inputs, param_shardings, 0)
         state = TrainState(jnp.int32(0), params, jax.jit(optimizer.tx.init)(params), jnp.int32(0))
         step = jax.jit(make_train_step(task, optimizer), donate_argnums=0)
-        batch = jax.device_put(random_batch(config, model, np.random.RandomState(0)))
-        state, metrics, times = flops_lib.time_train_steps(step, state, batch, FLAGS.steps)
-        seconds, median = min(times), float(np.median(times))
-    step_flops = task.family.train_flops(abstract, config.model, FLAGS.batch, FLAGS.seq_len, FLAGS.images)
+        batch = jax.device_put(random_batch(config, model, np.random.RandomState(0), batch_size, seq_len, images))
+        _, _, times = flops_lib.time_train_steps(step, state, batch, steps)
+    return times, task.family.train_flops(abstract, config.model, batch_size, seq_len, images)
+
+
+def main(argv):
+    del argv
+    config = FLAGS.config
+    with config.unlocked():
+        config.model.dtype = FLAGS.dtype
+    times, step_flops = measured_step(config, FLAGS.batch, FLAGS.seq_len, FLAGS.images, FLAGS.steps)
+    seconds, median = min(times), float(np.median(times))
     achieved = step_flops / seconds
     matmul = flops_lib.measure_matmul_flops(FLAGS.matmul_size, jnp.dtype(FLAGS.dtype))
     print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()}, dtype {FLAGS.dtype}")

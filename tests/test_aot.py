@@ -25,6 +25,7 @@ def test_slice_names_resolve_to_chip_grids_and_bad_names_say_why():
     assert (v5p.grid, v5p.chips, v5p.libtpu_topology) == ((4, 4, 4), 64, "v5:4x4x4")
     assert topology.parse("v5e-256").grid == (16, 16) and topology.parse("v4-64").chips == 32
     assert topology.parse("v6e:4x8").chips == 32
+    assert len(topology.devices(topology.parse("v5e-1"))) == 1  # a host's 2x2 bounds shrink to one chip
     with pytest.raises(ValueError, match="not a standard shape"):
         topology.parse("v5p-100")
     with pytest.raises(ValueError, match="unknown TPU slice"):

@@ -93,6 +93,11 @@ def parse(name: str, num_slices: int = 1) -> Slice:
     return Slice(name, chip, grid, num_slices)
 
 
+def host_bounds(grid: tuple[int, ...]) -> tuple[int, ...]:
+    """The chip grid of one host: 2x2x1, or the whole slice's grid where it is smaller (one chip)."""
+    return tuple(min(host, chips) for host, chips in zip(CHIPS_PER_HOST, tuple(grid) + (1,) * (3 - len(grid))))
+
+
 def devices(tpu_slice: Slice) -> list:
     """Abstract devices of the slice (needs libtpu; no TPU)."""
     # libtpu takes a machine-wide lock file when it loads; describing a topology opens no chip, so
@@ -102,7 +107,7 @@ def devices(tpu_slice: Slice) -> list:
         from jax.experimental import topologies
         description = topologies.get_topology_desc(
             platform="tpu", topology_name=tpu_slice.libtpu_topology, chip_config_name=tpu_slice.chip.chip_config,
-            chips_per_host_bounds=CHIPS_PER_HOST,
+            chips_per_host_bounds=host_bounds(tpu_slice.grid),
             num_slices=tpu_slice.num_slices)
     except Exception as e:  # libtpu missing or refusing the topology: say which and how to get it
         raise RuntimeError(f"cannot describe TPU slice {tpu_slice.name} ({tpu_slice.libtpu_topology}): {e}. "
