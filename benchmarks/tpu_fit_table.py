@@ -31,9 +31,10 @@ TABLES = {  # name: (configs (file[:variant]), slices, slices with step-time est
                  ("v5p-8", "v5p-16", "v5e-16", "v6e-8"), ()),
     "search": (("emu2_37b",), ("v5p-128",), ()),
 }
-# the space searched per cell: every remat policy per tower, 1 or 2-way tensor parallelism, 1 or 2
-# micro-batches (4 groups of 11 probe compiles, about an hour for emu2_37b on 2 cores)
-SEARCH_FLAGS = ("--tensor=1,2", "--accum=1,2", "--data=1", "--scan=true", "--verify=1")
+# the space searched per cell: every remat policy per tower over FSDP alone, 1 or 2 micro-batches
+# (2 groups of 11 probe compiles, 1.5-2 minutes each for emu2_37b on 2 cores; each tensor-parallel
+# size adds as many)
+SEARCH_FLAGS = ("--tensor=1", "--accum=1,2", "--data=1", "--scan=true", "--verify=1")
 
 
 def _compile_cell(config: str, tpu_slice: str, path: pathlib.Path, flags: list) -> dict:
