@@ -13,8 +13,9 @@ compiles where they decide something:
    linear in depth (cost = outer + sum over towers of depth x per-layer cost), so the probes give
    the outer part and each tower's per-layer cost under each remat policy: a mesh and micro-batch
    need 1 + towers + (policies - 1) x towers probes, not one compile per plan. A step of k
-   micro-batches costs k probe steps (its optimizer update is then counted k times: an
-   overestimate of well under 1% at these sizes).
+   micro-batches costs k probe steps (its optimizer update is then counted k times, an
+   overestimate). Memory is the least sure part (a scanned step keeps more than the unrolled
+   probes suggest), hence step 3.
 3. Rank by estimated MFU: the step's analytic model FLOPs (recomputation never counts as useful
    work) / (estimated seconds x chip peak); compile the real step of the best plans estimated to fit,
    in that order, until `verify` of them fit with the margin. Their compiled memory is the verdict.
