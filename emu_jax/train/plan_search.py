@@ -20,8 +20,9 @@ compiles where they decide something:
    work) / (estimated seconds x chip peak); compile the real step of the best plans estimated to fit,
    in that order, until `verify` of them fit with the margin. Their compiled memory is the verdict.
 
-Every compile's result is cached on disk by a hash of the compiled config, target and versions,
-so a re-run, or a search that shares probes with an earlier one, compiles only what is new.
+Every compile's result is cached on disk by a hash of the compiled config, the target, the jax and
+libtpu versions and this package's source (any edit to it starts the cache afresh), so a re-run, or
+a search that shares probes with an earlier one, compiles only what is new.
 Compiles run in `jobs` parallel processes.
 """
 from __future__ import annotations
