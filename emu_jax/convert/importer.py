@@ -8,7 +8,7 @@ LoRA-wrapped weights (Emu-I) are merged with their adapters on the way (W + alph
 An `out` whose checkpoints/ already holds a step is refused: step 0 beside trained steps would be
 silently ignored by a resuming trainer.
 
-One parameter at a time: its source tensor(s) are read (memory-mapped), transformed (transpose,
+One parameter at a time: its source tensor(s) are read, transformed (transpose,
 reshape, stack the layers of scanned towers, cast), placed on their shards over the mesh, and
 handed to Orbax's partial save, which appends it to a staging checkpoint; nothing else is held.
 Multi-process: every process runs the same loop, places only its addressable shards and writes
@@ -17,10 +17,12 @@ interrupted conversion leaves nothing `latest_step` would pick.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import os
 from functools import partial
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from emu_jax import checkpoint
@@ -33,21 +35,33 @@ FLUSH_BYTES = 256 << 20
 
 
 @partial(jax.jit, static_argnums=(1, 2, 3, 4))
-def _transform(array, leaf, shape, axes, dtype):
-    return layouts.to_ours(array, leaf, shape, axes).astype(dtype)
+def _transform(arrays, leaf, shape, axes, dtype):
+    converted = [layouts.to_ours(a, leaf, shape, axes).astype(dtype) for a in arrays]
+    return jnp.stack(converted) if len(converted) > 1 else converted[0]
 
 
 def params_from_plan(plan: plan_lib.Plan, source: TensorSource, path: plan_lib.Path, dtype=None) -> np.ndarray:
-    """One of our parameters as a host array, read from its source tensor(s).
+    """One of our parameters as a host array, read from its source tensor(s)."""
+    return _converted(plan, path, _read(plan, source, path), dtype)
 
-    The transform runs as XLA on the host's CPU device (2.5x numpy's strided transpose here); the
-    memory-mapped source is copied once, into that device's buffer."""
+
+def _read(plan: plan_lib.Plan, source: TensorSource, path: plan_lib.Path) -> list[np.ndarray]:
+    """The source tensors of one of our parameters, layer by layer."""
+    layers = plan.assignments[path]
+    return [plan.read(source, layers[i]) for i in range(plan.targets[path].num_layers)]
+
+
+def _converted(plan: plan_lib.Plan, path: plan_lib.Path, arrays: list[np.ndarray], dtype=None) -> np.ndarray:
+    """Transposes, casts and the stacking of a scanned tower's layers run as one XLA call on the
+    host's CPU device (2.5x numpy's strided transpose here), reading the source arrays in place
+    (aligned reads are adopted, not copied) and writing the result once; a parameter the
+    layout only reshapes is not copied at all."""
     t = plan.targets[path]
     dtype = np.dtype(dtype or t.dtype)
-    layers, cpu = plan.assignments[path], jax.local_devices(backend="cpu")[0]
-    pieces = [np.asarray(_transform(jax.device_put(plan.read(source, layers[i]), cpu), path[-1], t.layer_shape,
-                                    t.layer_axes, dtype)) for i in range(t.num_layers)]
-    return np.stack(pieces) if t.stacked else pieces[0]
+    if not t.stacked and arrays[0].dtype == dtype and not layouts.moves_data(path[-1]):
+        return layouts.to_ours(arrays[0], path[-1], t.layer_shape, t.layer_axes)
+    cpu = jax.local_devices(backend="cpu")[0]
+    return np.asarray(_transform(jax.device_put(arrays, cpu), path[-1], t.layer_shape, t.layer_axes, dtype))
 
 
 def to_params(source: TensorSource, layout_name: str, config, strict: bool = True,
@@ -122,11 +136,18 @@ def carried_source(checkpoint_dir: str) -> TensorSource | None:
 
 
 def _write(plan, source, order, staged: checkpoint.StagedParams, flush_bytes, bar) -> None:
-    """Reads, places and appends parameters group by group; a group's write overlaps the next read."""
+    """Reads, converts, places and appends parameters group by group: the next parameter's read
+    overlaps this one's conversion, and a group's write overlaps the reads of the next."""
     pending, pending_bytes, done = {}, 0, 0
+    reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="convert-read")
     try:
-        for path in order:
-            host = params_from_plan(plan, source, path)
+        reading = reader.submit(_read, plan, source, order[0]) if order else None
+        for i, path in enumerate(order):
+            arrays = reading.result()
+            if i + 1 < len(order):
+                reading = reader.submit(_read, plan, source, order[i + 1])
+            host = _converted(plan, path, arrays)
+            del arrays
             pending[path] = _place(host, plan.targets[path].sharding)
             pending_bytes += host.nbytes
             del host
@@ -136,7 +157,8 @@ def _write(plan, source, order, staged: checkpoint.StagedParams, flush_bytes, ba
             if pending_bytes >= flush_bytes:
                 staged.append(plan_lib.nested(pending))
                 pending, pending_bytes = {}, 0
-    finally:  # also on a failed read: no write may still be running when the error reaches the caller
+    finally:  # also on a failed read: no read or write may still be running when the error reaches the caller
+        reader.shutdown(cancel_futures=True)
         staged.wait()
     if pending:
         staged.append(plan_lib.nested(pending), wait=True)

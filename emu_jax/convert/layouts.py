@@ -242,6 +242,11 @@ def to_ours(array, leaf: str, shape: tuple[int, ...], axes: tuple):
     return array.reshape(shape)
 
 
+def moves_data(leaf: str) -> bool:
+    """Whether `to_ours` reorders the bytes of a leaf (a transpose), not only its shape."""
+    return leaf == "kernel"
+
+
 def to_source(array: np.ndarray, leaf: str, axes: tuple) -> np.ndarray:
     """Inverse of `to_ours`."""
     if leaf == "kernel" and _is_conv(axes):
