@@ -92,8 +92,12 @@ def _read_safetensors(path: str, key: str) -> np.ndarray:
     data = _aligned_bytes(end - begin)
     with open(path, "rb", buffering=0) as f:
         f.seek(start + begin)
-        if f.readinto(data) != end - begin:
-            raise ValueError(f"the file ended inside the tensor's bytes {entry['data_offsets']}")
+        view, filled = memoryview(data), 0
+        while filled < len(data):  # one read returns at most ~2 GiB on Linux
+            count = f.readinto(view[filled:])
+            if not count:
+                raise ValueError(f"the file ended inside the tensor's bytes {entry['data_offsets']}")
+            filled += count
     return data.view(dtype).reshape(shape)
 
 
