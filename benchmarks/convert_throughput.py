@@ -152,5 +152,6 @@ def main():
     print(f"peak RSS of the conversion process: {rss:.2f} GiB = {rss / (largest / 2**30):.2f} x largest tensor "
           f"(target <= 2 x {largest / 2**30:.2f} + 1 = {2 * largest / 2**30 + 1:.2f} GiB)")
 
+
 if __name__ == "__main__":
     main()

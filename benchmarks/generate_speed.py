@@ -59,18 +59,16 @@ def timed(fn, repeats=10):
     return best
 
 
-def _prefilled(config, model, params, prompt_len, count):
-    """The cache after a random prompt of `prompt_len` tokens ending in `[IMG]`, with room for `count` more."""
-    rng = np.random.RandomState(0)
-    tokens = rng.randint(3, 500, size=(1, prompt_len)).astype(np.int32)
-    tokens[0, -1] = config.model.tokens.img  # the prompt asks for an image
-    return tokens, decoding.feed(model, params, decoding.start(model, 1, prompt_len + count), tokens,
-                                 np.ones_like(tokens))
+def _prompt(config, prompt_len):
+    """A random prompt of `prompt_len` tokens ending in `[IMG]` (it asks for an image)."""
+    tokens = np.random.RandomState(0).randint(3, 500, size=(1, prompt_len)).astype(np.int32)
+    tokens[0, -1] = config.model.tokens.img
+    return tokens
 
 
 def image_embeddings(config, model, params, prompt_len, count):
     """Seconds for `count` embeddings, cached and re-run per position (best of several, interleaved)."""
-    tokens, _ = _prefilled(config, model, params, prompt_len, count)
+    tokens = _prompt(config, prompt_len)
     valid = np.ones_like(tokens)
     positions = np.arange(prompt_len, dtype=np.int32)[None]
 
@@ -91,7 +89,9 @@ def image_embeddings(config, model, params, prompt_len, count):
 
 def step_and_limit(config, model, params, prompt_len, count):
     """Seconds per cached step (`count` of them after the prompt) and per pass of its weight matmuls alone."""
-    _, prefilled = _prefilled(config, model, params, prompt_len, count)
+    tokens = _prompt(config, prompt_len)
+    prefilled = decoding.feed(model, params, decoding.start(model, 1, prompt_len + count), tokens,
+                              np.ones_like(tokens))
     steps = lambda: decoding.regress_image(model, params, prefilled, count=count)[0]  # noqa: E731
     hidden = config.model.llm.hidden  # as [in, out]: q/k/v [hidden, heads, head_dim], o [heads, head_dim, hidden]
     matrices = [w.reshape(hidden, -1) if w.shape[0] == hidden else w.reshape(-1, w.shape[-1])
