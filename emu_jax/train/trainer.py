@@ -374,10 +374,11 @@ def train(config, workdir: str) -> dict:
                     evaluators.run(config.evals, evaluation(step))
                 if stops.interrupted:
                     break
+                preempted = stops.preempted  # read once: a SIGTERM landing after the save must not skip it
                 checkpointer.save(step, state, train_iter, {"skipped_updates": int(state.skipped_updates)},
-                                  force=step == tc.steps or stops.preempted)
+                                  force=step == tc.steps or preempted)
                 progress.update(1)
-                if stops.preempted:
+                if preempted:
                     break
         except OSError:  # a write in the workdir failed (a full disk): an asynchronous checkpoint save that met
             checkpointer.wait()  # it too fails here, says so and removes its unfinished step; else this error
