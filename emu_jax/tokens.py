@@ -14,7 +14,12 @@ model predicts at t about position t + 1 (same document only).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
+
+if TYPE_CHECKING:  # the models, losses and decoding import this module without ml_collections
+    import ml_collections
 
 EMU1_SPECIALS = ("pad", "img", "img_end", "image")
 EMU1_INSTRUCT = ("user", "assistant")
@@ -34,9 +39,9 @@ TEXT_FORMS = {"pad": "[PAD]", "img": "[IMG]", "img_end": "[/IMG]", "image": "<im
               "assistant": "[ASSISTANT]"}
 
 
-def emu1_tokens(base: int = 32000, instruct: bool = False) -> tuple["ml_collections.ConfigDict", int]:
+def emu1_tokens(base: int = 32000, instruct: bool = False) -> tuple[ml_collections.ConfigDict, int]:
     """(special token ids, vocab size) of Emu1: 32004 ids, 32006 for the instruct model."""
-    import ml_collections  # here, not at the top: the models, losses and decoding import without it
+    import ml_collections
     names = EMU1_SPECIALS + (EMU1_INSTRUCT if instruct else ())
     return ml_collections.ConfigDict({n: base + i for i, n in enumerate(names)}), base + len(names)
 
@@ -49,7 +54,7 @@ def emu2_token_ids(base: int = 32000, chat: bool = False) -> tuple[dict[str, int
     return ids, base + EMU2_RESERVED + (len(EMU2_CHAT) if chat else 0)
 
 
-def emu2_tokens(base: int = 32000, chat: bool = False) -> tuple["ml_collections.ConfigDict", int]:
+def emu2_tokens(base: int = 32000, chat: bool = False) -> tuple[ml_collections.ConfigDict, int]:
     """(special token ids, vocab size) of Emu2 as a config section (see `emu2_token_ids`)."""
     import ml_collections
     ids, vocab = emu2_token_ids(base, chat)

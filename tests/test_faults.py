@@ -213,7 +213,7 @@ def bad_inputs(tmp_path) -> list[tuple[str, str, str]]:
         return str(tmp_path / name)
     pair = {"image": "zero.png", "caption": "a handwritten zero"}
     return [
-        ("pairs", str(tmp_path / "folder"), rf"one.txt: not UTF-8 \(byte 14\)"),
+        ("pairs", str(tmp_path / "folder"), r"one.txt: not UTF-8 \(byte 14\)"),
         ("pairs", jsonl("pairs.jsonl", pair, {"image": "zero.png", "caption": 3}),
          r"pairs.jsonl:2: field 'caption' should be str"),
         ("mmc4", jsonl("mmc4.jsonl", {"text_list": ["a", 7], "image_info": []}),
