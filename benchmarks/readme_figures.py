@@ -35,6 +35,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -77,9 +78,12 @@ def run_cli(args: list[str], log: pathlib.Path) -> float:
 
 def measured(result: pathlib.Path, run_dir: pathlib.Path, measure, needs: tuple[pathlib.Path, ...] = ()) -> dict:
     """The run's figures from `result` (json), measuring them in `run_dir` first if the run has not
-    finished or if what a later stage `needs` of it (a checkpoint) is gone."""
+    finished or if what a later stage `needs` of it (a checkpoint) is gone. The run starts from an
+    empty `run_dir`: a killed run's checkpoints would otherwise be resumed, and its wall time would be
+    a fraction of a run's."""
     if not result.exists() or not all(p.exists() for p in needs):
-        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
         figures = measure(run_dir) | {"versions": versions()}
         result.parent.mkdir(parents=True, exist_ok=True)
         result.with_suffix(".tmp").write_text(json.dumps(figures, indent=1) + "\n")
