@@ -223,10 +223,10 @@ def test_bfloat16_compute_stays_close_to_float32():
     np.testing.assert_allclose(out16.logits, out32.logits, atol=0.1)
 
 
-def naive_attention(q, k, v, mask):
+def naive_attention(q, k, v, mask, bias=None):
     """Softmax attention written out, grouped kv heads repeated: the reference for every kernel."""
     k, v = (jnp.repeat(x, q.shape[2] // x.shape[2], axis=2) for x in (k, v))
-    logits = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1])
+    logits = jnp.einsum("bthd,bshd->bhts", q, k) / np.sqrt(q.shape[-1]) + (0.0 if bias is None else bias)
     weights = jax.nn.softmax(jnp.where(mask, logits, -1e30), axis=-1)
     return jnp.einsum("bhts,bshd->bthd", weights, v)
 
@@ -246,6 +246,33 @@ def test_attention_on_cpu_is_xla_and_equals_the_written_out_softmax():
     assert layers.choose_attention("auto", q, k, mask, None) == "xla"
     out = layers.dot_product_attention(q, k, v, mask=mask)
     np.testing.assert_allclose(out, naive_attention(q, k, v, mask.dense()), atol=2e-5)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 2e-5), (jnp.bfloat16, 0.05)])
+def test_xla_attention_gradients_equal_autodiff_of_the_written_out_softmax(dtype, tolerance):
+    """The XLA path's hand-written backward (rowsum(dout * out) as the softmax row term) against
+    JAX's autodiff of the naive form: packed documents, padding, a query row all masked (uniform
+    probabilities, through which no gradient may flow), grouped kv heads, and a learned bias
+    broadcast over the batch (T5's relative position bias); gradients of q, k, v and the bias."""
+    q, k, v, segment_ids = packed_qkv(T=64, D=32)
+    mask = layers.attention_mask(segment_ids, segment_ids).at[0, 0, 5].set(False)
+    bias = jnp.asarray(np.random.RandomState(1).randn(1, q.shape[2], 64, 64), jnp.float32)
+    weights = jnp.asarray(np.random.RandomState(2).randn(*q.shape), jnp.float32)  # a loss that weighs every output
+
+    def loss(attention):
+        return jax.jit(jax.value_and_grad(lambda q, k, v, bias: (attention(q, k, v, bias).astype(jnp.float32)
+                                                                 * weights).sum(), argnums=(0, 1, 2, 3)))
+
+    cast = lambda *xs: [x.astype(dtype) for x in xs]  # noqa: E731
+    value, grads = loss(lambda q, k, v, bias: layers.dot_product_attention(
+        q, k, v, mask=mask, bias=bias, implementation="xla"))(*cast(q, k, v), bias)
+    ref_value, ref_grads = loss(lambda q, k, v, bias: naive_attention(q, k, v, mask, bias))(q, k, v, bias)
+    np.testing.assert_allclose(value, ref_value, rtol=tolerance)
+    for name, grad, ref in zip("qkvb", grads, ref_grads):
+        assert grad.dtype == (jnp.float32 if name == "b" else dtype), name
+        scale = float(jnp.abs(ref).max())
+        np.testing.assert_allclose(np.asarray(grad, np.float32) / scale, np.asarray(ref) / scale, atol=tolerance,
+                                   err_msg=f"gradient of {name}")
 
 
 def test_splash_kernel_equals_xla_on_packed_causal_documents_alone_and_sharded():
