@@ -50,9 +50,25 @@ BENCHMARKS = {"pipeline_throughput": "raw PIL", "train_step_flops": "device:", "
               "convert_throughput": "checkpoint:", "t2i_vs_official": "prompt "}
 
 
+# the vector units XLA's CPU code generator targets: the same run on another kind of CPU rounds differently
+# and, the recipes being chaotic at rounding level, ends at different figures
+CPU_UNITS = ("amx_bf16", "avx512f", "avx2")
+
+
+def cpu() -> str:
+    """The processor's model and the widest of CPU_UNITS it has (Linux; elsewhere the platform's word)."""
+    try:
+        info = pathlib.Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(tuple(part.strip() for part in line.split(":", 1)) for line in info.splitlines()[:40] if ":" in line)
+    widest = next((unit for unit in CPU_UNITS if unit in fields.get("flags", "").split()), "no avx2")
+    return f"{fields.get('model name', platform.machine())}, {widest.split('_')[0]}"
+
+
 def versions() -> dict:
     found = {p: importlib.metadata.version(p) for p in PACKAGES}
-    return dict(found, python=platform.python_version(), cpus=os.cpu_count(),
+    return dict(found, python=platform.python_version(), cpus=os.cpu_count(), cpu=cpu(),
                 date=datetime.date.today().isoformat())
 
 
@@ -249,7 +265,8 @@ def gathered(out: pathlib.Path, pattern: str) -> list[tuple[str, dict]]:
 
 def versions_line(label: str, v: dict) -> str:
     packages = ", ".join(f"{p} {v[p]}" for p in PACKAGES)
-    return f"`{label}`: {packages}; Python {v['python']}, {v['cpus']} CPUs, {v['date']}"
+    cpu_kind = f" ({v['cpu']})" if "cpu" in v else ""
+    return f"`{label}`: {packages}; Python {v['python']}, {v['cpus']} CPUs{cpu_kind}, {v['date']}"
 
 
 def footnotes(runs: list[tuple[str, dict]]) -> list[str]:

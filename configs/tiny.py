@@ -22,7 +22,7 @@ seed (at step 1000: 0.31, 0.39, 0.44 for seeds 1, 0, 2), and with 2500 steps (sw
 late seed ended at 0.928 (seeds 0, 1: 0.964, 0.969). 300 more steps before the switch give every
 seed the room. Measured per seed (`--config.seed=S --config.data.seed=S`) by `python
 benchmarks/readme_figures.py --stages=quickstart` on constraints.txt (README table): held-out
-caption accuracy 0.978, 0.975, 0.967 for seeds 0, 1, 2 (9.1, 9.1, 9.3 minutes on 2 cores).
+caption accuracy 0.978, 0.972, 0.978 for seeds 0, 1, 2 (8.8, 8.7, 9.4 minutes on 2 cores).
 Tried before: milder views (seed 2's plateau unchanged), a 3x ViT learning rate (plateau shorter,
 seed 2 still 0.939, regression loss 4.9 after its 500 steps).
 """

@@ -22,8 +22,8 @@ augmentation: the UNet redraws the digits world's original images only, not its 
 which the encoder (trained on random views, blind to their pose) cannot tell apart (0.708 -> 0.775
 before the scaling fix; random views for the decoder too: 0.475). Measured by `python
 benchmarks/readme_figures.py --stages=decoder` on constraints.txt (README table), each seed's
-stages on that seed's quickstart encoder: UNet stage 0.950 for seed 0 (4500 steps, EMA 0.99, Euler
-25 steps, guidance 4; 9.7 minutes), the other seeds in the README table.
+stages on that seed's quickstart encoder: UNet stage 0.958 for seed 0 (4500 steps, EMA 0.99, Euler
+25 steps, guidance 4; 10.2 minutes), the other seeds in the README table.
 """
 import os
 

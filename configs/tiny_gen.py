@@ -32,7 +32,8 @@ held-out digits' canvases (the decoder stages: on their reconstructions; the tun
 digit classifier labels as the digit, and `in_box`, the share whose ink centre lies in the box
 (chance: 25%). `--config.train.steps=0` prints the untuned values. `python
 benchmarks/readme_figures.py --stages=gen` measures every stage from each seed's quickstart and tiny
-decoder checkpoints (the README's generation table), on constraints.txt, `:full`: crop accuracy
+decoder checkpoints (the README's generation table), on constraints.txt at commit 1fab203 (being
+re-measured on the current train step), `:full`: crop accuracy
 untuned -> tuned 0.062 -> 0.939, 0.083 -> 0.900, 0.086 -> 0.912 for seeds 0, 1, 2, ink in the box
 0.22 -> 1.000 for each (the subject-driven half alone: 0.931, 0.886, 0.878; the canvas decoder's own
 reconstructions, the ceiling: 0.961, 0.931, 0.928); ~20 minutes of decoder stages and 6 of tuning
