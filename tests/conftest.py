@@ -5,6 +5,25 @@ import os
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+
+def _share_one_compilation_cache():
+    """One XLA compilation cache for the whole run: set here in the first process (pytest, or
+    xdist's controller), it is inherited by both xdist workers and by every process a test
+    launches (CLI runs, two-process runs, a killed run and its relaunch), which compile the same
+    tiny programs over and over. A fresh directory per run, removed at its end; a user's own
+    JAX_COMPILATION_CACHE_DIR is kept."""
+    import atexit
+    import shutil
+    import tempfile
+    if "JAX_COMPILATION_CACHE_DIR" in os.environ:
+        return
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="emu_jax_tests_xla_cache_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    atexit.register(shutil.rmtree, os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+_share_one_compilation_cache()
+
 from emu_jax import xla_flags  # noqa: E402
 
 xla_flags.apply_defaults("decoder")  # as the train CLI does for decoder runs (faster CPU convolutions)
@@ -66,3 +85,9 @@ def digits_world(tmp_path_factory):
     path = str(tmp_path_factory.mktemp("datasets"))
     digits.build(path)
     return path
+
+
+def pytest_collection_modifyitems(items):
+    """Slow-marked tests first, in their files' order: on two xdist workers, test_train's
+    minutes-long runs came last in file order and ran alone at the end of the suite."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
