@@ -19,7 +19,7 @@ quadrant 40% of the time after 4,500 steps (the encoder's four pooled tokens do 
 linear probe on them reads it perfectly, but the UNet's cross-attention did not learn to); trained
 with it, 98.6% at step 3,000 and 100% from 4,500 on. 9,000 steps: in that trial the digit's crop was
 classified right 89.2% of the time at 4,500 and 94.7% after continuing to 9,000 (the table's runs:
-0.93-0.96). `lora` then tunes the quickstart LLM with adapters (rank 16 on attention,
+0.91-0.94). `lora` then tunes the quickstart LLM with adapters (rank 16 on attention,
 MLP and the connector's projections) on the regression loss of the target image alone (Emu2-Gen's
 recipe), its visual encoder the canvas decoder's (frozen); `full` trains the LLM and connector. Images
 are sampled with guidance against zero embeddings, what the decoder learned as unconditional through
@@ -32,12 +32,11 @@ held-out digits' canvases (the decoder stages: on their reconstructions; the tun
 digit classifier labels as the digit, and `in_box`, the share whose ink centre lies in the box
 (chance: 25%). `--config.train.steps=0` prints the untuned values. `python
 benchmarks/readme_figures.py --stages=gen` measures every stage from each seed's quickstart and tiny
-decoder checkpoints (the README's generation table), on constraints.txt at commit 1fab203 (being
-re-measured on the current train step), `:full`: crop accuracy
-untuned -> tuned 0.062 -> 0.939, 0.083 -> 0.900, 0.086 -> 0.912 for seeds 0, 1, 2, ink in the box
-0.22 -> 1.000 for each (the subject-driven half alone: 0.931, 0.886, 0.878; the canvas decoder's own
-reconstructions, the ceiling: 0.961, 0.931, 0.928); ~20 minutes of decoder stages and 6 of tuning
-on 2 cores. `:lora` at 1,500 steps: 0.874 / 0.999 in a trial on seed 0 (`:full` 0.917 there).
+decoder checkpoints (the README's generation table), on constraints.txt, `:full`: crop accuracy
+untuned -> tuned 0.092 -> 0.885, 0.093 -> 0.889, 0.082 -> 0.883 for seeds 0, 1, 2, ink in the box
+0.15-0.25 -> 1.000 for each (the subject-driven half alone: 0.892, 0.867, 0.872; the canvas decoder's
+own reconstructions, the ceiling: 0.939, 0.906, 0.939); 17-24 minutes of decoder stages and 5-7 of
+tuning on 2 cores (Intel Xeon, amx). `:lora` at 1,500 steps: 0.874 / 0.999 in a trial on seed 0 (`:full` 0.917 there).
 """
 from emu_jax import config_lib
 from emu_jax.models import lora
