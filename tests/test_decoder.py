@@ -42,9 +42,10 @@ def test_tiny_unet_shapes_and_conditioning(shape):
     context = jnp.asarray(rng.randn(2, 5, 24), jnp.float32)
     extra = dict(pooled=context.mean(1), time_ids=jnp.ones((2, 6))) if shape == "sdxl" else {}
     params = jax.jit(lambda: unet.init(init_key(0), latents, jnp.zeros((2,)), context, **extra))()
-    eps = jax.jit(unet.apply)(params, latents, jnp.array([10, 900]), context, **extra)
+    apply = jax.jit(unet.apply)
+    eps = apply(params, latents, jnp.array([10, 900]), context, **extra)
     assert eps.shape == latents.shape and bool(jnp.isfinite(eps).all())
-    other = jax.jit(unet.apply)(params, latents, jnp.array([10, 900]), context[::-1], **extra)
+    other = apply(params, latents, jnp.array([10, 900]), context[::-1], **extra)
     assert not np.allclose(eps[0], other[0]), "the output must depend on the conditioning"
     if shape == "sdxl":
         with pytest.raises(ValueError, match="pooled and time_ids"):

@@ -227,39 +227,34 @@ def final_state(workdir):
     return step, params, data
 
 
-def photo_sources(folder) -> dict[str, list[str]]:
+def streamed_photo_shards(folder) -> list[str]:
     """`--config.` overrides that train on 120 samples of real photos as img2dataset would store them:
-    two webdataset tar shards (read indexed or streamed), or one Parquet file in row groups of 10 (a
-    checkpoint falls mid-shard)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    two webdataset tar shards, streamed (a checkpoint at step 10 falls mid-shard)."""
     from test_webdata import PHOTOS, photo, write_tar
     samples = [(f"{i:05d}", photo(PHOTOS[i % len(PHOTOS)]), f"a photo of a {PHOTOS[i % len(PHOTOS)]}")
                for i in range(120)]
     for shard in range(2):
         write_tar(folder / f"shard-{shard:05d}.tar", [m for key, jpg, text in samples[60 * shard:60 * (shard + 1)]
                                                       for m in ((f"{key}.jpg", jpg), (f"{key}.txt", text.encode()))])
-    pq.write_table(pa.table({"jpg": [jpg for _, jpg, _ in samples], "caption": [t for _, _, t in samples]}),
-                   folder / "part-0.parquet", row_group_size=10)
-    return {kind: [f"--config.data.train_sources.digits.kind={kind}", f"--config.data.train_sources.digits.path={path}"]
-            for kind, path in (("webdataset", folder / "shard-*.tar"), ("webdataset_stream", folder / "shard-*.tar"),
-                               ("parquet", folder / "*.parquet"))}
+    return ["--config.data.train_sources.digits.kind=webdataset_stream",
+            f"--config.data.train_sources.digits.path={folder / 'shard-*.tar'}"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("source", ["digits", "webdataset_stream", "parquet"])
+@pytest.mark.parametrize("source", ["digits", "webdataset_stream"])
 def test_run_killed_with_sigkill_resumes_bit_identical(tmp_path, data_dir, source):
     """Killed outright mid-run, then relaunched: the same parameters and data position as a run never
     killed, and the killed run's data workers did not outlive it (nor, after a normal end, their
-    shared memory: test_faults covers SIGTERM and Ctrl-C). Also for streamed webdataset shards and
-    Parquet (killed mid-shard; indexed webdataset shards are the same kind of random-access source as
-    Parquet, their restored iterator is tested in test_webdata)."""
+    shared memory: test_faults covers SIGTERM and Ctrl-C). Also for streamed webdataset shards (killed
+    mid-shard), whose position is a stream's, not an index. Parquet and indexed webdataset shards are
+    random-access sources like the digits records (Grain restores an index into them, not a stream's
+    position); their restored iterators are tested in test_webdata."""
     import psutil
     # killed after the checkpoint at step 10 of 20
     steps = ["--config.train.steps=20", "--config.train.checkpoint_every=10", "--config.train.log_every=10"]
     if source != "digits":
         (tmp_path / "photos").mkdir()
-        steps += photo_sources(tmp_path / "photos")[source]
+        steps += streamed_photo_shards(tmp_path / "photos")
     reference = cli(tmp_path / "reference", data_dir, *steps)
     assert reference.wait(timeout=600) == 0, reference.stderr.read()
     assert "leaked shared_memory" not in reference.stderr.read()  # data workers' batches released at the end
@@ -336,17 +331,19 @@ def test_restoring_a_parameter_the_checkpoint_lacks_names_it(tmp_path):
 @pytest.mark.slow
 def test_the_quickstart_recipe_learns_at_its_measured_pace(tmp_path, data_dir):
     """A cheap guard for configs/tiny.py (its model, data with its augmentation, batch and optimizer;
-    300 steps, so a shorter cosine schedule): the held-out text loss after 300 steps measured 0.4638
-    on the locked dependency set (constraints.txt, one CPU device). A change of library versions or
-    of our code that slows learning (the quickstart's old failure mode: held-out text loss 0.38
-    instead of 0.25 at the end) should show here first; the bound leaves 8% for arithmetic
-    differences. (test_data checks that the recipe keeps its augmentation.)"""
+    150 steps, so a shorter cosine schedule): the held-out text loss after 150 steps measured 0.5097
+    on the locked dependency set (constraints.txt, one CPU device, an Intel Xeon with AMX). A change
+    of library versions or of our code that slows learning (the quickstart's old failure mode:
+    held-out text loss 0.38 instead of 0.25 at the end) should show here first; the bound leaves 8%
+    for arithmetic differences. A quarter of the learning rate gives 0.784 and half 0.549 (after 300
+    steps, this test's former length, half gave 0.4636 against 0.4638: the schedule had caught up).
+    (test_data checks that the recipe keeps its augmentation.)"""
     run = subprocess.run([sys.executable, "-m", "emu_jax.train", f"--config={ROOT}/configs/tiny.py",
-                          f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}", "--config.train.steps=300",
-                          "--config.train.eval_every=300", "--config.evals.captions.final=False",
-                          "--config.data.worker_count=0", "--config.train.checkpoint_every=300"],
+                          f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}", "--config.train.steps=150",
+                          "--config.train.eval_every=150", "--config.evals.captions.final=False",
+                          "--config.data.worker_count=0", "--config.train.checkpoint_every=150"],
                          cwd=ROOT, capture_output=True, text=True, timeout=900,
                          env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=1"})
     assert run.returncode == 0, run.stderr[-3000:]
     evals = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if "eval/text_loss" in line]
-    assert evals[-1]["step"] == 300 and evals[-1]["eval/text_loss"] < 0.50, evals
+    assert evals[-1]["step"] == 150 and evals[-1]["eval/text_loss"] < 0.55, evals
