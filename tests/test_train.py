@@ -336,7 +336,8 @@ def test_the_quickstart_recipe_learns_at_its_measured_pace(tmp_path, data_dir):
     of library versions or of our code that slows learning (the quickstart's old failure mode:
     held-out text loss 0.38 instead of 0.25 at the end) should show here first; the bound leaves 8%
     for arithmetic differences. A quarter of the learning rate gives 0.784 and half 0.549 (after 300
-    steps, this test's former length, half gave 0.4636 against 0.4638: the schedule had caught up).
+    steps, this test's former length, half gave 0.4636, the full rate's earlier measurement 0.4638:
+    the longer schedule hid it).
     (test_data checks that the recipe keeps its augmentation.)"""
     run = subprocess.run([sys.executable, "-m", "emu_jax.train", f"--config={ROOT}/configs/tiny.py",
                           f"--workdir={tmp_path}", f"--config.data.data_dir={data_dir}", "--config.train.steps=150",
