@@ -14,8 +14,9 @@ compiles where they decide something:
    the outer part and each tower's per-layer cost under each remat policy: a mesh and micro-batch
    need 1 + towers + (policies - 1) x towers probes, not one compile per plan. A step of k
    micro-batches costs k probe steps (its optimizer update is then counted k times, an
-   overestimate). Memory is the least sure part (a scanned step keeps more than the unrolled
-   probes suggest), hence step 3.
+   overestimate). Memory is the least sure part: the unrolled probes misjudge a scanned step's
+   memory in both directions (emu2_37b on v5p-128: full remat estimated at 119.7 GiB, compiled at
+   37.8; ViT dots_no_batch plans estimated under 85 GiB run out of 95), hence step 3.
 3. Rank by estimated MFU: the step's analytic model FLOPs (recomputation never counts as useful
    work) / (estimated seconds x chip peak); compile the real step of the best plans estimated to fit,
    in that order, until `verify` of them fit with the margin. Their compiled memory is the verdict.
