@@ -2,9 +2,10 @@
 
     python benchmarks/accelerator.py --json=/tmp/accelerator.json     # one H100/H200 (see --budget_s)
     python benchmarks/accelerator.py --smoke --json=/tmp/accel.json   # tiny sizes, any CPU: 40-50 s on 2 busy cores
+    python benchmarks/accelerator.py --readme_from=benchmarks/figures/accelerator.json  # its table into the README
 
-Not yet run on a GPU (no session has had one): the full run is estimated at 4-6 minutes (compiles
-included; --budget_s=420 skips the remaining remat policies once the next would end past 7 minutes).
+On one H200 the full run took 235 s, compiles included (2026-11-30; the README has its table);
+--budget_s skips the remaining train-step plans once the next would end past it.
 
 Needs only jax (with its CUDA or TPU plugin), flax, optax, orbax-checkpoint and numpy; run it from a
 checkout (it puts the checkout on sys.path; `pip install -e .` is not needed). No data, tokenizer,
@@ -23,10 +24,13 @@ What it measures, and against what (each figure beside its reference, in one tab
    `layers.dot_product_attention` with "cudnn" and "xla": the outputs must agree elementwise within
    atol = rtol = 2e-2 and the gradients of their sum within atol = rtol = 5e-2 (bf16 tolerance; the
    gradients' as tests/test_models.py::test_cudnn_attention_equals_xla_on_gpu, whose check of the
-   summed value alone is replaced by the elementwise one). Forward + backward times of both.
+   summed value alone is replaced by the elementwise one). Forward + backward times of both, and
+   of cuDNN given the causal mask as a dense mask instead of is_causal (what it computed before).
 4. Decoding: KV-cached greedy text (`decoding.decode_text`, --new_tokens after a --prompt_len
    prompt) in tokens/s, and image-embedding generation (`decoding.regress_image`: one image's 64
-   regressed embeddings, each fed back) in embeddings/s, at each --decode_batches size, bf16 weights. Against the
+   regressed embeddings, each fed back) in embeddings/s, at each --decode_batches size, bf16 weights,
+   with the LLM's layers unscanned (as the generator decodes a scanned checkpoint, cut apart by
+   `layers.unstack`) and scanned (the stack as it lies). Against the
    weight-bandwidth limit: batch x HBM bandwidth / bytes of the weights one step reads (LLaMA without
    its embedding table; plus lm_head for text, plus the connector's projections for images). The
    limit counting the KV-cache reads as well is in the JSON (`limit_with_cache_per_s`).
@@ -37,7 +41,8 @@ What it measures, and against what (each figure beside its reference, in one tab
    --batch rows of --seq_len 2048 tokens with --images image blocks each, bf16 compute, float32
    parameters and optimizer state (the trainer's mixed precision), scanned layers, attention "auto"
    (`layers.choose_attention`: cuDNN on GPU where it applies; the table says what each tower got),
-   once per --remat policy (`layers.REMAT_POLICIES`, applied to both towers). MFU = analytic model
+   once per --remat policy (`layers.REMAT_POLICIES`, applied to both towers), and again with both
+   towers' layers unrolled for the --unscanned policies. MFU = analytic model
    FLOPs of the step (`emu.train_flops`: 6 per matmul parameter per token plus attention; never
    counting recomputation) / best step time / the matmul peak of (1). Goal (issue #25): >= 0.6. A
    policy whose step does not fit in memory is reported as such; a policy is skipped when the time
@@ -54,6 +59,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import functools
+import importlib.metadata
 import json
 import os
 import sys
@@ -64,7 +70,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.join(HERE, "..")
+sys.path[:0] = [ROOT, HERE]
+import readme_section  # noqa: E402  (beside this file)
 from emu_jax import tokens as tokens_lib  # noqa: E402
 from emu_jax.generate import decoding  # noqa: E402
 from emu_jax.models import layers  # noqa: E402
@@ -108,14 +117,16 @@ OPTIMIZER = Section(learning_rate=3e-4, warmup_steps=1000, decay="cosine", end_l
                     lr_multipliers=())
 
 
-def model_config(args, *, remat: str = "none", param_dtype: str = "float32", attention: str = "auto") -> Section:
-    """An Emu2-shaped `config.model`: post-norm EVA ViT, pooled connector, LLaMA, Emu2's tokens."""
+def model_config(args, *, remat: str = "none", param_dtype: str = "float32", attention: str = "auto",
+                 scan: bool = True) -> Section:
+    """An Emu2-shaped `config.model`: post-norm EVA ViT, pooled connector, LLaMA, Emu2's tokens;
+    scan: both towers' layers scanned (the large configs' layout), else unrolled."""
     special, vocab = tokens_lib.emu2_token_ids()
     return Section(
-        vit=Section(**args.vit, post_norm=True, norm_eps=1e-6, pos_embed_grid=0, scan_layers=True, remat=remat),
+        vit=Section(**args.vit, post_norm=True, norm_eps=1e-6, pos_embed_grid=0, scan_layers=scan, remat=remat),
         connector=Section(kind="pooled", pool_grid=args.pool_grid, video_pool_grid=args.pool_grid),
         llm=Section(vocab_size=vocab, **args.llm, num_kv_heads=0, head_dim=0, norm_eps=1e-6, rope_theta=10000.0,
-                    max_positions=max(args.seq_len, args.prompt_len + args.new_tokens), scan_layers=True,
+                    max_positions=max(args.seq_len, args.prompt_len + args.new_tokens), scan_layers=scan,
                     remat=remat),
         tokens=special, dtype="bfloat16", param_dtype=param_dtype, attention_impl=attention)
 
@@ -195,19 +206,37 @@ def attention_check(args) -> dict:
     out_excess = excess(out, ref_out, 2e-2)
     grad_excess = max(excess(g, r, 5e-2) for g, r in zip(grads, ref_grads))
     times = {impl: best_time(lambda fn=fn: fn(q, k, v), args.repeats)[0] for impl, fn in runs.items()}
+
+    def dense_mask_loss(q, k, v):  # cuDNN given the causal segment mask as a dense mask (not told it is causal)
+        out = jax.nn.dot_product_attention(q, k, v, mask=mask.dense(), implementation="cudnn")
+        return out.astype(jnp.float32).sum()
+    dense = jax.jit(jax.value_and_grad(dense_mask_loss, argnums=(0, 1, 2)))
+    times["cudnn_dense_mask"] = best_time(lambda: dense(q, k, v), args.repeats)[0]
     return {"shape": [b, t, h, d], "auto_chooses": layers.choose_attention("auto", q, k, mask, None),
             "output_max_abs_error": float(jnp.max(jnp.abs(out.astype(jnp.float32) - ref_out.astype(jnp.float32)))),
             "grad_max_abs_error": max(float(jnp.max(jnp.abs(g.astype(jnp.float32) - r.astype(jnp.float32))))
                                       for g, r in zip(grads, ref_grads)),
-            "passed": bool(out_excess <= 0 and grad_excess <= 0), "cudnn_s": times["cudnn"], "xla_s": times["xla"]}
+            "passed": bool(out_excess <= 0 and grad_excess <= 0), "cudnn_s": times["cudnn"], "xla_s": times["xla"],
+            "cudnn_dense_mask_s": times["cudnn_dense_mask"]}
 
 
 # ----------------------------------------------------------------------------- 4: decoding
 
 def decode_speed(args, bandwidth: float, attention: str) -> list[dict]:
-    config = model_config(args, param_dtype="bfloat16", attention=attention)
+    """Each layout: "unscanned" as the generator decodes a scanned checkpoint (its stacked layers cut
+    apart by `layers.unstack`), "scanned" as the checkpoint lies."""
+    results = []
+    for layout in ("unscanned", "scanned"):
+        results += _decode_speed(args, bandwidth, attention, layout)
+    return results
+
+
+def _decode_speed(args, bandwidth: float, attention: str, layout: str) -> list[dict]:
+    params = init_params(build_model(model_config(args, param_dtype="bfloat16", attention=attention)))
+    config = model_config(args, param_dtype="bfloat16", attention=attention, scan=layout == "scanned")
     model = build_model(config)
-    params = init_params(model)
+    if layout == "unscanned":
+        params = dict(params, llm=layers.unstack(params["llm"], "layers", model.llm.num_layers, release=True))
     llm = {k: v for k, v in params["llm"].items() if k != "embed_tokens"}  # a step gathers one row of the table
     text_bytes = tree_bytes(llm)
     image_bytes = tree_bytes({k: v for k, v in llm.items() if k != "lm_head"}) + tree_bytes(params["connector"])
@@ -226,7 +255,8 @@ def decode_speed(args, bandwidth: float, attention: str) -> list[dict]:
         image_s, _ = best_time(lambda: decoding.regress_image(model, params, state, count=count)[0], args.repeats)
         for what, seconds, steps, weight_bytes in (("text tokens", text_s, args.new_tokens, text_bytes),
                                                    ("image embeddings", image_s, count, image_bytes)):
-            results.append({"what": what, "batch": batch, "attention": attention, "steps": steps, "seconds": seconds,
+            results.append({"what": what, "layout": layout, "batch": batch, "attention": attention, "steps": steps,
+                            "seconds": seconds,
                             "per_s": batch * steps / seconds, "weight_bytes": weight_bytes,
                             "cache_bytes": cache_bytes, "limit_per_s": batch * bandwidth / weight_bytes,
                             "limit_with_cache_per_s": batch * bandwidth / (weight_bytes + cache_bytes)})
@@ -274,8 +304,8 @@ def random_batch(args, config, model) -> dict:
                            "regression_mask": regression_mask})
 
 
-def train_speed(args, remat: str, peaks: dict, attention: str) -> dict:
-    config = model_config(args, remat=remat, attention=attention)
+def train_speed(args, remat: str, peaks: dict, attention: str, scan: bool = True) -> dict:
+    config = model_config(args, remat=remat, attention=attention, scan=scan)
     model = build_model(config)
     abstract = abstract_params(model)
     tokens_per_image = model.vit.num_tokens
@@ -283,7 +313,7 @@ def train_speed(args, remat: str, peaks: dict, attention: str) -> dict:
                                                 layers.SegmentMask(jnp.zeros((1, t), jnp.int32)), None)
                  for tower, t, d in (("llm", args.seq_len, model.llm.dim_per_head),
                                      ("vit", tokens_per_image, model.vit.width // model.vit.num_heads))}
-    row = {"remat": remat, "batch": args.batch, "seq_len": args.seq_len, "images_per_row": args.images,
+    row = {"remat": remat, "layers": "scanned" if scan else "unscanned", "batch": args.batch, "seq_len": args.seq_len, "images_per_row": args.images,
            "parameters": int(sum(x.size for x in jax.tree.leaves(abstract))), "attention": chosen}
     row["model_flops"] = train_flops(abstract, config, args.batch, args.seq_len, args.images)
     state = None
@@ -343,18 +373,20 @@ def table(result: dict) -> str:
                      "PASS" if attention["passed"] else "FAIL",
                      f"outputs max err {attention['output_max_abs_error']:.1e} (tol 2e-2 + 2e-2 x ref); gradients "
                      f"{attention['grad_max_abs_error']:.1e} (tol 5e-2 + 5e-2 x ref)",
-                     f"cuDNN {attention['cudnn_s'] * 1e3:.2f} ms, XLA {attention['xla_s'] * 1e3:.2f} ms fwd+bwd"))
+                     f"cuDNN {attention['cudnn_s'] * 1e3:.2f} ms (dense mask: {attention['cudnn_dense_mask_s'] * 1e3:.2f}), "
+                     f"XLA {attention['xla_s'] * 1e3:.2f} ms fwd+bwd"))
     for d in result.get("decode", []):
         unit = "tokens/s" if d["what"] == "text tokens" else "embeddings/s"
-        rows.append((f"decode {d['what']}, batch {d['batch']}, attn {d['attention']}", f"{d['per_s']:.4g} {unit}",
+        rows.append((f"decode {d['what']}, batch {d['batch']}, {d['layout']} layers, attn {d['attention']}",
+                     f"{d['per_s']:.4g} {unit}",
                      f"weight-bandwidth limit {d['limit_per_s']:.4g} ({d['weight_bytes'] / 2 ** 20:.0f} MiB/step)",
                      f"{d['per_s'] / d['limit_per_s']:.2f}"))
     for t in result.get("train", []):
         if "skipped" in t:
-            rows.append((f"train step remat={t['remat']}", "skipped", t["skipped"], ""))
+            rows.append((f"train step remat={t['remat']}, {t['layers']} layers", "skipped", t["skipped"], ""))
             continue
-        name = (f"train step remat={t['remat']}, {si(t['parameters'], 'params')}, {t['batch']}x{t['seq_len']}, "
-                f"attn llm {t['attention']['llm']} / vit {t['attention']['vit']}")
+        name = (f"train step remat={t['remat']}, {t['layers']} layers, {si(t['parameters'], 'params')}, "
+                f"{t['batch']}x{t['seq_len']}, attn llm {t['attention']['llm']} / vit {t['attention']['vit']}")
         if "out_of_memory" in t:
             rows.append((name, "out of memory", "", ""))
         else:
@@ -364,7 +396,8 @@ def table(result: dict) -> str:
     for section, error in result.get("errors", {}).items():
         rows.append((section, "ERROR", error[:120], ""))
     header = ("figure", "measured", "against", "ratio")
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    versions = ", ".join(f"{name} {version}" for name, version in result["versions"].items())
+    lines = [f"{result['device']}, {result['date'][:10]}; {versions}", "","| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
 
@@ -374,11 +407,17 @@ def main(argv=None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--smoke", action="store_true", help="tiny sizes (a CPU, under a minute); checks the script")
     parser.add_argument("--json", default="", help="write the results here (rewritten after each section)")
+    parser.add_argument("--readme_from", default="",
+                        help="measure nothing: write this --json's table into the README (accelerator-table)")
     parser.add_argument("--remat", default="",
                         help=f"comma-separated remat policies to time the train step with, of "
                              f"{list(layers.REMAT_POLICIES)}; default none,dots_no_batch,full (--smoke: none,full)")
+    parser.add_argument("--unscanned", default="none,dots_no_batch",
+                        help="remat policies of --remat to time again with both towers' layers unrolled")
     parser.add_argument("--attention", default="auto", choices=layers.ATTENTION_IMPLEMENTATIONS,
                         help="the models' attention_impl (a GPU section that fails with it is rerun with xla)")
+    parser.add_argument("--skip", default="", help="comma-separated sections not to run, of attention, decode, train "
+                                                    "(a rerun of what failed; the peaks are always measured)")
     parser.add_argument("--decode_batches", default="1,16", help="comma-separated decoding batch sizes")
     parser.add_argument("--budget_s", type=float, default=420.0,
                         help="skip a remat policy whose run (estimated by the previous one's) would end past this")
@@ -386,14 +425,25 @@ def main(argv=None) -> int:
         parser.add_argument(f"--{name}", type=int, default=None, help=f"override the size's {name}")
     parser.add_argument("--copy_gib", type=float, default=None, help="override the size's copy_gib")
     args = parser.parse_args(argv)
+    if args.readme_from:
+        with open(args.readme_from) as f:
+            markdown = table(json.load(f))
+        readme_section.rewrite(os.path.join(ROOT, "README.md"), "accelerator-table", markdown)
+        print(markdown)
+        return 0
     for key, value in SIZES["smoke" if args.smoke else "full"].items():
         if getattr(args, key, None) is None:
             setattr(args, key, value)
     args.decode_batches = [int(b) for b in args.decode_batches.split(",")]
+    skip = set(filter(None, args.skip.split(",")))
+    if skip - {"attention", "decode", "train"}:
+        parser.error(f"--skip: unknown sections {sorted(skip - {'attention', 'decode', 'train'})}")
     remats = (args.remat or ("none,full" if args.smoke else "none,dots_no_batch,full")).split(",")
-    unknown = [r for r in remats if r not in layers.REMAT_POLICIES]
+    unscanned = [r for r in args.unscanned.split(",") if r]
+    unknown = [r for r in remats + unscanned if r not in layers.REMAT_POLICIES]
     if unknown:
         parser.error(f"unknown remat policies {unknown}; choose from {list(layers.REMAT_POLICIES)}")
+    plans = [(remat, True) for remat in remats] + [(remat, False) for remat in unscanned if remat in remats]
 
     if args.smoke and "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
         # Before JAX starts its backend: unoptimised codegen halves the tiny steps' compile time on a
@@ -402,7 +452,8 @@ def main(argv=None) -> int:
     begin = time.perf_counter()
     device = jax.devices()[0]
     result = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              "device": f"{device.device_kind} ({device.platform})", "jax": jax.__version__, "smoke": args.smoke,
+              "device": f"{device.device_kind} ({device.platform})", "smoke": args.smoke,
+              "versions": {name: importlib.metadata.version(name) for name in ("jax", "jaxlib", "flax", "optax", "numpy")},
               "sizes": {k: getattr(args, k) for k in SIZES["full"]}, "errors": {}}
 
     def save(section: str):
@@ -430,23 +481,27 @@ def main(argv=None) -> int:
     result["peaks"] = run("matmul peak and HBM bandwidth", lambda _: measure_peaks(args))
     save("matmul peak and HBM bandwidth")
     peaks = result["peaks"] or {"matmul_flops_per_s": float("nan"), "hbm_bytes_per_s": float("nan")}
-    result["attention"] = run("cuDNN vs XLA attention", lambda _: attention_check(args))
-    save("cuDNN vs XLA attention")
-    result["decode"] = run("decoding", lambda attention: decode_speed(args, peaks["hbm_bytes_per_s"], attention),
-                           args.attention) or []
-    save("decoding")
+    if "attention" not in skip:
+        result["attention"] = run("cuDNN vs XLA attention", lambda _: attention_check(args))
+        save("cuDNN vs XLA attention")
+    if "decode" not in skip:
+        result["decode"] = run("decoding", lambda attention: decode_speed(args, peaks["hbm_bytes_per_s"], attention),
+                               args.attention) or []
+        save("decoding")
     result["train"], last = [], 0.0
-    for remat in remats:
+    for remat, scan in plans if "train" not in skip else ():
+        label = f"remat={remat}{'' if scan else ', unscanned'}"
         start = time.perf_counter()
         if start - begin + last > args.budget_s:
-            result["train"].append({"remat": remat, "skipped": f"time budget --budget_s={args.budget_s:g}"})
+            result["train"].append({"remat": remat, "layers": "scanned" if scan else "unscanned",
+                                    "skipped": f"time budget --budget_s={args.budget_s:g}"})
             continue
-        row = run(f"train remat={remat}",
-                  lambda attention: train_speed(args, remat, peaks, attention), args.attention)
+        row = run(f"train {label}", lambda attention: train_speed(args, remat, peaks, attention, scan),
+                  args.attention)
         if row is not None:
             result["train"].append(row)
         last = time.perf_counter() - start
-        save(f"train step, remat={remat}")
+        save(f"train step, {label}")
     print(table(result))
     return 1 if result["errors"] or not (result["attention"] or {}).get("passed", True) else 0
 

@@ -40,6 +40,8 @@ import subprocess
 import sys
 import time
 
+import readme_section
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "numpy", "pillow", "sentencepiece",
             "tensorflow-datasets")
@@ -390,15 +392,6 @@ TABLES = {"quickstart": quickstart_table, "decoder": decoder_table, "chat": chat
           "benchmarks": benchmarks_table}
 
 
-def rewrite(readme: pathlib.Path, name: str, markdown: str) -> None:
-    begin, end = f"<!-- figures:{name}:begin -->", f"<!-- figures:{name}:end -->"
-    text = readme.read_text()
-    if begin not in text or end not in text:
-        raise SystemExit(f"{readme} has no {begin} ... {end} markers")
-    before, rest = text.split(begin, 1)
-    readme.write_text(before + begin + "\n" + markdown + "\n" + end + rest.split(end, 1)[1])
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--label", default="locked", help="Names the dependency set these runs use.")
@@ -430,7 +423,7 @@ def main():
         markdown = table(out)
         print(markdown, end="\n\n")
         if markdown:
-            rewrite(pathlib.Path(args.readme), name, markdown)
+            readme_section.rewrite(args.readme, f"figures:{name}", markdown)
 
 
 if __name__ == "__main__":

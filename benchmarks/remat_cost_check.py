@@ -22,6 +22,7 @@ import sys
 import jax
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import readme_section  # noqa: E402
 from train_step_flops import measured_step  # noqa: E402
 
 from emu_jax import config_lib  # noqa: E402
@@ -60,12 +61,7 @@ def main():
                  f"{jax.devices()[0].device_kind} x{jax.device_count()}, jax {jax.__version__}.")
     table = "\n".join(lines)
     print(table)
-    readme = pathlib.Path(args.readme)
-    text = readme.read_text()
-    begin, end = "<!-- remat-check:begin -->", "<!-- remat-check:end -->"
-    if begin in text and end in text:
-        before, rest = text.split(begin, 1)
-        readme.write_text(before + begin + "\n" + table + "\n" + end + rest.split(end, 1)[1])
+    readme_section.rewrite(args.readme, "remat-check", table)
 
 
 if __name__ == "__main__":

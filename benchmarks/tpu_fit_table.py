@@ -23,6 +23,8 @@ import pathlib
 import subprocess
 import sys
 
+import readme_section
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 TABLES = {  # name: (configs (file[:variant]), slices, slices with step-time estimates, README marker)
     # step-time estimates recompile per scanned tower (minutes each): one slice only
@@ -147,12 +149,7 @@ def main():
     results.sort(key=lambda r: (configs.index(r["config"]), slices.index(r["slice"])))
     markdown = tabulate(results)
     print(markdown)
-    readme = pathlib.Path(args.readme)
-    text = readme.read_text()
-    begin, end = f"<!-- {args.table}-table:begin -->", f"<!-- {args.table}-table:end -->"
-    if begin in text and end in text:
-        before, rest = text.split(begin, 1)
-        readme.write_text(before + begin + "\n" + markdown + "\n" + end + rest.split(end, 1)[1])
+    readme_section.rewrite(args.readme, f"{args.table}-table", markdown)
 
 
 if __name__ == "__main__":

@@ -81,12 +81,3 @@ def stack_layer_params(tree: dict, prefix: str) -> dict:
     return out
 
 
-def unstack_layer_params(tree: dict, prefix: str) -> dict:
-    """Inverse of `stack_layer_params`."""
-    if prefix not in tree:
-        return tree
-    out = {k: v for k, v in tree.items() if k != prefix}
-    count = jax.tree.leaves(tree[prefix])[0].shape[0]
-    for i in range(count):
-        out[f"{prefix}_{i}"] = jax.tree.map(lambda a: a[i], tree[prefix])
-    return out

@@ -323,6 +323,40 @@ def test_sharded_generation_equals_one_device(checkpoints, tokenizer):
         generator.generate([prompts.parse("a [IMG]", 32), prompts.parse("a", 32)])
 
 
+def test_a_scanned_checkpoint_is_decoded_unscanned_with_the_same_outputs(checkpoints, tokenizer, tmp_path):
+    """A checkpoint of a scanned LLaMA (the large configs' layout) is cut into per-layer arrays as
+    it is restored, placed over the 8-device mesh as before (a scanned decoding step copies every
+    layer's weights out of the stack on GPU); text and embeddings are those of decoding the stack
+    as it lies."""
+    import copy
+    from emu_jax.generate.generator import Generator
+    from emu_jax.models.emu import build_model
+    config = copy.deepcopy(checkpoints[0])
+    with config.unlocked():
+        config.model.llm.scan_layers = True
+        config.mesh.data, config.mesh.fsdp = 1, 1
+    params = init_params(build_model(config.model))
+    save_params(tmp_path / "scanned", params)
+    batch = [prompts.parse("this is a <image> dax. [IMG] and", 32, [np.full((32, 32, 3), 9, np.uint8)]),
+             prompts.parse("a handwritten [IMG] three", 32)]
+    as_it_lies = Generator(config, params, tokenizer)
+    assert as_it_lies.model.llm.scan_layers
+    expected = as_it_lies.generate(batch)
+    with config.unlocked():
+        config.mesh.fsdp = 8
+    generator = Generator.from_checkpoints(config, str(tmp_path / "scanned"), "", tokenizer)
+    assert not generator.model.llm.scan_layers and "layers" not in generator.params["llm"]
+    num_layers = config.model.llm.num_layers
+    for i in range(num_layers):
+        jax.tree.map(lambda cut, stack: np.testing.assert_array_equal(cut, stack[i]),
+                     generator.params["llm"][f"layers_{i}"], params["llm"]["layers"])
+    kernels = [x for x in jax.tree.leaves(generator.params["llm"]["layers_0"]) if x.ndim >= 2]
+    assert kernels and all(len(x.sharding.device_set) == 8 for x in kernels)
+    for ours, reference in zip(generator.generate(batch), expected):
+        assert ours.text == reference.text and len(ours.embeddings) == len(reference.embeddings) == 1
+        np.testing.assert_allclose(ours.embeddings[0], reference.embeddings[0], atol=1e-5)
+
+
 def test_generate_cli_answers_with_text_and_an_image(checkpoints, tmp_path):
     config, emu, decoder = checkpoints
     image = tmp_path / "digit.png"

@@ -4,7 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from model_helpers import batch_of, init_params, random_images, row, stack_layer_params, tiny, unstack_layer_params
+from model_helpers import batch_of, init_params, random_images, row, stack_layer_params, tiny
 
 from emu_jax import tokens as tokens_lib
 from emu_jax.models import layers
@@ -183,7 +183,7 @@ def test_scanned_and_per_layer_layouts_compute_the_same_model(variant):
     assert jax.tree.structure(stacked) == jax.tree.structure(init_params(scanned, batch))
     np.testing.assert_allclose(apply(scanned, stacked, batch).logits, apply(model, params, batch).logits,
                                atol=1e-5, rtol=1e-5)
-    roundtrip = unstack_layer_params(stacked["llm"], "layers")
+    roundtrip = layers.unstack(stacked["llm"], "layers", model.llm.num_layers)  # what the generator decodes
     jax.tree.map(np.testing.assert_array_equal, roundtrip, params["llm"])
 
 
@@ -309,6 +309,26 @@ def test_auto_attention_follows_the_mesh_platform(platform, dtype, masking, expe
         assert layers.choose_attention("auto", q, k, mask, None) == expected
     with pytest.raises(ValueError, match="attention implementation 'flash'"):
         layers.choose_attention("flash", q, k, mask, None)
+
+
+def test_cudnn_is_told_the_mask_is_causal(monkeypatch):
+    """cuDNN skips the key tiles above the diagonal only when called with is_causal: a causal
+    SegmentMask reaches it as is_causal plus the segments' own (non-causal) mask, which together
+    must be the causal segment mask. cuDNN runs only on a GPU, so the same call goes to JAX's XLA
+    implementation here (benchmarks/accelerator.py compares the kernels on a GPU)."""
+    calls, real = [], jax.nn.dot_product_attention
+
+    def xla_in_place_of_cudnn(*args, implementation, **kwargs):
+        calls.append((implementation, kwargs["is_causal"]))
+        return real(*args, implementation="xla", **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", xla_in_place_of_cudnn)
+    q, k, v, segment_ids = packed_qkv()
+    for causal in (True, False):
+        mask = layers.SegmentMask(segment_ids, causal=causal)
+        out = layers.dot_product_attention(q, k, v, mask=mask, implementation="cudnn")
+        np.testing.assert_allclose(out, naive_attention(q, k, v, mask.dense()), atol=2e-5)
+    assert calls == [("cudnn", True), ("cudnn", False)]
 
 
 @pytest.mark.skipif(jax.default_backend() != "gpu", reason="cuDNN kernels exist only on a GPU; the choice of "

@@ -9,10 +9,12 @@ Without a decoder an image request yields its regressed embeddings only. Rows of
 captions, or all one image). With `generate.interleave`, a batch of one may also answer with
 images the model decides on: text that emits [IMG] gets that image regressed, and goes on.
 Parameters are placed over the config's mesh (`--config.mesh.fsdp=8` shards a checkpoint that
-does not fit one device); the jitted loops run under that mesh.
+does not fit one device); the jitted loops run under that mesh. A checkpoint of a scanned LLaMA
+(the large configs') is decoded unscanned: its stacked layers are cut apart as it is restored.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import time
 
@@ -24,7 +26,7 @@ import numpy as np
 from emu_jax.checkpoint import abstract_with_shardings, restore_params
 from emu_jax.data.tokenizer import load_tokenizer
 from emu_jax.generate import decoding, prompts as prompts_lib
-from emu_jax.models import families
+from emu_jax.models import families, layers
 from emu_jax.models import lora as lora_lib
 from emu_jax.parallel import mesh as mesh_lib
 
@@ -95,6 +97,7 @@ class Generator:
                 params = lora_lib.join(restore_params(checkpoint, base), restore_params(adapter, adapters))
             else:
                 params = restore_params(checkpoint, wanted)
+            config, params = unscanned_llm(config, params)
         decoder_params = restore_decoder(config, decoder_checkpoint, mesh) if decoder_checkpoint else None
         return cls(config, params, tokenizer or load_tokenizer(config.data, config.model.tokens), decoder_params=decoder_params, mesh=mesh)
 
@@ -284,10 +287,22 @@ def restore_decoder(config, checkpoint: str, mesh=None) -> dict:
         return restore_params(checkpoint, wanted)
 
 
+def unscanned_llm(config, params: dict) -> tuple:
+    """(config, params) with LLaMA's layers unscanned, for decoding (`layers.unstack`: a step of a
+    scanned stack copies each layer's weights out of it on GPU). The stacked arrays are released
+    as they are cut, so restored parameters are not held twice."""
+    if not config.model.llm.get("scan_layers"):
+        return config, params
+    config = copy.deepcopy(config)
+    with config.unlocked():
+        config.model.llm.scan_layers = False
+    llm = layers.unstack(params["llm"], "layers", config.model.llm.num_layers, release=True)
+    return config, dict(params, llm=llm)
+
+
 def without_remat(model_config):
     """The model config for inference: rematerialisation only trades memory for compute in a
     backward pass (and a cached layer under nn.remat sees its cache's layer index traced)."""
-    import copy
     inference = copy.deepcopy(model_config)
     with inference.unlocked():
         for tower in ("vit", "connector", "llm"):
