@@ -10,8 +10,8 @@ estimated step time, tokens/s and an MFU estimate. When the step does not fit it
 what would lower memory (more FSDP, full remat, a smaller per-device micro-batch) as --config
 overrides; `--fit` applies them one at a time until it fits (the first plan that fits);
 `--search` finds the fastest plan that fits (`emu_jax.train.plan_search`: remat policy per tower,
-mesh split, micro-batches, scanned or not; ranked by estimated MFU, the best verified by its own
-compile; compiles cached under --cache_dir, run in --jobs processes). Needs libtpu for TPU targets
+mesh split, micro-batches, scanned or not; ranked by estimated MFU and compiled whole in that order
+until one fits; compiles cached under --cache_dir, run in --jobs processes). Needs libtpu for TPU targets
 (`pip install "jax[tpu]"`); JAX_PLATFORMS defaults to cpu here, since no TPU is needed.
 """
 import dataclasses
@@ -38,6 +38,7 @@ flags.DEFINE_list("accum", "1,2,4", "--search: micro-batches per step (gradient 
 flags.DEFINE_list("scan", "true", "--search: scanned layers (true), unrolled (false), or both.")
 flags.DEFINE_float("margin", 0.1, "--search: share of HBM left free by a plan that fits.")
 flags.DEFINE_integer("verify", 1, "--search: compile plans in estimated-MFU order until this many fit.")
+flags.DEFINE_integer("max_compiles", 40, "--search: at most this many plans compiled whole (the probes aside).")
 flags.DEFINE_integer("jobs", 1, "--search: compiles run in parallel processes.")
 flags.DEFINE_integer("show", 12, "--search: plans printed (all go to --json).")
 flags.DEFINE_string("cache_dir", "~/.cache/emu_jax/train_compile", "--search: compiled results kept here.")
@@ -55,7 +56,8 @@ def run_search(config) -> None:
                               data=tuple(map(int, FLAGS.data)), accum=tuple(map(int, FLAGS.accum)),
                               scan=tuple(s.lower() == "true" for s in FLAGS.scan))
     result = plan_search.search(config, FLAGS.topology, space, margin=FLAGS.margin, verify=FLAGS.verify,
-                                jobs=FLAGS.jobs, cache_dir=os.path.expanduser(FLAGS.cache_dir))
+                                jobs=FLAGS.jobs, max_compiles=FLAGS.max_compiles,
+                                cache_dir=os.path.expanduser(FLAGS.cache_dir))
     candidates = result.candidates
     print(plan_search.format_table(candidates, limit=FLAGS.show))
     print(f"{len(candidates)} plans, {result.probes} probe compiles, "

@@ -178,3 +178,24 @@ def test_plan_search_estimates_each_plan_from_probes_and_verifies_the_fastest(tm
     assert best.estimated_bytes == pytest.approx(report.total_bytes, rel=0.25)
     again = plan_search.search(config, "v5p:2x2x2", space, cache_dir=str(tmp_path))
     assert again.compiled == 0 and [c.verdict for c in again.candidates] == [c.verdict for c in result.candidates]
+
+
+def test_plan_search_trusts_compiles_not_the_probes_memory(tmp_path, monkeypatch):
+    """The probes' memory estimate misjudged scanned steps both ways (on emu2_37b it dropped every
+    plan that fits), so it drops none: with every estimate made absurdly large the fastest plan is
+    still compiled and fits. With no whole compile allowed to the ranked plans, the heaviest plan
+    (full remat, what --fit finds) is compiled anyway: the search never reports nothing where the
+    first-fit plan fits."""
+    from emu_jax.train import plan_search
+    config = config_lib.with_overrides(load_config("tiny"), {"model.llm.num_layers": 4,
+                                                             "optimizer.freeze": "^vit/"})
+    space = plan_search.Space(policies=("none", "full"), tensor=(1,), accum=(1,))
+    estimate = plan_search._estimate
+    monkeypatch.setattr(plan_search, "_estimate", lambda *a: (estimate(*a)[0], 1e15))
+    result = plan_search.search(config, "v5p:2x2x2", space, cache_dir=str(tmp_path))
+    assert [c.verdict for c in result.candidates] == ["fits", plan_search.NOT_COMPILED]
+    assert result.candidates[0].estimated_bytes == 1e15 and dict(result.candidates[0].plan.remat)["llm"] == "none"
+    capped = plan_search.search(config, "v5p:2x2x2", space, max_compiles=0, cache_dir=str(tmp_path))
+    fits, = [c for c in capped.candidates if c.verdict == "fits"]
+    assert dict(fits.plan.remat)["llm"] == "full" and fits.compiled["bytes"] > 0
+    assert [c.verdict for c in capped.candidates if c is not fits] == ["not compiled (max_compiles=0 reached)"]

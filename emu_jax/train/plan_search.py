@@ -14,12 +14,16 @@ compiles where they decide something:
    the outer part and each tower's per-layer cost under each remat policy: a mesh and micro-batch
    need 1 + towers + (policies - 1) x towers probes, not one compile per plan. A step of k
    micro-batches costs k probe steps (its optimizer update is then counted k times, an
-   overestimate). Memory is the least sure part: the unrolled probes misjudge a scanned step's
-   memory in both directions (emu2_37b on v5p-128: full remat estimated at 119.7 GiB, compiled at
-   37.8; ViT dots_no_batch plans estimated under 85 GiB run out of 95), hence step 3.
+   overestimate). The probes' memory is reported beside each plan but drops none: unrolled probes
+   misjudge a scanned step's memory in both directions (emu2_37b on v5p-128: full remat estimated
+   at 119.7 GiB, compiled at 37.8; ViT dots_no_batch plans estimated under 85 GiB ran out of 95),
+   so a filter on it dropped every plan that fits.
 3. Rank by estimated MFU: the step's analytic model FLOPs (recomputation never counts as useful
-   work) / (estimated seconds x chip peak); compile the real step of the best plans estimated to fit,
-   in that order, until `verify` of them fit with the margin. Their compiled memory is the verdict.
+   work) / (estimated seconds x chip peak); compile the real step of the plans in that order until
+   `verify` of them fit with the margin (a plan that runs out of memory fails its compile in
+   seconds; `max_compiles` bounds the search). Their compiled memory is the verdict. Should none
+   fit, each mesh group's heaviest plan (full remat: what `--fit` would find) is compiled last, so
+   the search never reports nothing where the first-fit plan fits.
 
 Every compile's result is cached on disk by a hash of the compiled config, the target, the jax and
 libtpu versions and this package's source (any edit to it starts the cache afresh), so a re-run, or
@@ -51,8 +55,9 @@ from emu_jax.parallel import mesh as mesh_lib
 from emu_jax.parallel import topology as topology_lib
 from emu_jax.train import aot, trainer
 
-NOT_COMPILED = "estimate fits: not compiled (a faster plan fit)"
+NOT_COMPILED = "not compiled (a faster plan fit)"
 DEFAULT_POLICIES = ("none", "dots_no_batch", "save_attention", "save_qkv", "full")
+SAVES_MOST_FIRST = list(layers.REMAT_POLICIES)  # remat policies, from the one saving most to the one saving least
 
 
 @dataclasses.dataclass(frozen=True)
@@ -215,8 +220,7 @@ def _probe_depths(plans_group: list[Plan], towers: list[str]) -> tuple[Plan, lis
     plan (the one saving least, so that it compiles where any does) at one layer each and at two
     layers of each tower in turn; then, for every other policy of a tower, the reference with that
     tower's policy changed, at two layers."""
-    lightness = list(layers.REMAT_POLICIES)  # heaviest first
-    reference = max(plans_group, key=lambda plan: sum(lightness.index(p) for _, p in plan.remat))
+    reference = max(plans_group, key=lambda plan: sum(SAVES_MOST_FIRST.index(p) for _, p in plan.remat))
     ones = {t: 1 for t in towers}
     probes = [(reference, ones)] + [(reference, dict(ones, **{t: 2})) for t in towers]
     seen = set(reference.remat)
@@ -261,7 +265,7 @@ class Result:
 
 
 def search(config, target: str, space: Space = Space(), *, margin: float = 0.1, verify: int = 1, jobs: int = 1,
-           cache_dir: str = "") -> Result:
+           max_compiles: int = 40, cache_dir: str = "") -> Result:
     """Every candidate plan of `space` with its estimate and verdict."""
     start = time.perf_counter()
     devices, chip = aot.target_devices(target)
@@ -315,27 +319,36 @@ def search(config, target: str, space: Space = Space(), *, margin: float = 0.1, 
             if c.plan.accum > 1:
                 c.estimated_bytes += c.state_bytes / 3  # the gradient accumulator: one more copy of the parameters
             c.mfu = analytic / (c.estimated_seconds * chip.peak_bf16_flops) if chip and c.estimated_seconds else 0.0
-            if c.estimated_bytes > budget:
-                c.verdict = f"estimate: {c.estimated_bytes / topology_lib.GIB:.1f} GiB, over the margin"
+
+    def verify_in_order(ranked: list[Candidate], limit: int) -> tuple[int, int]:
+        """Compiles `ranked` in order until `verify` fit or `limit` compiled -> (fitted, compiled now)."""
+        fitted = now = done = 0
+        while ranked[done:] and fitted < verify and done < limit:
+            batch = ranked[done:done + min(max(jobs, 1), limit - done)]
+            done += len(batch)
+            compiled = compile_all([(config_lib.with_overrides(config, c.plan.overrides()), target, cache_dir)
+                                    for c in batch], jobs)
+            now += sum(not r["cached"] for r in compiled)
+            for c, result in zip(batch, compiled):
+                c.compiled = result
+                if result["error"]:
+                    c.verdict = "compiled: " + result["error"]
+                elif result["bytes"] > budget:
+                    c.verdict = f"compiled: {result['bytes'] / topology_lib.GIB:.1f} GiB, over the margin"
+                else:
+                    c.verdict = "fits"
+                    fitted += 1
+        return fitted, now
 
     ranked = sorted((c for c in candidates if not c.verdict), key=lambda c: -c.mfu)
-    fitted = 0
-    while ranked and fitted < verify:
-        batch, ranked = ranked[:max(jobs, 1)], ranked[max(jobs, 1):]
-        compiled = compile_all([(config_lib.with_overrides(config, c.plan.overrides()), target, cache_dir)
-                                for c in batch], jobs)
-        compiled_now += sum(not r["cached"] for r in compiled)
-        for c, result in zip(batch, compiled):
-            c.compiled = result
-            if result["error"]:
-                c.verdict = "compiled: " + result["error"]
-            elif result["bytes"] > budget:
-                c.verdict = f"compiled: {result['bytes'] / topology_lib.GIB:.1f} GiB, over the margin"
-            else:
-                c.verdict = "fits"
-                fitted += 1
+    fitted, now = verify_in_order(ranked, max_compiles)
+    compiled_now += now
+    if not fitted:  # the first-fit plans: each group's heaviest remat
+        heaviest = [max((c for c in group if not c.verdict), default=None,
+                        key=lambda c: sum(SAVES_MOST_FIRST.index(p) for _, p in c.plan.remat)) for group, *_ in layout]
+        compiled_now += verify_in_order(sorted((c for c in heaviest if c), key=lambda c: -c.mfu), len(heaviest))[1]
     for c in ranked:
-        c.verdict = NOT_COMPILED
+        c.verdict = c.verdict or (NOT_COMPILED if fitted else f"not compiled (max_compiles={max_compiles} reached)")
     order = {"fits": 0, NOT_COMPILED: 1}
     return Result(sorted(candidates, key=lambda c: (order.get(c.verdict, 2), -c.mfu)), len(jobs_list), compiled_now,
                   time.perf_counter() - start)
