@@ -329,10 +329,12 @@ def test_an_unknown_evaluator_type_stops_the_run_before_it_starts(tmp_path, digi
 def test_a_sweep_over_two_processes_equals_one_process(tmp_path, tokenizer):
     """A checkpoint sharded (fsdp) over two processes' devices: both processes run every cell in
     step (captions, RICES demonstrations); process 0 writes the sweep's files, and every cell's
-    predictions and score equal a one-process sweep's over two devices."""
+    predictions and score equal a one-process sweep's over two devices. The checkpoint's LLaMA is
+    scanned, so each process cuts its stacked layers apart as it restores them (`layers.unstack`
+    on arrays sharded over both processes)."""
     import portpicker
     from model_helpers import init_params, save_params, tiny
-    _, model = tiny("emu2")
+    _, model = tiny("emu2", scan_layers=True)
     save_params(tmp_path / "emu", init_params(model))
     config_file = tmp_path / "sweep.py"
     config_file.write_text(f"""
@@ -344,6 +346,7 @@ def get_config():
         "out": "", "seed": 0, "demonstrations": "rices", "shots": (0, 1),
         "checkpoints": {{"rand": {{"config": "{ROOT}/configs/tiny.py", "checkpoint": "{tmp_path}/emu",
                                  "overrides": {{"data": {{"tokenizer": "{tokenizer.model_path}"}},
+                                               "model": {{"llm": {{"scan_layers": True}}}},
                                                "mesh": {{"data": 1, "fsdp": -1}}}}}}}},
         "tasks": {{"caption": {{"kind": "digits_caption", "limit": 3, "shots": (0,)}},
                   "labels": {{"kind": "digits_labelling", "limit": 3}}}},
