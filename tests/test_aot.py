@@ -71,6 +71,22 @@ def test_extrapolated_flops_of_a_scanned_stack_equal_the_unrolled_compile():
     assert scanned["flops"] < 0.9 * unrolled  # what the extrapolation corrects
 
 
+def test_extrapolated_flops_count_every_micro_batch():
+    """Gradient accumulation scans over the micro-batches, which cost_analysis counts once: the
+    same global batch in two micro-batches must cost what it costs in one (it cost half), give or
+    take the optimizer update counted twice (7% of this tiny step)."""
+    config = config_lib.with_overrides(load_config("tiny"), {"model.llm.scan_layers": True, "model.llm.num_layers": 2,
+                                                             "model.vit.depth": 1})
+    devices = jax.devices()
+
+    def extrapolated(accum):
+        accumulated = config_lib.with_overrides(config, {"train.grad_accum_steps": accum})
+        lowered, _, _ = aot.lower_train_step(accumulated, devices)
+        return aot.extrapolated_cost(accumulated, devices, aot.compiled_cost(lowered.compile()))["flops"]
+
+    assert extrapolated(2) == pytest.approx(extrapolated(1), rel=0.1)
+
+
 def test_a_config_that_cannot_fit_reports_so_with_suggestions(tmp_path):
     """Emu2-37B on four v5e chips: it cannot fit; the CLI says so, lists what would lower memory as
     --config overrides, and exits cleanly."""

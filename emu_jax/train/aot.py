@@ -117,7 +117,10 @@ def _scanned(config) -> dict:
 def extrapolated_cost(config, devices, scanned_cost: dict) -> dict:
     """Per-device FLOPs and seconds of the whole step. `scanned_cost` is the compiled step's own
     (each scanned tower's body counted once, i.e. one layer); per scanned tower, a variant with that
-    tower unrolled at two layers costs one layer more, and (layers - 1) such layers are added."""
+    tower unrolled at two layers costs one layer more, and (layers - 1) such layers are added.
+    Gradient accumulation is a scan over the micro-batches, counted once too: k micro-batches cost k
+    times one (the optimizer update, outside that loop, then counts k times, as the search's probes
+    count it: an overestimate by its elementwise work)."""
     total = dict(scanned_cost)
     for tower, depth in _scanned(config).items():
         logging.info("compiling %s unrolled at 2 layers (cost of one layer)", tower)
@@ -127,7 +130,7 @@ def extrapolated_cost(config, devices, scanned_cost: dict) -> dict:
         layer = {k: v - scanned_cost[k] for k, v in compiled_cost(lowered.compile()).items()}
         for key in total:
             total[key] += (depth - 1) * layer[key]
-    return total
+    return {key: value * config.train.grad_accum_steps for key, value in total.items()}
 
 
 def state_bytes_per_device(state) -> int:
