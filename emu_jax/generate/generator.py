@@ -296,7 +296,7 @@ def unscanned_llm(config, params: dict) -> tuple:
     config = copy.deepcopy(config)
     with config.unlocked():
         config.model.llm.scan_layers = False
-    llm = layers.unstack(params["llm"], "layers", config.model.llm.num_layers, release=True)
+    llm = layers.unstack(params["llm"], "layers", release=True)
     return config, dict(params, llm=llm)
 
 

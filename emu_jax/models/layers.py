@@ -558,7 +558,7 @@ def apply_stack(stack, num_layers: int, x, cache=None, shared=()):
     return x, cache
 
 
-def unstack(params: dict, name: str, num_layers: int, *, release: bool = False) -> dict:
+def unstack(params: dict, name: str, *, release: bool = False) -> dict:
     """A scanned `make_stack` stack's parameters ({name: leaves [num_layers, ...]}) in the unscanned
     stack's layout ({name_0: ..., name_1: ...}), the other entries as they are. Decoding runs
     unscanned: a scanned step slices each layer's weights out of the stack, a copy per layer and
@@ -568,9 +568,9 @@ def unstack(params: dict, name: str, num_layers: int, *, release: bool = False) 
     if name not in params:
         return params
     leaves, treedef = jax.tree.flatten(params[name])
-    layers = [[] for _ in range(num_layers)]
+    layers = [[] for _ in range(leaves[0].shape[0])]
     for leaf in leaves:
-        cut = [leaf[i] for i in range(num_layers)]
+        cut = [leaf[i] for i in range(len(layers))]
         if release:
             jax.block_until_ready(cut)
             leaf.delete()

@@ -215,12 +215,17 @@ def _probe_config(config, plan: Plan, depths: dict[str, int]):
     return config_lib.with_overrides(config, overrides)
 
 
+def _saving_least(plan: Plan) -> int:
+    """Orders plans by how little their remat policies save (the largest: the heaviest remat)."""
+    return sum(SAVES_MOST_FIRST.index(policy) for _, policy in plan.remat)
+
+
 def _probe_depths(plans_group: list[Plan], towers: list[str]) -> tuple[Plan, list[tuple[Plan, dict]]]:
     """The probes a mesh + micro-batch group needs: (reference plan, [(plan, depths)]). The reference
     plan (the one saving least, so that it compiles where any does) at one layer each and at two
     layers of each tower in turn; then, for every other policy of a tower, the reference with that
     tower's policy changed, at two layers."""
-    reference = max(plans_group, key=lambda plan: sum(SAVES_MOST_FIRST.index(p) for _, p in plan.remat))
+    reference = max(plans_group, key=_saving_least)
     ones = {t: 1 for t in towers}
     probes = [(reference, ones)] + [(reference, dict(ones, **{t: 2})) for t in towers]
     seen = set(reference.remat)
@@ -344,8 +349,8 @@ def search(config, target: str, space: Space = Space(), *, margin: float = 0.1, 
     fitted, now = verify_in_order(ranked, max_compiles)
     compiled_now += now
     if not fitted:  # the first-fit plans: each group's heaviest remat
-        heaviest = [max((c for c in group if not c.verdict), default=None,
-                        key=lambda c: sum(SAVES_MOST_FIRST.index(p) for _, p in c.plan.remat)) for group, *_ in layout]
+        heaviest = [max((c for c in group if not c.verdict), default=None, key=lambda c: _saving_least(c.plan))
+                    for group, *_ in layout]
         compiled_now += verify_in_order(sorted((c for c in heaviest if c), key=lambda c: -c.mfu), len(heaviest))[1]
     for c in ranked:
         c.verdict = c.verdict or (NOT_COMPILED if fitted else f"not compiled (max_compiles={max_compiles} reached)")
