@@ -296,7 +296,8 @@ def target_platform() -> str:
 def choose_attention(implementation: str, q, k, mask, bias) -> str:
     """Resolves "auto": cuDNN flash attention on GPU for bf16/fp16 with head_dim <= 128 (multiple of
     8) and even lengths; the Pallas splash kernel on TPU for segment masks (or none) without bias at
-    128-multiple lengths and head_dim; XLA otherwise (always on CPU)."""
+    128-multiple lengths and head_dim; XLA otherwise (always on CPU; causal segment masks in query
+    blocks: `_causal_xla_attention`)."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: expected one of {ATTENTION_IMPLEMENTATIONS}")
     if implementation != "auto":
@@ -355,6 +356,8 @@ def dot_product_attention(q, k, v, *, mask=None, bias=None, scale=None, implemen
     # cuDNN skips the key tiles above the diagonal only when told the mask is causal (given the
     # causal mask as a dense one, it computed every tile: forward + backward 1.46x slower on an H200)
     is_causal = implementation == "cudnn" and isinstance(mask, SegmentMask) and mask.causal
+    if implementation == "xla" and isinstance(mask, SegmentMask) and mask.causal and bias is None:
+        return _causal_xla_attention(q, k, v, mask.segment_ids, scale)
     if isinstance(mask, SegmentMask):
         mask = attention_mask(mask.segment_ids, mask.segment_ids, causal=mask.causal and not is_causal)
     if bias is not None:
@@ -387,6 +390,27 @@ def _xla_attention(q, k, v, mask, bias, scale):
     bias = None if bias is None else _by_kv_group(bias, K)
     out = _softmax_attention(q, rows(k), rows(v), mask, bias, scale, (B, K, G, T, S))
     return out.reshape(B, K, G, T, D).transpose(0, 3, 1, 2, 4).reshape(B, T, H, D)
+
+
+CAUSAL_QUERY_BLOCKS = 4
+MIN_CAUSAL_QUERY_BLOCK = 128
+
+
+def _causal_xla_attention(q, k, v, segment_ids, scale):
+    """Causal self-attention in query blocks, each over the keys up to its own end: 4 blocks do
+    5/8 of the dense form's matmul and softmax work (the tiles above the diagonal are never
+    computed). On the 2-core CPU: forward + backward of a [4, 512, 12, 64] layer 111 -> 86 ms, the
+    configs/small.py train step 5.9-6.1 -> 5.6-5.8 s (alternating runs). Blocks are at least
+    MIN_CAUSAL_QUERY_BLOCK queries: 8 blocks of 64 were slower than 4 of 128."""
+    T = q.shape[1]
+    block = max(-(-T // CAUSAL_QUERY_BLOCKS), MIN_CAUSAL_QUERY_BLOCK)
+    outputs = []
+    for start in range(0, T, block):
+        end = min(start + block, T)
+        mask = attention_mask(segment_ids[:, start:end], segment_ids[:, :end],
+                              q_index=jnp.arange(start, end)[None], kv_index=jnp.arange(end)[None])
+        outputs.append(_xla_attention(q[:, start:end], k[:, :end], v[:, :end], mask, None, scale))
+    return outputs[0] if len(outputs) == 1 else jnp.concatenate(outputs, axis=1)
 
 
 def _attention_probs(q, k, mask, bias, scale, dims):
