@@ -61,11 +61,11 @@ class Report:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.tokens_per_step / self.estimated_seconds if self.estimated_seconds else 0.0
+        return self.tokens_per_step / self.estimated_seconds if self.estimated_seconds > 0 else 0.0
 
     @property
     def mfu(self) -> float:
-        return self.analytic_flops / (self.estimated_seconds * self.peak_flops) if self.estimated_seconds else 0.0
+        return self.analytic_flops / (self.estimated_seconds * self.peak_flops) if self.estimated_seconds > 0 else 0.0
 
 
 def target_devices(target: str) -> tuple[list, topology_lib.Chip | None]:
@@ -120,8 +120,10 @@ def extrapolated_cost(config, devices, scanned_cost: dict) -> dict:
     tower unrolled at two layers costs one layer more, and (layers - 1) such layers are added.
     Gradient accumulation is a scan over the micro-batches, counted once too: k micro-batches cost k
     times one (the optimizer update, outside that loop, then counts k times, as the search's probes
-    count it: an overestimate by its elementwise work)."""
+    count it: an overestimate by its elementwise work). Seconds are 0 (unknown) where the compiler's
+    cost model gave a negative time for any of the programs."""
     total = dict(scanned_cost)
+    known = scanned_cost["seconds"] >= 0  # the TPU cost model returns a negative time for some programs
     for tower, depth in _scanned(config).items():
         logging.info("compiling %s unrolled at 2 layers (cost of one layer)", tower)
         two_layers = config_lib.with_overrides(config, {f"model.{tower}.scan_layers": False,
@@ -130,7 +132,9 @@ def extrapolated_cost(config, devices, scanned_cost: dict) -> dict:
         layer = {k: v - scanned_cost[k] for k, v in compiled_cost(lowered.compile()).items()}
         for key in total:
             total[key] += (depth - 1) * layer[key]
-    return {key: value * config.train.grad_accum_steps for key, value in total.items()}
+        known &= layer["seconds"] + scanned_cost["seconds"] >= 0
+    total = {key: value * config.train.grad_accum_steps for key, value in total.items()}
+    return dict(total, seconds=total["seconds"] if known else 0.0)
 
 
 def state_bytes_per_device(state) -> int:
@@ -260,7 +264,10 @@ def format_report(report: Report) -> str:
         lines.append("fits" if report.fits else "does NOT fit in HBM")
     lines.append(f"FLOPs per device: compiler {report.compiler_flops:.3e} (scanned layers counted once), "
                  f"extrapolated {report.estimated_flops:.3e}, analytic {report.analytic_flops:.3e}")
-    if report.estimated_seconds:
+    if report.compiler_seconds < 0:  # configs/small.py on v5e-4: -532 s
+        lines.append(f"no step-time estimate: the compiler's cost model returned a negative step time "
+                     f"({report.compiler_seconds:.1f} s) for this program")
+    elif report.estimated_seconds > 0:
         lines.append(f"estimated step time {report.estimated_seconds * 1e3:.1f} ms (compiler cost model) -> "
                      f"{report.tokens_per_second:,.0f} tokens/s"
                      + (f", MFU estimate {report.mfu:.1%}" if report.peak_flops else ""))

@@ -323,7 +323,7 @@ def search(config, target: str, space: Space = Space(), *, margin: float = 0.1, 
             c.estimated_seconds, c.estimated_bytes = _estimate(c.plan, outer, layer, layer_counts)
             if c.plan.accum > 1:
                 c.estimated_bytes += c.state_bytes / 3  # the gradient accumulator: one more copy of the parameters
-            c.mfu = analytic / (c.estimated_seconds * chip.peak_bf16_flops) if chip and c.estimated_seconds else 0.0
+            c.mfu = analytic / (c.estimated_seconds * chip.peak_bf16_flops) if chip and c.estimated_seconds > 0 else 0.0
 
     def verify_in_order(ranked: list[Candidate], limit: int) -> tuple[int, int]:
         """Compiles `ranked` in order until `verify` fit or `limit` compiled -> (fitted, compiled now)."""
@@ -367,7 +367,7 @@ def format_table(candidates: list[Candidate], limit: int = 0) -> str:
     for c in candidates[:limit or None]:
         compiled = f"{c.compiled['bytes'] / gib:.1f}" if c.compiled and "bytes" in c.compiled else ""
         step = (f"{c.estimated_seconds:.2f} s" if c.estimated_seconds >= 1 else f"{c.estimated_seconds * 1e3:.1f} ms"
-                if c.estimated_seconds else "")
+                if c.estimated_seconds > 0 else "")
         lines.append(f"| {c.plan.describe()} | {max(c.state_bytes, 0) / gib:.1f} | "
                      f"{c.estimated_bytes / gib:.1f} | {compiled} | {step} | {c.mfu:.1%} | {c.verdict} |")
     rest = collections.Counter(c.verdict.split(":")[0] for c in candidates[limit or len(candidates):])
