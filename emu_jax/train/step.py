@@ -65,19 +65,18 @@ def make_train_step(task, optimizer, accum_steps: int = 1, *, seed: int = 0, ema
         grads = jax.tree.map(lambda g, frozen: jnp.zeros_like(g) if frozen else g, grads, optimizer.frozen)
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        def update(params, opt_state, ema):
-            updates, opt_state = optimizer.tx.update(grads, opt_state, params)
-            params = optax.apply_updates(params, updates)
-            if ema is not None:
-                ema = optax.incremental_update(params, ema, 1.0 - ema_decay)
-            return params, opt_state, ema
-
-        # A conditional, not where(finite, new, old): selecting needed the old state after the new was
-        # written, so XLA copied every donated parameter and moment first (CPU step 4% slower, TPU
-        # temporaries larger)
-        params, opt_state, ema = jax.lax.cond(finite, update, lambda *old: old, state.params, state.opt_state,
-                                              state.ema)
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state,
+        updates, opt_state = optimizer.tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        # Selecting makes XLA copy every donated parameter and moment first (the old values are read after
+        # the new are written); a lax.cond skips without copies (configs/small.py CPU step 4% faster) but
+        # rounds the update differently, which moves every README training figure: it lands with a rerun of
+        # benchmarks/readme_figures.py.
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        ema = state.ema
+        if ema is not None:
+            ema = keep(optax.incremental_update(params, ema, 1.0 - ema_decay), ema)
+        new_state = TrainState(step=state.step + 1, params=keep(params, state.params),
+                               opt_state=keep(opt_state, state.opt_state),
                                skipped_updates=state.skipped_updates + (~finite).astype(jnp.int32), ema=ema)
         metrics = dict(metrics, grad_norm=grad_norm, learning_rate=optimizer.schedule(state.step), finite=finite,
                        **task.counters(batch))
