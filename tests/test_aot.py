@@ -139,6 +139,24 @@ def test_a_mesh_the_parameters_do_not_divide_over_is_reported_and_fitted_around(
     assert report.mesh == {"data": 2, "fsdp": 64, "tensor": 1}
 
 
+def test_a_negative_cost_model_time_is_no_estimate_not_a_negative_step():
+    """The TPU cost model returns a negative optimal_seconds for some programs (configs/small.py on
+    v5e-4: -532 s): no step time, tokens/s or MFU is derived from it, and the report says so."""
+    config = config_lib.with_overrides(load_config("tiny"), {"model.llm.scan_layers": False,
+                                                             "model.vit.scan_layers": False})
+    devices, _ = aot.target_devices("cpu")
+    estimate = aot.extrapolated_cost(config, devices, {"flops": 3e12, "seconds": -531.8})
+    assert estimate == {"flops": 3e12, "seconds": 0.0}
+    report = aot.Report(target="v5e-4", devices=4, mesh={"data": 4}, global_batch=16, grad_accum_steps=1, remat={},
+                        fits=True, hbm_bytes=16 * 2**30, compiler_flops=3e12, compiler_seconds=-531.8,
+                        estimated_flops=3e12, estimated_seconds=estimate["seconds"], analytic_flops=3e12,
+                        tokens_per_step=16 * 128, peak_flops=197e12,
+                        memory=dict(arguments=1, outputs=1, aliased=1, temporaries=1, code=1))
+    assert report.mfu == 0.0 and report.tokens_per_second == 0.0
+    text = aot.format_report(report)
+    assert "negative step time (-531.8 s)" in text and "estimated step time" not in text
+
+
 def test_compile_entry_on_this_machines_fake_cpu_mesh_reports_memory():
     config = config_lib.with_overrides(load_config("tiny"), {"mesh.data": 2, "mesh.fsdp": 4})
     report = aot.compile_report(config, "cpu", extrapolate=False)
