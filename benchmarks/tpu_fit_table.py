@@ -95,14 +95,21 @@ def search_row(cell: dict) -> str:
     compiles = sum(1 for c in candidates if c["compiled"])
     whole = cell["best_estimated"]
     fastest = (f"{_plan_text(best['plan'])} | {best['compiled']['bytes'] / gib:.1f} / {first['hbm_bytes'] / gib:.0f} GiB"
-               f" | {whole['estimated_seconds']:.2f} s | **{whole['mfu']:.0%}** (probes: {best['mfu']:.0%})"
-               if best else "nothing fits | | |")
+               f" | {_step_and_mfu(whole)} (probes: {best['mfu']:.0%})" if best else "nothing fits | | |")
     first_remat = "/".join(sorted(set(first["remat"].values())))
     return (f"| {cell['config']} | {cell['slice']} | {fastest} | {first_remat} remat, "
             f"{first['mesh']['data']}x{first['mesh']['fsdp']}x{first['mesh']['tensor']}, {first['grad_accum_steps']} "
-            f"micro-batch(es) | {first['total_bytes'] / gib:.1f} GiB | {first['estimated_seconds']:.2f} s | "
-            f"{first['mfu']:.0%} (probes: {probed}) | {len(candidates)} plans, {cell['probes']} probe + "
+            f"micro-batch(es) | {first['total_bytes'] / gib:.1f} GiB | {_step_and_mfu(first, bold=False)} "
+            f"(probes: {probed}) | {len(candidates)} plans, {cell['probes']} probe + "
             f"{compiles} full compiles |")
+
+
+def _step_and_mfu(report: dict, bold: bool = True) -> str:
+    """A compile report's estimated step and MFU cells ("not estimated" where the cost model gave none)."""
+    if report["estimated_seconds"] <= 0:
+        return "not estimated | n/a"
+    mfu = f"{report['mfu']:.0%}"
+    return f"{report['estimated_seconds']:.2f} s | " + (f"**{mfu}**" if bold else mfu)
 
 
 def search_table(cells: list[dict]) -> str:
@@ -125,7 +132,7 @@ def row(cell: dict) -> str:
                 f" GiB per chip at {mesh}, {remat} remat, {micro} x {cell['grad_accum_steps']} | | | | | | |")
     memory = f"{cell['total_bytes'] / gib:.1f} / {cell['hbm_bytes'] / gib:.0f} GiB"
     speed = (f"{cell['estimated_seconds']:.2f} s | {cell['tokens_per_second']:,.0f} | {cell['mfu']:.0%}"
-             if cell["estimated_seconds"] else "not estimated | | ")
+             if cell["estimated_seconds"] > 0 else "not estimated | | ")
     return (f"| {cell['config']} | {cell['slice']} | {cell['devices']} | {mesh} | {remat} | "
             f"{micro} x {cell['grad_accum_steps']} | {memory} | {speed} |")
 

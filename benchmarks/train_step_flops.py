@@ -4,7 +4,9 @@
     python benchmarks/train_step_flops.py --config=configs/small.py --batch=8 --seq_len=512 --dtype=bfloat16
 
 The step is the trainer's own (`make_train_step`: forward, backward, AdamW update) on random
-tokens and images; its FLOPs are counted analytically (`emu_jax.train.flops`). The reference is a
+tokens and images; its FLOPs are counted analytically (`emu_jax.train.flops`), causal attention in full
+(PaLM's convention; the XLA path computes 5/8 of it at 512 positions, so the count is ~2% above the
+work done: 77 of 1235 GFLOP are attention's, counted in full). The reference is a
 square matmul of --matmul_size in the same dtype, jitted and timed in the same process. Both are
 best-of-N timings (shared CPUs are noisy). Prints both and their ratio. XLA runs with its
 default flags here (unlike the train CLI, which turns YNNPACK fusions off for faster convolutions):

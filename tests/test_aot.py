@@ -233,3 +233,10 @@ def test_plan_search_trusts_compiles_not_the_probes_memory(tmp_path, monkeypatch
     fits, = [c for c in capped.candidates if c.verdict == "fits"]
     assert dict(fits.plan.remat)["llm"] == "full" and fits.compiled["bytes"] > 0
     assert [c.verdict for c in capped.candidates if c is not fits] == ["not compiled (max_compiles=0 reached)"]
+    # negative cost-model times among the probes (as on v5e and v6e): no plan is given a speed from them
+    probed = plan_search.compile_all
+    monkeypatch.setattr(plan_search, "compile_all", lambda jobs, workers: [
+        dict(r, seconds=-abs(r["seconds"])) if "seconds" in r else r for r in probed(jobs, workers)])
+    untimed = plan_search.search(config, "v5p:2x2x2", space, cache_dir=str(tmp_path))
+    assert all(c.estimated_seconds == 0 and c.mfu == 0 for c in untimed.candidates)
+    assert "fits" in [c.verdict for c in untimed.candidates]

@@ -134,7 +134,11 @@ def extrapolated_cost(config, devices, scanned_cost: dict) -> dict:
             total[key] += (depth - 1) * layer[key]
         known &= layer["seconds"] + scanned_cost["seconds"] >= 0
     total = {key: value * config.train.grad_accum_steps for key, value in total.items()}
-    return dict(total, seconds=total["seconds"] if known else 0.0)
+    if not (known and total["seconds"] > 0):
+        logging.warning("the compiler's cost model gave a negative step time for the step or one of its 2-layer "
+                        "variants: no step-time estimate")
+        total["seconds"] = 0.0
+    return total
 
 
 def state_bytes_per_device(state) -> int:

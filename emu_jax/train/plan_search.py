@@ -312,6 +312,12 @@ def search(config, target: str, space: Space = Space(), *, margin: float = 0.1, 
         failed = {(t, dict(plan.remat)[t]) for (plan, depths), r in zip(probes, probe_results) if r["error"]
                   for t, d in depths.items() if d == 2}
         usable = [(pd, r) for pd, r in zip(probes, probe_results) if not r["error"]]
+        # the TPU cost model gives negative times for some programs (v5e, v6e): a linear solve over them
+        # can still come out positive, and meaningless
+        timed = all(r["seconds"] >= 0 for _, r in usable)
+        if not timed:
+            logging.warning("negative cost-model times among the probes of %s: its plans are not ranked by speed",
+                            group[0].plan.describe())
         model = {field: _solve_layers(reference, [u[0] for u in usable], [u[1] for u in usable], list(towers), field)
                  for field in ("seconds", "bytes")}
         outer = {f: m[0] for f, m in model.items()}
@@ -321,6 +327,7 @@ def search(config, target: str, space: Space = Space(), *, margin: float = 0.1, 
                 c.verdict = "probe: two layers of a tower already run out of memory"
                 continue
             c.estimated_seconds, c.estimated_bytes = _estimate(c.plan, outer, layer, layer_counts)
+            c.estimated_seconds = c.estimated_seconds if timed else 0.0
             if c.plan.accum > 1:
                 c.estimated_bytes += c.state_bytes / 3  # the gradient accumulator: one more copy of the parameters
             c.mfu = analytic / (c.estimated_seconds * chip.peak_bf16_flops) if chip and c.estimated_seconds > 0 else 0.0
