@@ -272,10 +272,13 @@ def versions_line(label: str, v: dict) -> str:
 
 
 def footnotes(runs: list[tuple[str, dict]]) -> list[str]:
-    seen = {}
+    """Each label's versions, with every date its runs in the table ran on."""
+    seen, dates = {}, {}
     for label, figures in runs:
         seen.setdefault(label, figures["versions"])
-    return [""] + [versions_line(label, v) + "  " for label, v in seen.items()]
+        dates.setdefault(label, set()).add(figures["versions"]["date"])
+    return [""] + [versions_line(label, dict(v, date=", ".join(sorted(dates[label])))) + "  "
+                   for label, v in seen.items()]
 
 
 def seed_table(out: pathlib.Path, pattern: str, columns: list[str], cells, extra: tuple[str, ...] = ()) -> str:

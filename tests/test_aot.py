@@ -155,6 +155,9 @@ def test_a_negative_cost_model_time_is_no_estimate_not_a_negative_step():
     assert report.mfu == 0.0 and report.tokens_per_second == 0.0
     text = aot.format_report(report)
     assert "negative step time (-531.8 s)" in text and "estimated step time" not in text
+    report.compiler_seconds = 2.0  # the step's own time usable, a 2-layer variant's negative: no estimate either
+    text = aot.format_report(report)
+    assert "negative step time for a 2-layer variant" in text and "estimated step time" not in text
 
 
 def test_compile_entry_on_this_machines_fake_cpu_mesh_reports_memory():

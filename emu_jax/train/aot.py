@@ -271,6 +271,9 @@ def format_report(report: Report) -> str:
     if report.compiler_seconds < 0:  # configs/small.py on v5e-4: -532 s
         lines.append(f"no step-time estimate: the compiler's cost model returned a negative step time "
                      f"({report.compiler_seconds:.1f} s) for this program")
+    elif report.estimated_flops and report.estimated_seconds <= 0:  # extrapolated, from a negative 2-layer time
+        lines.append("no step-time estimate: the compiler's cost model returned a negative step time for a "
+                     "2-layer variant of this program")
     elif report.estimated_seconds > 0:
         lines.append(f"estimated step time {report.estimated_seconds * 1e3:.1f} ms (compiler cost model) -> "
                      f"{report.tokens_per_second:,.0f} tokens/s"
