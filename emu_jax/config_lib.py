@@ -195,6 +195,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         log_every=50, eval_every=1000, eval_batches=4,
         checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True,
         init_from=ml_collections.ConfigDict(dict(vit="", connector="", llm="")),  # tower -> checkpoint dir
+        profile=ml_collections.ConfigDict(dict(from_step=0, steps=3)),  # a trace of steps from_step.. (0: none)
         ema_decay=0.0) | overrides)
 
 

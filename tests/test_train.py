@@ -296,7 +296,8 @@ def test_two_processes_on_loopback_match_one_process(tmp_path, data_dir):
     port = portpicker.pick_unused_port()
     procs = [cli(tmp_path / "multi", data_dir, *common, f"--config.distributed.coordinator=127.0.0.1:{port}",
                  "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-                 "--config.distributed.cpu_collectives=gloo",
+                 "--config.distributed.cpu_collectives=gloo", "--config.train.profile.from_step=2",
+                 "--config.train.profile.steps=2",
                  env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}) for i in range(2)]
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read()
@@ -313,6 +314,54 @@ def test_two_processes_on_loopback_match_one_process(tmp_path, data_dir):
         np.testing.assert_allclose(multi_log[key], single_log[key], rtol=1e-5, err_msg=key)
     for key in ("samples_0", "captions"):
         assert multi_log[key] == single_log[key], key
+    for process in range(2):  # each process traced its own steps 2 and 3 (the profile changes no figure above)
+        assert traced_steps(tmp_path / "multi" / "profile" / f"process_{process}") == [2, 3]
+
+
+def traced_steps(directory) -> list[int]:
+    """The step numbers a training profile annotates, checking that the jitted step ran inside it."""
+    from jax.profiler import ProfileData
+    traces = list(directory.glob("plugins/profile/*/*.xplane.pb"))
+    assert len(traces) == 1, traces
+    events = [e for line in ProfileData.from_file(str(traces[0])).find_plane_with_name("/host:CPU").lines
+              for e in line.events]
+    assert any(e.name == "PjitFunction(train_step)" for e in events)
+    import gzip  # the live buffers at the window's end: the parameters the trainer allocated among them
+    assert b"trainer.py" in gzip.decompress((directory / "memory.prof").read_bytes())
+    return sorted(int(dict(e.stats)["step_num"]) for e in events if e.name == "train")
+
+
+def test_a_profile_window_a_resumed_run_has_passed_traces_nothing(tmp_path):
+    from emu_jax.train.profiling import ProfileWindow
+    window = ProfileWindow(str(tmp_path / "profile"), first=5, count=2)
+    window.resumed_after(5)  # resumed at step 6: the window 5-6 is behind it
+    for step in (5, 6):
+        with window.step(step):
+            pass
+        window.after(step, None)
+    assert not window.tracing and not (tmp_path / "profile").exists()
+    window = ProfileWindow(str(tmp_path / "profile"), first=6, count=1)
+    window.resumed_after(5)  # a window starting at the resumed step is traced
+    with window.step(6):
+        pass
+    window.after(6, None)
+    assert not window.tracing and list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
+
+
+def test_a_profile_window_cut_short_by_the_run_end_is_still_written(tmp_path, data_dir):
+    """A window reaching past the last step is written when the loop ends; one that cannot trace
+    anything is refused in one line before the workdir exists."""
+    run = cli(tmp_path / "run", data_dir, "--config.train.steps=3", "--config.train.profile.from_step=3",
+              "--config.train.profile.steps=5")
+    assert run.wait(timeout=600) == 0, run.stderr.read()
+    assert traced_steps(tmp_path / "run" / "profile" / "process_0") == [3]
+    for flags_given, message in ((["--config.train.profile.from_step=4"], "is past train.steps=3"),
+                                 (["--config.train.profile.from_step=1", "--config.train.profile.steps=0"],
+                                  "at least one step")):
+        refused = cli(tmp_path / "refused", data_dir, "--config.train.steps=3", *flags_given)
+        assert refused.wait(timeout=600) == 1
+        assert message in refused.stderr.read().strip().splitlines()[-1]
+        assert not (tmp_path / "refused").exists()
 
 
 def test_restoring_a_parameter_the_checkpoint_lacks_names_it(tmp_path):

@@ -32,6 +32,7 @@ from emu_jax.models import lora as lora_lib
 from emu_jax.parallel import mesh as mesh_lib
 from emu_jax.train import flops as flops_lib
 from emu_jax.train import stages
+from emu_jax.train.profiling import ProfileConfigError, ProfileWindow
 from emu_jax.train.metrics import MetricsWriter, MetricsWriteError
 from emu_jax.train.optimizer import make_optimizer, path_name
 from emu_jax.train.step import TrainState, make_eval_step, make_train_step
@@ -88,7 +89,7 @@ class SkipGuard:
 # a mesh or batch the devices cannot take, a run that keeps producing non-finite updates, a full disk.
 # and data or checkpoints that are not there (a shard glob that matches nothing, a typo in train.init_from)
 RUN_ERRORS = (WorkdirBusy, FloatingPointError, mesh_lib.MeshError, CheckpointWriteError, evaluators.EvalConfigError,
-              FileNotFoundError, pipeline.records.SourceError, MetricsWriteError)
+              FileNotFoundError, pipeline.records.SourceError, MetricsWriteError, ProfileConfigError)
 
 
 class StopRequests:
@@ -292,6 +293,7 @@ def train(config, workdir: str) -> dict:
     mesh = mesh_lib.make_mesh(config.mesh)  # checked before the workdir is touched
     evaluators.check(config.evals)
     mesh_lib.check_batch(config.data.global_batch_size, mesh, tc.grad_accum_steps)
+    profile = ProfileWindow.from_config(tc.profile, workdir, tc.steps)
     os.makedirs(workdir, exist_ok=True)
     workdir_lock = lock_workdir(workdir)
     writer = MetricsWriter(workdir, enabled=is_main)
@@ -335,6 +337,7 @@ def train(config, workdir: str) -> dict:
             state = TrainState(step=None, params=params, opt_state=opt_state, skipped_updates=None,
                                ema=copy(params) if use_ema else None)
             latest, skipped = 0, 0
+        profile.resumed_after(latest)
         state = state.replace(step=jax.device_put(jnp.int32(latest), replicated),
                               skipped_updates=jax.device_put(jnp.int32(skipped), replicated))
 
@@ -352,8 +355,10 @@ def train(config, workdir: str) -> dict:
         window, window_start = [], time.perf_counter()
         try:
             for step in range(latest + 1, tc.steps + 1):
-                batch = pipeline.to_global(next(train_iter), mesh)
-                state, metrics = train_step(state, batch)
+                with profile.step(step):
+                    batch = pipeline.to_global(next(train_iter), mesh)
+                    state, metrics = train_step(state, batch)
+                profile.after(step, (state, metrics))
                 finite = bool(metrics["finite"])
                 if tc.nonfinite == "halt" and not finite:
                     raise FloatingPointError(f"non-finite loss or gradients at step {step}; the update was dropped "
@@ -384,6 +389,7 @@ def train(config, workdir: str) -> dict:
             checkpointer.wait()  # it too fails here, says so and removes its unfinished step; else this error
             raise
         finally:  # also on an error or Ctrl-C: stop the data workers and free their prefetched batches
+            profile.stop()
             stops.end_of_loop()
             progress.close()
             train_iter.close()

@@ -1,0 +1,84 @@
+"""A profiler trace of a window of training steps (`config.train.profile`), to see where a step's time
+goes on the slice a run is on:
+
+    python -m emu_jax.train --config=... --workdir=DIR --config.train.profile.from_step=10 \\
+        --config.train.profile.steps=3
+
+Every process traces its own host and devices into `DIR/profile/process_<i>/` (JAX's
+`plugins/profile/<run>/<host>.xplane.pb`, for TensorBoard's profile plugin or xprof; processes of one
+host would write the same file name into one directory). Each step of the window is a
+`StepTraceAnnotation` ("train", its step number), so the profile plugin's step-time breakdown sees
+the steps, input included. `memory.prof` beside the trace holds this process's live device buffers
+at the window's end, each with the Python stack that allocated it (pprof format: `go tool pprof`).
+A run's first step (and a resumed run's) compiles the step function: a window starting there traces
+the compilation too. A window a resumed run has already passed is not traced.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+import jax
+from absl import logging
+
+
+class ProfileConfigError(ValueError):
+    """`config.train.profile` asks for a window the run cannot trace."""
+
+
+class ProfileWindow:
+    """Starts the trace before step `first`, annotates each step of the window, and writes the trace
+    after step `first + count - 1` has finished (or when the loop ends inside the window)."""
+
+    def __init__(self, directory: str, first: int, count: int):
+        self.directory, self.first, self.count = directory, first, count
+        self.tracing = False
+
+    @classmethod
+    def from_config(cls, profile, workdir: str, total_steps: int) -> "ProfileWindow":
+        """`profile`: {from_step (0: no trace), steps}; checked before anything starts."""
+        first, count = int(profile.from_step), int(profile.steps)
+        if first < 0 or (first and count < 1):
+            raise ProfileConfigError(f"train.profile.from_step={first}, train.profile.steps={count}: the first "
+                                     f"traced step must be >= 1 (0: no trace) and the window at least one step")
+        if first > total_steps:
+            raise ProfileConfigError(f"train.profile.from_step={first} is past train.steps={total_steps}: nothing "
+                                     f"would be traced")
+        return cls(os.path.join(workdir, "profile", f"process_{jax.process_index()}"), first, count)
+
+    def resumed_after(self, step: int) -> None:
+        """A run resumed after `step`: a window starting at or before it is not traced (said once)."""
+        if self.first and self.first <= step:
+            logging.warning("train.profile.from_step=%d: this run resumes after step %d, so nothing is traced "
+                            "(a later from_step traces this run)", self.first, step)
+            self.first = 0
+
+    @property
+    def last(self) -> int:
+        return self.first + self.count - 1
+
+    def step(self, step: int):
+        """Context for running step `step`: starts the trace at the window's first step and marks the
+        window's steps."""
+        if self.first and step == self.first:
+            jax.profiler.start_trace(self.directory)
+            self.tracing = True
+        if not self.tracing:
+            return contextlib.nullcontext()
+        return jax.profiler.StepTraceAnnotation("train", step_num=step)
+
+    def after(self, step: int, outputs) -> None:
+        """After step `step` was dispatched: at the window's last step, waits for `outputs` and writes
+        the trace."""
+        if self.tracing and step == self.last:
+            jax.block_until_ready(outputs)
+            self.stop()
+
+    def stop(self) -> None:
+        """Writes the trace if one is open (the loop ended inside the window: an error, a stop, the
+        run's last step)."""
+        if not self.tracing:
+            return
+        self.tracing = False
+        jax.profiler.stop_trace()
+        jax.profiler.save_device_memory_profile(os.path.join(self.directory, "memory.prof"))
