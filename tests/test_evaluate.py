@@ -275,9 +275,13 @@ def test_sweep_resumes_without_recomputing_finished_cells(tmp_path, tokenizer):
     assert sorted(os.listdir(os.path.join(sweep.out, "plots"))) == ["caption_accuracy.png", "labels_accuracy.png"]
 
 
-def test_a_training_evaluator_answers_and_scores_as_the_sweep_cell(tmp_path, tokenizer):
+@pytest.mark.parametrize("scan", [False, True])
+def test_a_training_evaluator_answers_and_scores_as_the_sweep_cell(tmp_path, tokenizer, scan):
     """One evaluation system: the trainer's `task` evaluator (config.evals) over a run's parameters
-    and the sweep's cell over the same checkpoint write the same official results and scores."""
+    and the sweep's cell over the same checkpoint write the same official results and scores. A
+    scanned LLaMA is decoded from a cut copy of its layers (as the sweep's restored checkpoint is),
+    leaving the run's stacked parameters as they were."""
+    import jax
     import ml_collections
     from model_helpers import init_params, save_params
 
@@ -287,14 +291,16 @@ def test_a_training_evaluator_answers_and_scores_as_the_sweep_cell(tmp_path, tok
     from emu_jax.train.metrics import MetricsWriter
     from emu_jax.train.tasks import make_task
     decoding = {"strategy": "greedy", "max_new_tokens": 4, "batch_size": 4}
-    config = config_lib.with_overrides(load_config("tiny"), {"data.tokenizer": tokenizer.model_path})
+    config = config_lib.with_overrides(load_config("tiny"), {"data.tokenizer": tokenizer.model_path,
+                                                             "model.llm.scan_layers": scan})
     subject = make_task(config)
     params = init_params(subject.model)
     save_params(tmp_path / "emu", params)
     sweep = ml_collections.ConfigDict({
         "out": str(tmp_path / "out"), "seed": 0, "demonstrations": "random", "shots": (0,),
         "checkpoints": {"rand": {"config": str(ROOT / "configs" / "tiny.py"), "checkpoint": str(tmp_path / "emu"),
-                                 "overrides": {"data": {"tokenizer": tokenizer.model_path}}}},
+                                 "overrides": {"data": {"tokenizer": tokenizer.model_path},
+                                               "model": {"llm": {"scan_layers": scan}}}}},
         "tasks": {"caption": {"kind": "digits_caption", "limit": 6}}, "decodings": {"greedy": decoding}})
     (cell,) = sweep_lib.run(sweep)
     evals = {"captions": config_lib.evaluator("task", task={"kind": "digits_caption", "limit": 6}, decoding=decoding,
@@ -311,6 +317,11 @@ def test_a_training_evaluator_answers_and_scores_as_the_sweep_cell(tmp_path, tok
     assert [r["captions"] for r in logged if "captions" in r] == [
         f"a handwritten {digits_name}: {r['caption']}" for digits_name, r in zip(("zero", "five"), ours[:2])]
     assert logged[-1] == {"step": 7, "eval/captions/accuracy": cell["accuracy"]}
+    context = evaluators.Context(subject, params, 7, writer, str(tmp_path), mesh)
+    generator = evaluators.generator_for(context)
+    assert not generator.config.model.llm.scan_layers  # it decodes per-layer arrays, not a stack
+    assert "layers" not in generator.params["llm"] and "layers_0" in generator.params["llm"]
+    assert ("layers" in params["llm"]) == scan and not any(leaf.is_deleted() for leaf in jax.tree.leaves(params))
 
 
 def test_an_unknown_evaluator_type_stops_the_run_before_it_starts(tmp_path, digits_world):

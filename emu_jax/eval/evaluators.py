@@ -132,10 +132,11 @@ def generator_for(ctx: Context, decoding=None, decoder: str = ""):
     `decoder`: a visual decoder's checkpoint that draws the images asked for (without one, images
     stay regressed embeddings)."""
     from emu_jax import config_lib
-    from emu_jax.generate.generator import Generator, restore_decoder
+    from emu_jax.generate.generator import Generator, restore_decoder, unscanned_llm
     config = config_lib.with_overrides(ctx.subject.config, {f"generate.{k}": v for k, v in (decoding or {}).items()})
     decoder_params = restore_decoder(config, decoder, ctx.mesh) if decoder else None
-    return Generator(config, ctx.params, ctx.subject.tokenizer, decoder_params=decoder_params, mesh=ctx.mesh)
+    config, params = unscanned_llm(config, ctx.params, release=False)  # the run goes on with its stacked params
+    return Generator(config, params, ctx.subject.tokenizer, decoder_params=decoder_params, mesh=ctx.mesh)
 
 
 @evaluator("task")

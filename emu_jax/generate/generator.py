@@ -10,7 +10,8 @@ captions, or all one image). With `generate.interleave`, a batch of one may also
 images the model decides on: text that emits [IMG] gets that image regressed, and goes on.
 Parameters are placed over the config's mesh (`--config.mesh.fsdp=8` shards a checkpoint that
 does not fit one device); the jitted loops run under that mesh. A checkpoint of a scanned LLaMA
-(the large configs') is decoded unscanned: its stacked layers are cut apart as it is restored.
+(the large configs') is decoded unscanned: its stacked layers are cut apart as it is restored (a
+training run's evaluators cut a copy: `generate.unstack_layers`).
 """
 from __future__ import annotations
 
@@ -97,7 +98,7 @@ class Generator:
                 params = lora_lib.join(restore_params(checkpoint, base), restore_params(adapter, adapters))
             else:
                 params = restore_params(checkpoint, wanted)
-            config, params = unscanned_llm(config, params)
+            config, params = unscanned_llm(config, params, release=True)
         decoder_params = restore_decoder(config, decoder_checkpoint, mesh) if decoder_checkpoint else None
         return cls(config, params, tokenizer or load_tokenizer(config.data, config.model.tokens), decoder_params=decoder_params, mesh=mesh)
 
@@ -287,16 +288,18 @@ def restore_decoder(config, checkpoint: str, mesh=None) -> dict:
         return restore_params(checkpoint, wanted)
 
 
-def unscanned_llm(config, params: dict) -> tuple:
+def unscanned_llm(config, params: dict, *, release: bool) -> tuple:
     """(config, params) with LLaMA's layers unscanned, for decoding (`layers.unstack`: a step of a
-    scanned stack copies each layer's weights out of it on GPU). The stacked arrays are released
-    as they are cut, so restored parameters are not held twice."""
-    if not config.model.llm.get("scan_layers"):
+    scanned stack copies each layer's weights out of it, per token: 1.8-2.1x slower on an H200,
+    README's accelerator table), unless `generate.unstack_layers` is off. release: the stacked arrays
+    are deleted as they are cut (restored parameters, held by nobody else, are not held twice);
+    without it (a training run's parameters) the cut layers are a copy."""
+    if not (config.model.llm.get("scan_layers") and config.generate.unstack_layers):
         return config, params
     config = copy.deepcopy(config)
     with config.unlocked():
         config.model.llm.scan_layers = False
-    llm = layers.unstack(params["llm"], "layers", release=True)
+    llm = layers.unstack(params["llm"], "layers", release=release)
     return config, dict(params, llm=llm)
 
 
