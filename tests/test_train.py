@@ -331,6 +331,22 @@ def traced_steps(directory) -> list[int]:
     return sorted(int(dict(e.stats)["step_num"]) for e in events if e.name == "train")
 
 
+def test_step_time_is_the_steps_own_not_the_compilation_evaluations_or_checkpoints(tmp_path, data_dir):
+    """The logged step time (and tokens/s, MFU from it) times the steps alone: the window holding
+    the compiling first step and the one after an evaluation and a checkpoint save (the generator
+    compiles for the samples) log those as first_step_s and overhead_s, not as a slow step."""
+    run = cli(tmp_path / "run", data_dir, "--config.train.steps=4", "--config.train.log_every=2",
+              "--config.train.checkpoint_every=2", "--config.evals.samples.every=2", "--config.evals.samples.count=1")
+    assert run.wait(timeout=600) == 0, run.stderr.read()
+    first, second = [row for row in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "loss" in row]
+    assert first["step"] == 2 and first["first_step_s"] > 3 * first["step_time_s"]
+    assert second["step"] == 4 and "first_step_s" not in second
+    assert second["overhead_s"] > 3 * second["step_time_s"]
+    for row in (first, second):
+        assert row["step_time_s"] > 0 and row["overhead_s"] >= 0
+        assert row["mfu"] * row["step_time_s"] == pytest.approx(first["mfu"] * first["step_time_s"])
+
+
 def test_a_profile_window_a_resumed_run_has_passed_traces_nothing(tmp_path):
     from emu_jax.train.profiling import ProfileWindow
     window = ProfileWindow(str(tmp_path / "profile"), first=5, count=2)

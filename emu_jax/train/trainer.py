@@ -228,14 +228,42 @@ def held_out_loss(eval_step, params, task, mesh, batches: int) -> dict:
     return {f"eval/{k}": v / max(count, 1) for k, v in totals.items()}
 
 
-def window_summary(window: list[dict], seconds: float, metric_keys, mfu: float | None) -> dict:
-    """The logged scalars of a window of steps' metrics (host values); `seconds` per step."""
+@dataclasses.dataclass
+class WindowClock:
+    """Where a log window's wall time went: its steps (from taking the batch to the step's metrics on
+    the host), the run's first step apart (it compiles the step function), and the rest (logging,
+    held-out loss, evaluators, checkpoint saves). Step time, tokens/s and MFU are the steps' own, so
+    the window after an evaluation or the one that compiled does not read as a slow step."""
+    start: float = dataclasses.field(default_factory=time.perf_counter)
+    steps: list = dataclasses.field(default_factory=list)
+    first_step: float | None = None
+
+    def record(self, seconds: float, *, compiles: bool) -> None:
+        if compiles:
+            self.first_step = seconds
+        else:
+            self.steps.append(seconds)
+
+    def scalars(self, tokens_per_step: float, images_per_step: float, flops_per_peak: float) -> dict:
+        """`flops_per_peak`: a step's model FLOPs / the devices' peak FLOP/s (0: no MFU)."""
+        timed = sum(self.steps) + (self.first_step or 0.0)
+        scalars = {"overhead_s": time.perf_counter() - self.start - timed}
+        if self.first_step is not None:
+            scalars["first_step_s"] = self.first_step
+        if self.steps:
+            seconds = float(np.mean(self.steps))
+            scalars.update(step_time_s=seconds, tokens_per_s=tokens_per_step / seconds,
+                           images_per_s=images_per_step / seconds)
+            if flops_per_peak:
+                scalars["mfu"] = flops_per_peak / seconds
+        return scalars
+
+
+def window_summary(window: list[dict], clock: WindowClock, metric_keys, flops_per_peak: float) -> dict:
+    """The logged scalars of a window of steps' metrics (host values) and its clock."""
     summary = {k: float(np.mean([m[k] for m in window])) for k in tuple(metric_keys) + ("grad_norm", "learning_rate")}
-    summary.update({"tokens_per_s": sum(m["tokens"] for m in window) / seconds / len(window),
-                    "images_per_s": sum(m["images"] for m in window) / seconds / len(window),
-                    "step_time_s": seconds})
-    if mfu is not None:
-        summary["mfu"] = mfu
+    summary.update(clock.scalars(float(np.mean([m["tokens"] for m in window])),
+                                 float(np.mean([m["images"] for m in window])), flops_per_peak))
     events = np.sum([m["events"] for m in window], axis=0)
     summary.update({f"data/{name}": float(n) for name, n in zip(pipeline.EVENTS, events)})
     return summary
@@ -352,27 +380,28 @@ def train(config, workdir: str) -> dict:
 
         # ------------------------------------------------------------ loop
         progress = tqdm(total=tc.steps, initial=latest, disable=not is_main, desc="train", unit="step")
-        window, window_start = [], time.perf_counter()
+        window, clock = [], WindowClock()
         try:
             for step in range(latest + 1, tc.steps + 1):
+                started = time.perf_counter()
                 with profile.step(step):
                     batch = pipeline.to_global(next(train_iter), mesh)
                     state, metrics = train_step(state, batch)
                 profile.after(step, (state, metrics))
-                finite = bool(metrics["finite"])
+                finite = bool(metrics["finite"])  # waits for the step
+                clock.record(time.perf_counter() - started, compiles=step == latest + 1)
                 if tc.nonfinite == "halt" and not finite:
                     raise FloatingPointError(f"non-finite loss or gradients at step {step}; the update was dropped "
                                              f"and nothing from this step is checkpointed")
                 skips.record(step, finite)
                 window.append(metrics)
                 if step % tc.log_every == 0 or step == tc.steps:
-                    seconds = (time.perf_counter() - window_start) / len(window)
-                    summary = window_summary(jax.device_get(window), seconds, task.metric_keys,
-                                             step_flops / seconds / peak if step_flops else None)
+                    summary = window_summary(jax.device_get(window), clock, task.metric_keys,
+                                             step_flops / peak if step_flops else 0.0)
                     summary["skipped_updates"] = float(jax.device_get(state.skipped_updates))
                     writer.scalars(step, summary)
                     progress.set_postfix(loss=f"{summary['loss']:.3f}")
-                    window, window_start = [], time.perf_counter()
+                    window, clock = [], WindowClock()
                 if tc.eval_every and step % tc.eval_every == 0:
                     writer.scalars(step, held_out_loss(eval_step, state.params, task, mesh, tc.eval_batches))
                 if evaluators.due(config.evals, step, final=False):  # every process: params span them all
