@@ -200,6 +200,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
         checkpoint_every=1000, keep_checkpoints=3, async_checkpoints=True,
         init_from=ml_collections.ConfigDict(dict(vit="", connector="", llm="")),  # tower -> checkpoint dir
         profile=ml_collections.ConfigDict(dict(from_step=0, steps=3)),  # a trace of steps from_step.. (0: none)
+        compilation_cache=True,  # compiled programs kept in <workdir>/compilation_cache for a resumed run
         ema_decay=0.0) | overrides)
 
 

@@ -347,6 +347,26 @@ def test_step_time_is_the_steps_own_not_the_compilation_evaluations_or_checkpoin
         assert row["mfu"] * row["step_time_s"] == pytest.approx(first["mfu"] * first["step_time_s"])
 
 
+def test_a_resumed_run_takes_its_compiled_step_from_the_workdir(tmp_path, data_dir):
+    """The first run compiles its train step and leaves it in <workdir>/compilation_cache; the resumed
+    run loads it from there (JAX's own log of its persistent cache says which) instead of compiling."""
+    env = {"JAX_COMPILATION_CACHE_DIR": "",  # the tests' shared cache (conftest) off for these runs
+           "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}
+
+    def compiled_step(steps: int) -> str:
+        run = cli(tmp_path / "run", data_dir, f"--config.train.steps={steps}", env=env)
+        _, err = run.communicate(timeout=600)
+        assert run.returncode == 0, err
+        return "\n".join(line for line in err.splitlines() if "'jit_train_step'" in line)
+
+    first = compiled_step(2)
+    assert "CACHE MISS for 'jit_train_step'" in first and "cache hit" not in first
+    assert list((tmp_path / "run" / "compilation_cache").glob("jit_train_step-*"))
+    resumed = compiled_step(4)
+    assert "cache hit for 'jit_train_step'" in resumed and "MISS" not in resumed
+    assert json.loads(open(tmp_path / "run" / "metrics.jsonl").readlines()[-1])["step"] == 4
+
+
 def test_a_profile_window_a_resumed_run_has_passed_traces_nothing(tmp_path):
     from emu_jax.train.profiling import ProfileWindow
     window = ProfileWindow(str(tmp_path / "profile"), first=5, count=2)

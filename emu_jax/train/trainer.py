@@ -313,9 +313,20 @@ def abstract_state(setup: Setup) -> TrainState:
                       ema=params if setup.shardings.ema is not None else None)
 
 
+def use_compilation_cache(workdir: str) -> None:
+    """Compiled programs persist in `<workdir>/compilation_cache` (JAX's persistent cache), so a
+    resumed or preempted run steps without compiling again (a large step compiles for minutes);
+    JAX_COMPILATION_CACHE_DIR, where set, names another (e.g. one shared by runs). Called before
+    anything compiles: JAX settles on its cache at the first compilation."""
+    if not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "compilation_cache"))
+
+
 def train(config, workdir: str) -> dict:
     tc = config.train
     # ---------------------------------------------------------------- start-up and mesh
+    if tc.compilation_cache:
+        use_compilation_cache(workdir)
     mesh_lib.maybe_initialize_distributed(config)
     is_main = jax.process_index() == 0
     mesh = mesh_lib.make_mesh(config.mesh)  # checked before the workdir is touched
