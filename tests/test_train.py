@@ -351,7 +351,7 @@ def test_a_resumed_run_takes_its_compiled_step_from_the_workdir(tmp_path, data_d
     """The first run compiles its train step and leaves it in <workdir>/compilation_cache; the resumed
     run loads it from there (JAX's own log of its persistent cache says which) instead of compiling."""
     env = {"JAX_COMPILATION_CACHE_DIR": "",  # the tests' shared cache (conftest) off for these runs
-           "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}
 
     def compiled_step(steps: int) -> str:
         run = cli(tmp_path / "run", data_dir, f"--config.train.steps={steps}", env=env)
@@ -372,13 +372,15 @@ def test_a_profile_window_a_resumed_run_has_passed_traces_nothing(tmp_path):
     window = ProfileWindow(str(tmp_path / "profile"), first=5, count=2)
     window.resumed_after(5)  # resumed at step 6: the window 5-6 is behind it
     for step in (5, 6):
-        with window.step(step):
+        window.begin(step)
+        with window.annotate(step):
             pass
         window.after(step, None)
     assert not window.tracing and not (tmp_path / "profile").exists()
     window = ProfileWindow(str(tmp_path / "profile"), first=6, count=1)
     window.resumed_after(5)  # a window starting at the resumed step is traced
-    with window.step(6):
+    window.begin(6)
+    with window.annotate(6):
         pass
     window.after(6, None)
     assert not window.tracing and list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))

@@ -294,7 +294,7 @@ def unscanned_llm(config, params: dict, *, release: bool) -> tuple:
     README's accelerator table), unless `generate.unstack_layers` is off. release: the stacked arrays
     are deleted as they are cut (restored parameters, held by nobody else, are not held twice);
     without it (a training run's parameters) the cut layers are a copy."""
-    if not (config.model.llm.get("scan_layers") and config.generate.unstack_layers):
+    if not (config.model.llm.get("scan_layers") and config.generate.get("unstack_layers", True)):
         return config, params
     config = copy.deepcopy(config)
     with config.unlocked():

@@ -12,7 +12,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 from emu_jax import xla_flags
-from emu_jax.train.trainer import RUN_ERRORS, train
+from emu_jax.train.trainer import RUN_ERRORS, train, use_compilation_cache
 
 config_flags.DEFINE_config_file("config", None, "Experiment config, e.g. configs/tiny.py.", lock_config=True)
 flags.DEFINE_string("workdir", None, "Checkpoints, metrics.jsonl and TensorBoard events go here.")
@@ -23,6 +23,8 @@ def main(argv):
     del argv
     logging.set_verbosity(logging.WARNING)  # orbax and tfds log every file at INFO
     xla_flags.apply_defaults(flags.FLAGS.config.get("task", "emu"))  # JAX's backend starts later, in train()
+    if flags.FLAGS.config.train.get("compilation_cache", True):
+        use_compilation_cache(flags.FLAGS.workdir)
     try:
         result = train(flags.FLAGS.config, flags.FLAGS.workdir)
     except RUN_ERRORS as e:  # what a user did or the run met, said in one line (no traceback)

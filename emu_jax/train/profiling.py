@@ -11,7 +11,7 @@ host would write the same file name into one directory). Each step of the window
 the steps, input included. `memory.prof` beside the trace holds this process's live device buffers
 at the window's end, each with the Python stack that allocated it (pprof format: `go tool pprof`).
 A run's first step (and a resumed run's) compiles the step function: a window starting there traces
-the compilation too. A window a resumed run has already passed is not traced.
+the compilation too. A window whose first step a resumed run has passed is not traced.
 """
 from __future__ import annotations
 
@@ -57,12 +57,14 @@ class ProfileWindow:
     def last(self) -> int:
         return self.first + self.count - 1
 
-    def step(self, step: int):
-        """Context for running step `step`: starts the trace at the window's first step and marks the
-        window's steps."""
+    def begin(self, step: int) -> None:
+        """Starts the trace before the window's first step (outside the step's timing)."""
         if self.first and step == self.first:
             jax.profiler.start_trace(self.directory)
             self.tracing = True
+
+    def annotate(self, step: int):
+        """Context for running step `step`: marks the window's steps in the trace."""
         if not self.tracing:
             return contextlib.nullcontext()
         return jax.profiler.StepTraceAnnotation("train", step_num=step)
@@ -80,5 +82,9 @@ class ProfileWindow:
         if not self.tracing:
             return
         self.tracing = False
-        jax.profiler.stop_trace()
-        jax.profiler.save_device_memory_profile(os.path.join(self.directory, "memory.prof"))
+        try:
+            jax.profiler.stop_trace()
+            jax.profiler.save_device_memory_profile(os.path.join(self.directory, "memory.prof"))
+        except (OSError, RuntimeError) as e:  # a diagnostic that cannot be written must not end the run
+            logging.warning("train.profile: the trace of steps %d-%d was not written to %s: %s", self.first,
+                            self.last, self.directory, e)

@@ -314,10 +314,11 @@ def abstract_state(setup: Setup) -> TrainState:
 
 
 def use_compilation_cache(workdir: str) -> None:
-    """Compiled programs persist in `<workdir>/compilation_cache` (JAX's persistent cache), so a
-    resumed or preempted run steps without compiling again (a large step compiles for minutes);
-    JAX_COMPILATION_CACHE_DIR, where set, names another (e.g. one shared by runs). Called before
-    anything compiles: JAX settles on its cache at the first compilation."""
+    """Compiled programs persist in `<workdir>/compilation_cache` (JAX's persistent cache, for the
+    programs that took over its 1 s threshold to compile), so a resumed or preempted run steps without
+    compiling again (a large step compiles for minutes); JAX_COMPILATION_CACHE_DIR, where set, names
+    another (e.g. one shared by runs). For the process of one run (the CLI): JAX opens its cache at
+    the first compilation and keeps it for the process."""
     if not jax.config.jax_compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "compilation_cache"))
 
@@ -325,8 +326,6 @@ def use_compilation_cache(workdir: str) -> None:
 def train(config, workdir: str) -> dict:
     tc = config.train
     # ---------------------------------------------------------------- start-up and mesh
-    if tc.compilation_cache:
-        use_compilation_cache(workdir)
     mesh_lib.maybe_initialize_distributed(config)
     is_main = jax.process_index() == 0
     mesh = mesh_lib.make_mesh(config.mesh)  # checked before the workdir is touched
@@ -394,13 +393,14 @@ def train(config, workdir: str) -> dict:
         window, clock = [], WindowClock()
         try:
             for step in range(latest + 1, tc.steps + 1):
+                profile.begin(step)
                 started = time.perf_counter()
-                with profile.step(step):
+                with profile.annotate(step):
                     batch = pipeline.to_global(next(train_iter), mesh)
                     state, metrics = train_step(state, batch)
-                profile.after(step, (state, metrics))
                 finite = bool(metrics["finite"])  # waits for the step
                 clock.record(time.perf_counter() - started, compiles=step == latest + 1)
+                profile.after(step, (state, metrics))  # writing the trace counts as overhead, not as a step
                 if tc.nonfinite == "halt" and not finite:
                     raise FloatingPointError(f"non-finite loss or gradients at step {step}; the update was dropped "
                                              f"and nothing from this step is checkpointed")
@@ -429,12 +429,14 @@ def train(config, workdir: str) -> dict:
             checkpointer.wait()  # it too fails here, says so and removes its unfinished step; else this error
             raise
         finally:  # also on an error or Ctrl-C: stop the data workers and free their prefetched batches
-            profile.stop()
             stops.end_of_loop()
             progress.close()
             train_iter.close()
+            if not stops.preempted:  # a window the loop ended inside (a preempted run saves its checkpoint first)
+                profile.stop()
         checkpointer.wait()
         checkpointer.close()
+        profile.stop()
         if stops.interrupted:
             raise KeyboardInterrupt
 
