@@ -331,40 +331,44 @@ def traced_steps(directory) -> list[int]:
     return sorted(int(dict(e.stats)["step_num"]) for e in events if e.name == "train")
 
 
-def test_step_time_is_the_steps_own_not_the_compilation_evaluations_or_checkpoints(tmp_path, data_dir):
-    """The logged step time (and tokens/s, MFU from it) times the steps alone: the window holding
-    the compiling first step and the one after an evaluation and a checkpoint save (the generator
-    compiles for the samples) log those as first_step_s and overhead_s, not as a slow step."""
-    run = cli(tmp_path / "run", data_dir, "--config.train.steps=4", "--config.train.log_every=2",
-              "--config.train.checkpoint_every=2", "--config.evals.samples.every=2", "--config.evals.samples.count=1")
-    assert run.wait(timeout=600) == 0, run.stderr.read()
-    first, second = [row for row in map(json.loads, open(tmp_path / "run" / "metrics.jsonl")) if "loss" in row]
+def test_a_run_times_its_own_steps_traces_its_window_and_resumes_without_compiling(tmp_path, data_dir):
+    """One run and its resumption, as a user sees them:
+    - step time (and tokens/s, MFU from it) is the steps' own: the window holding the compiling first
+      step and the one after an evaluation and a checkpoint save (the generator compiles for the
+      samples) log those as first_step_s and overhead_s, not as slow steps;
+    - a profile window reaching past the last step is written when the run ends, and the resumed
+      run, past the window, traces nothing more;
+    - the run leaves its compiled train step in <workdir>/compilation_cache and the resumed run
+      loads it from there instead of compiling (JAX's own log of its persistent cache says which)."""
+    env = {"JAX_COMPILATION_CACHE_DIR": "",  # the tests' shared cache (conftest) off for these runs
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}
+    workdir = tmp_path / "run"
+
+    def run(steps: int) -> str:
+        process = cli(workdir, data_dir, f"--config.train.steps={steps}", "--config.train.log_every=2",
+                      "--config.train.checkpoint_every=2", "--config.evals.samples.every=2",
+                      "--config.evals.samples.count=1", "--config.train.profile.from_step=3",
+                      "--config.train.profile.steps=5", env=env)
+        _, err = process.communicate(timeout=600)
+        assert process.returncode == 0, err
+        return "\n".join(line for line in err.splitlines() if "'jit_train_step'" in line)
+
+    compiled = run(4)
+    first, second = [row for row in map(json.loads, open(workdir / "metrics.jsonl")) if "loss" in row]
     assert first["step"] == 2 and first["first_step_s"] > 3 * first["step_time_s"]
     assert second["step"] == 4 and "first_step_s" not in second
     assert second["overhead_s"] > 3 * second["step_time_s"]
     for row in (first, second):
         assert row["step_time_s"] > 0 and row["overhead_s"] >= 0
         assert row["mfu"] * row["step_time_s"] == pytest.approx(first["mfu"] * first["step_time_s"])
+    assert traced_steps(workdir / "profile" / "process_0") == [3, 4]
+    assert "CACHE MISS for 'jit_train_step'" in compiled and "cache hit" not in compiled
+    assert list((workdir / "compilation_cache").glob("jit_train_step-*"))
 
-
-def test_a_resumed_run_takes_its_compiled_step_from_the_workdir(tmp_path, data_dir):
-    """The first run compiles its train step and leaves it in <workdir>/compilation_cache; the resumed
-    run loads it from there (JAX's own log of its persistent cache says which) instead of compiling."""
-    env = {"JAX_COMPILATION_CACHE_DIR": "",  # the tests' shared cache (conftest) off for these runs
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}
-
-    def compiled_step(steps: int) -> str:
-        run = cli(tmp_path / "run", data_dir, f"--config.train.steps={steps}", env=env)
-        _, err = run.communicate(timeout=600)
-        assert run.returncode == 0, err
-        return "\n".join(line for line in err.splitlines() if "'jit_train_step'" in line)
-
-    first = compiled_step(2)
-    assert "CACHE MISS for 'jit_train_step'" in first and "cache hit" not in first
-    assert list((tmp_path / "run" / "compilation_cache").glob("jit_train_step-*"))
-    resumed = compiled_step(4)
-    assert "cache hit for 'jit_train_step'" in resumed and "MISS" not in resumed
-    assert json.loads(open(tmp_path / "run" / "metrics.jsonl").readlines()[-1])["step"] == 4
+    compiled = run(6)
+    assert "cache hit for 'jit_train_step'" in compiled and "MISS" not in compiled
+    assert json.loads(open(workdir / "metrics.jsonl").readlines()[-1])["step"] == 6
+    assert len(list((workdir / "profile" / "process_0").glob("plugins/profile/*"))) == 1
 
 
 def test_a_profile_window_a_resumed_run_has_passed_traces_nothing(tmp_path):
@@ -386,20 +390,16 @@ def test_a_profile_window_a_resumed_run_has_passed_traces_nothing(tmp_path):
     assert not window.tracing and list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
 
 
-def test_a_profile_window_cut_short_by_the_run_end_is_still_written(tmp_path, data_dir):
-    """A window reaching past the last step is written when the loop ends; one that cannot trace
-    anything is refused in one line before the workdir exists."""
-    run = cli(tmp_path / "run", data_dir, "--config.train.steps=3", "--config.train.profile.from_step=3",
-              "--config.train.profile.steps=5")
-    assert run.wait(timeout=600) == 0, run.stderr.read()
-    assert traced_steps(tmp_path / "run" / "profile" / "process_0") == [3]
-    for flags_given, message in ((["--config.train.profile.from_step=4"], "is past train.steps=3"),
-                                 (["--config.train.profile.from_step=1", "--config.train.profile.steps=0"],
-                                  "at least one step")):
-        refused = cli(tmp_path / "refused", data_dir, "--config.train.steps=3", *flags_given)
-        assert refused.wait(timeout=600) == 1
-        assert message in refused.stderr.read().strip().splitlines()[-1]
-        assert not (tmp_path / "refused").exists()
+def test_a_profile_window_that_traces_nothing_is_refused_before_the_run_starts(tmp_path, data_dir):
+    import ml_collections
+
+    from emu_jax.train.profiling import ProfileConfigError, ProfileWindow
+    with pytest.raises(ProfileConfigError, match="at least one step"):
+        ProfileWindow.from_config(ml_collections.ConfigDict(dict(from_step=1, steps=0)), str(tmp_path), 3)
+    refused = cli(tmp_path / "refused", data_dir, "--config.train.steps=3", "--config.train.profile.from_step=4")
+    assert refused.wait(timeout=600) == 1
+    assert "is past train.steps=3" in refused.stderr.read().strip().splitlines()[-1]
+    assert not (tmp_path / "refused").exists()
 
 
 def test_restoring_a_parameter_the_checkpoint_lacks_names_it(tmp_path):
