@@ -360,6 +360,7 @@ def test_a_run_times_its_own_steps_traces_its_window_and_resumes_without_compili
     assert second["overhead_s"] > 3 * second["step_time_s"]
     for row in (first, second):
         assert row["step_time_s"] > 0 and row["overhead_s"] >= 0
+        assert 0 < row["data_wait_s"] < row["step_time_s"]  # the batch's share of the step
         assert row["mfu"] * row["step_time_s"] == pytest.approx(first["mfu"] * first["step_time_s"])
     assert traced_steps(workdir / "profile" / "process_0") == [3, 4]
     assert "CACHE MISS for 'jit_train_step'" in compiled and "cache hit" not in compiled

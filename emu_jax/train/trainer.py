@@ -233,16 +233,20 @@ class WindowClock:
     """Where a log window's wall time went: its steps (from taking the batch to the step's metrics on
     the host), the run's first step apart (it compiles the step function), and the rest (logging,
     held-out loss, evaluators, checkpoint saves). Step time, tokens/s and MFU are the steps' own, so
-    the window after an evaluation or the one that compiled does not read as a slow step."""
+    the window after an evaluation or the one that compiled does not read as a slow step; of a step's
+    time, `data_wait_s` went to taking the next batch from the pipeline and placing it on the devices
+    (near step_time_s: the input is the limit)."""
     start: float = dataclasses.field(default_factory=time.perf_counter)
     steps: list = dataclasses.field(default_factory=list)
+    data_waits: list = dataclasses.field(default_factory=list)
     first_step: float | None = None
 
-    def record(self, seconds: float, *, compiles: bool) -> None:
+    def record(self, seconds: float, data_wait: float, *, compiles: bool) -> None:
         if compiles:
             self.first_step = seconds
         else:
             self.steps.append(seconds)
+            self.data_waits.append(data_wait)
 
     def scalars(self, tokens_per_step: float, images_per_step: float, flops_per_peak: float) -> dict:
         """`flops_per_peak`: a step's model FLOPs / the devices' peak FLOP/s (0: no MFU)."""
@@ -253,7 +257,7 @@ class WindowClock:
         if self.steps:
             seconds = float(np.mean(self.steps))
             scalars.update(step_time_s=seconds, tokens_per_s=tokens_per_step / seconds,
-                           images_per_s=images_per_step / seconds)
+                           images_per_s=images_per_step / seconds, data_wait_s=float(np.mean(self.data_waits)))
             if flops_per_peak:
                 scalars["mfu"] = flops_per_peak / seconds
         return scalars
@@ -397,9 +401,10 @@ def train(config, workdir: str) -> dict:
                 started = time.perf_counter()
                 with profile.annotate(step):
                     batch = pipeline.to_global(next(train_iter), mesh)
+                    fetched = time.perf_counter()
                     state, metrics = train_step(state, batch)
                 finite = bool(metrics["finite"])  # waits for the step
-                clock.record(time.perf_counter() - started, compiles=step == latest + 1)
+                clock.record(time.perf_counter() - started, fetched - started, compiles=step == latest + 1)
                 profile.after(step, (state, metrics))  # writing the trace counts as overhead, not as a step
                 if tc.nonfinite == "halt" and not finite:
                     raise FloatingPointError(f"non-finite loss or gradients at step {step}; the update was dropped "
