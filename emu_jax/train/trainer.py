@@ -32,9 +32,9 @@ from emu_jax.models import lora as lora_lib
 from emu_jax.parallel import mesh as mesh_lib
 from emu_jax.train import flops as flops_lib
 from emu_jax.train import stages
-from emu_jax.train.profiling import ProfileConfigError, ProfileWindow
 from emu_jax.train.metrics import MetricsWriter, MetricsWriteError
 from emu_jax.train.optimizer import make_optimizer, path_name
+from emu_jax.train.profiling import ProfileConfigError, ProfileWindow
 from emu_jax.train.step import TrainState, make_eval_step, make_train_step
 from emu_jax.train.tasks import make_task
 
@@ -248,8 +248,8 @@ class WindowClock:
             self.steps.append(seconds)
             self.data_waits.append(data_wait)
 
-    def scalars(self, tokens_per_step: float, images_per_step: float, flops_per_peak: float) -> dict:
-        """`flops_per_peak`: a step's model FLOPs / the devices' peak FLOP/s (0: no MFU)."""
+    def scalars(self, tokens_per_step: float, images_per_step: float, seconds_at_peak: float) -> dict:
+        """`seconds_at_peak`: a step's model FLOPs / the devices' peak FLOP/s (0: no MFU)."""
         timed = sum(self.steps) + (self.first_step or 0.0)
         scalars = {"overhead_s": time.perf_counter() - self.start - timed}
         if self.first_step is not None:
@@ -258,16 +258,16 @@ class WindowClock:
             seconds = float(np.mean(self.steps))
             scalars.update(step_time_s=seconds, tokens_per_s=tokens_per_step / seconds,
                            images_per_s=images_per_step / seconds, data_wait_s=float(np.mean(self.data_waits)))
-            if flops_per_peak:
-                scalars["mfu"] = flops_per_peak / seconds
+            if seconds_at_peak:
+                scalars["mfu"] = seconds_at_peak / seconds
         return scalars
 
 
-def window_summary(window: list[dict], clock: WindowClock, metric_keys, flops_per_peak: float) -> dict:
+def window_summary(window: list[dict], clock: WindowClock, metric_keys, seconds_at_peak: float) -> dict:
     """The logged scalars of a window of steps' metrics (host values) and its clock."""
     summary = {k: float(np.mean([m[k] for m in window])) for k in tuple(metric_keys) + ("grad_norm", "learning_rate")}
     summary.update(clock.scalars(float(np.mean([m["tokens"] for m in window])),
-                                 float(np.mean([m["images"] for m in window])), flops_per_peak))
+                                 float(np.mean([m["images"] for m in window])), seconds_at_peak))
     events = np.sum([m["events"] for m in window], axis=0)
     summary.update({f"data/{name}": float(n) for name, n in zip(pipeline.EVENTS, events)})
     return summary
