@@ -8,8 +8,8 @@ Every process traces its own host and devices into `DIR/profile/process_<i>/` (J
 `plugins/profile/<run>/<host>.xplane.pb`, for TensorBoard's profile plugin or xprof; processes of one
 host would write the same file name into one directory). Each step of the window is a
 `StepTraceAnnotation` ("train", its step number), so the profile plugin's step-time breakdown sees
-the steps, input included. `memory.prof` beside the trace holds this process's live device buffers
-at the window's end, each with the Python stack that allocated it (pprof format: `go tool pprof`).
+the steps, input included. `DIR/profile/process_<i>/memory.prof` holds this process's live device
+buffers at the window's end, each with the Python stack that allocated it (pprof: `go tool pprof`).
 A run's first step (and a resumed run's) compiles the step function: a window starting there traces
 the compilation too. A window whose first step a resumed run has passed is not traced.
 """
