@@ -70,8 +70,7 @@ class ProfileWindow:
         return jax.profiler.StepTraceAnnotation("train", step_num=step)
 
     def after(self, step: int, outputs) -> None:
-        """After step `step` was dispatched: at the window's last step, waits for `outputs` and writes
-        the trace."""
+        """After step `step`: at the window's last step, waits for its `outputs` and writes the trace."""
         if self.tracing and step == self.last:
             jax.block_until_ready(outputs)
             self.stop()
