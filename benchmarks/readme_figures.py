@@ -48,7 +48,8 @@ PACKAGES = ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "grain", "nump
 STAGES = ("quickstart", "decoder", "chat", "gen", "sweep", "benchmarks")
 # each benchmark -> the start of the first line it prints itself (TFDS and the official release's tokenizer
 # print before it; the README shows the benchmark's own lines)
-BENCHMARKS = {"pipeline_throughput": "raw PIL", "train_step_flops": "device:", "generate_speed": "device:",
+BENCHMARKS = {"pipeline_throughput": "raw PIL", "train_step_flops": "device:", "train_loop": "device:",
+              "generate_speed": "device:",
               "convert_throughput": "checkpoint:", "t2i_vs_official": "prompt "}
 
 

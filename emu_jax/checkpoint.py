@@ -87,6 +87,11 @@ class Checkpointer:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
+    def due(self, step: int) -> bool:
+        """Whether `save` would write `step` unforced (its interval, the first step, a preemption
+        the processes agreed on): the loop reads that step's results at once."""
+        return self.manager.should_save(step)
+
     def save(self, step: int, state, data_iterator, meta: dict, force: bool = False) -> bool:
         import grain  # only runs that stream data need it (inference restores params alone)
         items = dict(params=ocp.args.PyTreeSave(self.saved(state.params)),

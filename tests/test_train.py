@@ -318,8 +318,8 @@ def test_two_processes_on_loopback_match_one_process(tmp_path, data_dir):
         assert traced_steps(tmp_path / "multi" / "profile" / f"process_{process}") == [2, 3]
 
 
-def traced_steps(directory) -> list[int]:
-    """The step numbers a training profile annotates, checking that the jitted step ran inside it."""
+def trace_events(directory) -> list:
+    """The host events of a training profile, checking that the jitted step ran inside it."""
     from jax.profiler import ProfileData
     traces = list(directory.glob("plugins/profile/*/*.xplane.pb"))
     assert len(traces) == 1, traces
@@ -328,7 +328,12 @@ def traced_steps(directory) -> list[int]:
     assert any(e.name == "PjitFunction(train_step)" for e in events)
     import gzip  # the live buffers at the window's end: the parameters the trainer allocated among them
     assert b"trainer.py" in gzip.decompress((directory / "memory.prof").read_bytes())
-    return sorted(int(dict(e.stats)["step_num"]) for e in events if e.name == "train")
+    return events
+
+
+def traced_steps(directory) -> list[int]:
+    """The step numbers a training profile annotates."""
+    return sorted(int(dict(e.stats)["step_num"]) for e in trace_events(directory) if e.name == "train")
 
 
 def test_a_run_times_its_own_steps_traces_its_window_and_resumes_without_compiling(tmp_path, data_dir):
@@ -336,6 +341,8 @@ def test_a_run_times_its_own_steps_traces_its_window_and_resumes_without_compili
     - step time (and tokens/s, MFU from it) is the steps' own: the window holding the compiling first
       step and the one after an evaluation and a checkpoint save (the generator compiles for the
       samples) log those as first_step_s and overhead_s, not as slow steps;
+    - the host takes a step's batch while the devices still run the step before, unless it acts on
+      that step's results (a log, an evaluation, a checkpoint);
     - a profile window reaching past the last step is written when the run ends, and the resumed
       run, past the window, traces nothing more;
     - the run leaves its compiled train step in <workdir>/compilation_cache and the resumed run
@@ -362,7 +369,14 @@ def test_a_run_times_its_own_steps_traces_its_window_and_resumes_without_compili
         assert row["step_time_s"] > 0 and row["overhead_s"] >= 0
         assert 0 < row["data_wait_s"] < row["step_time_s"]  # the batch's share of the step
         assert row["mfu"] * row["step_time_s"] == pytest.approx(first["mfu"] * first["step_time_s"])
-    assert traced_steps(workdir / "profile" / "process_0") == [3, 4]
+    events = trace_events(workdir / "profile" / "process_0")
+    annotated = {int(dict(e.stats)["step_num"]): e for e in events if e.name == "train"}
+    assert sorted(annotated) == [3, 4]
+    # the loop took step 4's batch and dispatched it while step 3 still ran (step 3 acts on nothing:
+    # no log, evaluation or save), i.e. before the first program the window ran had completed
+    ran = sorted((e for e in events if e.name == "ThunkExecutor::Execute (wait for completion)"),
+                 key=lambda e: e.start_ns)
+    assert ran and annotated[4].start_ns < ran[0].start_ns + ran[0].duration_ns
     assert "CACHE MISS for 'jit_train_step'" in compiled and "cache hit" not in compiled
     assert list((workdir / "compilation_cache").glob("jit_train_step-*"))
 

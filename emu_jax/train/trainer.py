@@ -230,23 +230,33 @@ def held_out_loss(eval_step, params, task, mesh, batches: int) -> dict:
 
 @dataclasses.dataclass
 class WindowClock:
-    """Where a log window's wall time went: its steps (from taking the batch to the step's metrics on
-    the host), the run's first step apart (it compiles the step function), and the rest (logging,
-    held-out loss, evaluators, checkpoint saves). Step time, tokens/s and MFU are the steps' own, so
-    the window after an evaluation or the one that compiled does not read as a slow step; of a step's
-    time, `data_wait_s` went to taking the next batch from the pipeline and placing it on the devices
-    (near step_time_s: the input is the limit)."""
+    """Where a log window's wall time went: its steps, the run's first step apart (it compiles the
+    step function), and the rest (logging, held-out loss, evaluators, checkpoint saves). The loop
+    takes a step's batch and dispatches it while the devices still run the step before, so a step's
+    time runs from when the host read the previous step's results (or took this step's batch, if
+    later: after a pause for an evaluation or a save) to when it reads this one's: in a run of steps
+    the rate the run advances at, and step time, tokens/s and MFU are the steps' own, so the window
+    after an evaluation or the one that compiled does not read as slow steps. `data_wait_s` is the
+    host's time taking a step's batch from the pipeline and placing it on the devices; near
+    `step_time_s` the input is the limit."""
     start: float = dataclasses.field(default_factory=time.perf_counter)
     steps: list = dataclasses.field(default_factory=list)
     data_waits: list = dataclasses.field(default_factory=list)
     first_step: float | None = None
 
-    def record(self, seconds: float, data_wait: float, *, compiles: bool) -> None:
+    def __post_init__(self):
+        self.read = self.start  # when the host last read a step's results
+
+    def record(self, started: float, fetched: float, *, compiles: bool) -> None:
+        """The host has just read the results of the step whose batch it began taking at `started`
+        and had placed at `fetched`."""
+        now = time.perf_counter()
+        seconds, self.read = now - max(started, self.read), now
         if compiles:
             self.first_step = seconds
         else:
             self.steps.append(seconds)
-            self.data_waits.append(data_wait)
+            self.data_waits.append(fetched - started)
 
     def scalars(self, tokens_per_step: float, images_per_step: float, seconds_at_peak: float) -> dict:
         """`seconds_at_peak`: a step's model FLOPs / the devices' peak FLOP/s (0: no MFU)."""
@@ -395,6 +405,17 @@ def train(config, workdir: str) -> dict:
         # ------------------------------------------------------------ loop
         progress = tqdm(total=tc.steps, initial=latest, disable=not is_main, desc="train", unit="step")
         window, clock = [], WindowClock()
+        in_flight = None  # (step, metrics, started, fetched) of a step dispatched but not yet read
+
+        def read(step: int, metrics, started: float, fetched: float) -> None:
+            finite = bool(metrics["finite"])  # waits for the step
+            clock.record(started, fetched, compiles=step == latest + 1)
+            if tc.nonfinite == "halt" and not finite:
+                raise FloatingPointError(f"non-finite loss or gradients at step {step}; the update was dropped "
+                                         f"and nothing from this step is checkpointed")
+            skips.record(step, finite)
+            window.append(metrics)
+
         try:
             for step in range(latest + 1, tc.steps + 1):
                 profile.begin(step)
@@ -403,30 +424,38 @@ def train(config, workdir: str) -> dict:
                     batch = pipeline.to_global(next(train_iter), mesh)
                     fetched = time.perf_counter()
                     state, metrics = train_step(state, batch)
-                finite = bool(metrics["finite"])  # waits for the step
-                clock.record(time.perf_counter() - started, fetched - started, compiles=step == latest + 1)
+                if in_flight:  # the host reads the previous step while the devices run this one
+                    read(*in_flight)
+                in_flight = (step, metrics, started, fetched)
+                logs = step % tc.log_every == 0 or step == tc.steps
+                held_out = bool(tc.eval_every) and step % tc.eval_every == 0
+                evaluates = evaluators.due(config.evals, step, final=False)
+                saves = step == tc.steps or checkpointer.due(step)
+                if not (logs or held_out or evaluates or saves or step == latest + 1 or stops.requested
+                        or profile.ends_at(step)):
+                    progress.update(1)
+                    continue
+                # this step's results are acted on at once (and a checkpoint never holds an unread step)
+                read(*in_flight)
+                in_flight = None
                 profile.after(step, (state, metrics))  # writing the trace counts as overhead, not as a step
-                if tc.nonfinite == "halt" and not finite:
-                    raise FloatingPointError(f"non-finite loss or gradients at step {step}; the update was dropped "
-                                             f"and nothing from this step is checkpointed")
-                skips.record(step, finite)
-                window.append(metrics)
-                if step % tc.log_every == 0 or step == tc.steps:
+                if logs:
                     summary = window_summary(jax.device_get(window), clock, task.metric_keys,
                                              step_flops / peak if step_flops else 0.0)
                     summary["skipped_updates"] = float(jax.device_get(state.skipped_updates))
                     writer.scalars(step, summary)
                     progress.set_postfix(loss=f"{summary['loss']:.3f}")
                     window, clock = [], WindowClock()
-                if tc.eval_every and step % tc.eval_every == 0:
+                if held_out:
                     writer.scalars(step, held_out_loss(eval_step, state.params, task, mesh, tc.eval_batches))
-                if evaluators.due(config.evals, step, final=False):  # every process: params span them all
+                if evaluates:  # every process: params span them all
                     evaluators.run(config.evals, evaluation(step))
                 if stops.interrupted:
                     break
                 preempted = stops.preempted  # read once: a SIGTERM landing after the save must not skip it
-                checkpointer.save(step, state, train_iter, {"skipped_updates": int(state.skipped_updates)},
-                                  force=step == tc.steps or preempted)
+                if saves or preempted:
+                    checkpointer.save(step, state, train_iter, {"skipped_updates": int(state.skipped_updates)},
+                                      force=step == tc.steps or preempted)
                 progress.update(1)
                 if preempted:
                     break
