@@ -6,10 +6,11 @@ goes on the slice a run is on:
 
 Every process traces its own host and devices into `DIR/profile/process_<i>/` (JAX's
 `plugins/profile/<run>/<host>.xplane.pb`, for TensorBoard's profile plugin or xprof; processes of one
-host would write the same file name into one directory). The host's part of each step of the window
-(taking its batch, placing it, dispatching the step) is a `StepTraceAnnotation` ("train", its step
-number), for the profile plugin's step-time breakdown; the devices run a step while the host takes
-the next batch, so in the trace a step's device work lies under the next step's annotation. `DIR/profile/process_<i>/memory.prof` holds this process's live device
+host would write the same file name into one directory). Each step of the window is a
+`StepTraceAnnotation` ("train", its step number), for the profile plugin's step-time breakdown: the
+host taking and placing its batch, dispatching it, and waiting for the step before (which the
+devices run meanwhile), or for this one where the loop acts on its results (a log, a checkpoint,
+the window's last step). `DIR/profile/process_<i>/memory.prof` holds this process's live device
 buffers at the window's end, each with the Python stack that allocated it (pprof: `go tool pprof`).
 A run's first step (and a resumed run's) compiles the step function: a window starting there traces
 the compilation too. A window whose first step a resumed run has passed is not traced.

@@ -101,14 +101,14 @@ class StopRequests:
 
     def __init__(self):
         self.preempted = self.interrupted = False
-        signal.signal(signal.SIGTERM, self._preempt)
+        signal.signal(signal.SIGTERM, self.preempt)
         signal.signal(signal.SIGINT, self._interrupt)
 
     @property
     def requested(self) -> bool:
         return self.preempted or self.interrupted
 
-    def _preempt(self, *unused):
+    def preempt(self, *unused):
         self.preempted = True
 
     def _interrupt(self, *unused):
@@ -218,14 +218,15 @@ def state_shardings(optimizer, abstract_params, param_shardings, mesh, ema: bool
 
 
 def held_out_loss(eval_step, params, task, mesh, batches: int) -> dict:
-    """Mean held-out metrics over a fixed number of eval batches (same pipeline, no shuffling)."""
-    totals, count = {}, 0
-    for batch, _ in zip(task.dataset("eval", worker_count=0), range(batches)):
-        metrics = jax.device_get(eval_step(params, pipeline.to_global(batch, mesh)))
+    """Mean held-out metrics over a fixed number of eval batches (same pipeline, no shuffling). Each
+    batch is taken while the devices run the one before; the metrics are read together at the end."""
+    outputs = [eval_step(params, pipeline.to_global(batch, mesh))
+               for batch, _ in zip(task.dataset("eval", worker_count=0), range(batches))]
+    totals = {}
+    for metrics in jax.device_get(outputs):
         for key in task.metric_keys:
             totals[key] = totals.get(key, 0.0) + float(metrics[key])
-        count += 1
-    return {f"eval/{k}": v / max(count, 1) for k, v in totals.items()}
+    return {f"eval/{k}": v / max(len(outputs), 1) for k, v in totals.items()}
 
 
 @dataclasses.dataclass
@@ -418,26 +419,29 @@ def train(config, workdir: str) -> dict:
 
         try:
             for step in range(latest + 1, tc.steps + 1):
-                profile.begin(step)
-                started = time.perf_counter()
-                with profile.annotate(step):
-                    batch = pipeline.to_global(next(train_iter), mesh)
-                    fetched = time.perf_counter()
-                    state, metrics = train_step(state, batch)
-                if in_flight:  # the host reads the previous step while the devices run this one
-                    read(*in_flight)
-                in_flight = (step, metrics, started, fetched)
                 logs = step % tc.log_every == 0 or step == tc.steps
                 held_out = bool(tc.eval_every) and step % tc.eval_every == 0
                 evaluates = evaluators.due(config.evals, step, final=False)
                 saves = step == tc.steps or checkpointer.due(step)
-                if not (logs or held_out or evaluates or saves or step == latest + 1 or stops.requested
-                        or profile.ends_at(step)):
+                profile.begin(step)
+                started = time.perf_counter()
+                with profile.annotate(step):  # in a trace: the batch, the dispatch, the wait for the step before
+                    batch = pipeline.to_global(next(train_iter), mesh)
+                    fetched = time.perf_counter()
+                    state, metrics = train_step(state, batch)
+                    if in_flight:  # the host reads the previous step while the devices run this one
+                        read(*in_flight)
+                    in_flight = (step, metrics, started, fetched)
+                    # the results of a step the host acts on are read at once (a checkpoint never holds
+                    # an unread step); the others a step late
+                    acts = (logs or held_out or evaluates or saves or step == latest + 1 or stops.requested
+                            or profile.ends_at(step))
+                    if acts:
+                        read(*in_flight)
+                        in_flight = None
+                if not acts:
                     progress.update(1)
                     continue
-                # this step's results are acted on at once (and a checkpoint never holds an unread step)
-                read(*in_flight)
-                in_flight = None
                 profile.after(step, (state, metrics))  # writing the trace counts as overhead, not as a step
                 if logs:
                     summary = window_summary(jax.device_get(window), clock, task.metric_keys,
@@ -453,9 +457,9 @@ def train(config, workdir: str) -> dict:
                 if stops.interrupted:
                     break
                 preempted = stops.preempted  # read once: a SIGTERM landing after the save must not skip it
-                if saves or preempted:
+                if saves or preempted:  # forced: `due` has decided (asking Orbax again would repeat its checks)
                     checkpointer.save(step, state, train_iter, {"skipped_updates": int(state.skipped_updates)},
-                                      force=step == tc.steps or preempted)
+                                      force=True)
                 progress.update(1)
                 if preempted:
                     break
