@@ -92,6 +92,12 @@ class Checkpointer:
         the processes agreed on): the loop reads that step's results at once."""
         return self.manager.should_save(step)
 
+    def preemption_at(self, step: int) -> bool:
+        """Whether the processes of a multi-process run agreed to save `step` for a preemption (JAX's
+        preemption service: after a notice to any of them, the step after the furthest one reached;
+        every process must ask at every step, which `due` does)."""
+        return self.manager.reached_preemption(step)
+
     def save(self, step: int, state, data_iterator, meta: dict, force: bool = False) -> bool:
         import grain  # only runs that stream data need it (inference restores params alone)
         items = dict(params=ocp.args.PyTreeSave(self.saved(state.params)),

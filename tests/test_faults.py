@@ -538,6 +538,37 @@ def test_a_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path, digits_world
     assert "task" in stderr and ("died" in stderr or "heartbeat" in stderr.lower()), stderr[-3000:]
 
 
+@pytest.mark.slow
+def test_a_preemption_notice_to_one_process_saves_one_step_on_every_process(tmp_path, digits_world):
+    """SIGTERM reaches process 1 of 2 alone (schedulers notify hosts at different moments): the
+    processes agree on a step (JAX's preemption service), both save it and exit cleanly. Before, process
+    1 saved the step it was at, inside Orbax's barrier, while process 0 went on into the next step's
+    collective: neither ever finished."""
+    import signal
+    import portpicker
+    from emu_jax.checkpoint import Checkpointer
+    port = portpicker.pick_unused_port()
+    procs = [train_cli(tmp_path, digits_world, "--config.train.steps=500", "--config.data.worker_count=0",
+                       "--config.train.checkpoint_every=1000", f"--config.distributed.coordinator=127.0.0.1:{port}",
+                       "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+                       "--config.distributed.cpu_collectives=gloo") for i in range(2)]
+    try:
+        wait_for_step(tmp_path, 3, procs[0])
+        procs[1].send_signal(signal.SIGTERM)
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert codes == [0, 0], [p.stderr.read()[-2000:] for p in procs]
+    checkpoints = Checkpointer(str(tmp_path / "checkpoints"), keep=3, every=1000)
+    saved = checkpoints.latest_step()
+    assert checkpoints.manager.all_steps() == [1, saved] and 3 < saved < 500  # step 1: Orbax's first save
+    positions = [f for f in os.listdir(tmp_path / "checkpoints" / str(saved) / "data") if f.endswith(".json")]
+    assert len(positions) == 2, positions  # each process's data-iterator position at that step
+    last_logged = [json.loads(line)["step"] for line in open(tmp_path / "metrics.jsonl") if "loss" in line][-1]
+    assert last_logged == saved
+
+
 # ----------------------------------------------------------------------------- generation inputs
 
 def test_generate_names_a_missing_checkpoint_or_an_open_placeholder_and_creates_nothing(tmp_path):

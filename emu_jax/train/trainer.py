@@ -97,11 +97,17 @@ class StopRequests:
     data workers and their shared-memory batches are shut down from a known state and an async
     checkpoint in flight is finished. SIGTERM saves the step reached and returns normally; Ctrl-C
     saves nothing and ends as an interrupted run (KeyboardInterrupt). A second Ctrl-C interrupts at
-    once, e.g. during a long compile."""
+    once, e.g. during a long compile.
+
+    In a multi-process run SIGTERM is left to JAX's preemption service (on by default): a notice to
+    any process reaches them all, and they agree on the step to save (`Checkpointer.preemption_at`).
+    Each process saving the step it had reached when its own notice came would leave one waiting in a
+    collective the others never join, as schedulers notify hosts at different moments."""
 
     def __init__(self):
         self.preempted = self.interrupted = False
-        signal.signal(signal.SIGTERM, self.preempt)
+        if not (jax.process_count() > 1 and jax.config.jax_enable_preemption_service):
+            signal.signal(signal.SIGTERM, self.preempt)
         signal.signal(signal.SIGINT, self._interrupt)
 
     @property
@@ -456,6 +462,8 @@ def train(config, workdir: str) -> dict:
                     evaluators.run(config.evals, evaluation(step))
                 if stops.interrupted:
                     break
+                if checkpointer.preemption_at(step):  # the step the processes agreed on (multi-process)
+                    stops.preempt()
                 preempted = stops.preempted  # read once: a SIGTERM landing after the save must not skip it
                 if saves or preempted:  # forced: `due` has decided (asking Orbax again would repeat its checks)
                     checkpointer.save(step, state, train_iter, {"skipped_updates": int(state.skipped_updates)},
