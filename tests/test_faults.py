@@ -539,11 +539,17 @@ def test_a_dead_peer_ends_the_survivor_with_a_clear_error(tmp_path, digits_world
 
 
 @pytest.mark.slow
-def test_a_preemption_notice_to_one_process_saves_one_step_on_every_process(tmp_path, digits_world):
+@pytest.mark.parametrize("ending,told", [("SIGTERM", (1,)), ("SIGINT", (1,)), ("SIGINT", (0, 1))],
+                         ids=["preemption-to-one", "ctrl-c-to-one", "ctrl-c-to-all"])
+def test_a_stop_request_to_some_processes_saves_one_agreed_step_on_every_process(tmp_path, digits_world, ending,
+                                                                                  told):
     """SIGTERM reaches process 1 of 2 alone (schedulers notify hosts at different moments): the
     processes agree on a step (JAX's preemption service), both save it and exit cleanly. Before, process
     1 saved the step it was at, inside Orbax's barrier, while process 0 went on into the next step's
-    collective: neither ever finished."""
+    collective: neither ever finished. A Ctrl-C (to one process, or to all as srun sends it) is such a
+    notice too: every process saves the agreed step, the interrupted ones then end as interrupted runs.
+    Before, an interrupted process left at the step it had reached and the other waited in its next
+    collective until the heartbeat timeout ended it with an error."""
     import signal
     import portpicker
     from emu_jax.checkpoint import Checkpointer
@@ -554,12 +560,14 @@ def test_a_preemption_notice_to_one_process_saves_one_step_on_every_process(tmp_
                        "--config.distributed.cpu_collectives=gloo") for i in range(2)]
     try:
         wait_for_step(tmp_path, 3, procs[0])
-        procs[1].send_signal(signal.SIGTERM)
+        for i in told:
+            procs[i].send_signal(getattr(signal, ending))
         codes = [p.wait(timeout=300) for p in procs]
     finally:
         for p in procs:
             p.kill()
-    assert codes == [0, 0], [p.stderr.read()[-2000:] for p in procs]
+    interrupted = -signal.SIGINT if ending == "SIGINT" else 0
+    assert codes == [interrupted if i in told else 0 for i in range(2)], [p.stderr.read()[-2000:] for p in procs]
     checkpoints = Checkpointer(str(tmp_path / "checkpoints"), keep=3, every=1000)
     saved = checkpoints.latest_step()
     assert checkpoints.manager.all_steps() == [1, saved] and 3 < saved < 500  # step 1: Orbax's first save

@@ -102,11 +102,14 @@ class StopRequests:
     In a multi-process run SIGTERM is left to JAX's preemption service (on by default): a notice to
     any process reaches them all, and they agree on the step to save (`Checkpointer.preemption_at`).
     Each process saving the step it had reached when its own notice came would leave one waiting in a
-    collective the others never join, as schedulers notify hosts at different moments."""
+    collective the others never join, as schedulers notify hosts at different moments. For the same
+    reason a first Ctrl-C there is a preemption notice too (`agreed`): every process saves the agreed
+    step, then the interrupted ones end as interrupted runs and the others return as preempted."""
 
     def __init__(self):
         self.preempted = self.interrupted = False
-        if not (jax.process_count() > 1 and jax.config.jax_enable_preemption_service):
+        self.agreed = jax.process_count() > 1 and jax.config.jax_enable_preemption_service
+        if not self.agreed:
             signal.signal(signal.SIGTERM, self.preempt)
         signal.signal(signal.SIGINT, self._interrupt)
 
@@ -120,6 +123,13 @@ class StopRequests:
     def _interrupt(self, *unused):
         self.interrupted = True
         signal.signal(signal.SIGINT, signal.default_int_handler)
+        if self.agreed:  # JAX's notifier holds SIGTERM: it tells the service, which tells every process
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    @property
+    def stops_here(self) -> bool:
+        """Whether the loop ends at this step on this process's word alone (a Ctrl-C, one process)."""
+        return self.interrupted and not self.agreed
 
     def end_of_loop(self):
         """Past the loop (final evaluation, or an error on its way out) Ctrl-C interrupts at once."""
@@ -460,7 +470,7 @@ def train(config, workdir: str) -> dict:
                     writer.scalars(step, held_out_loss(eval_step, state.params, task, mesh, tc.eval_batches))
                 if evaluates:  # every process: params span them all
                     evaluators.run(config.evals, evaluation(step))
-                if stops.interrupted:
+                if stops.stops_here:
                     break
                 if checkpointer.preemption_at(step):  # the step the processes agreed on (multi-process)
                     stops.preempt()
