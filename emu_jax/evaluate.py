@@ -6,7 +6,9 @@
 
 The first runs a sweep (checkpoints x tasks x shots x decoding settings; see emu_jax/eval/sweep.py):
 finished cells are read back, so re-running a killed sweep resumes it; prints the results table and
-writes results.csv, results.md and plots under the config's `out`. The second scores an existing
+writes results.csv, results.md and plots under the config's `out`. A grid that cannot run to its end
+(a checkpoint, config or task file that is not there, an unknown option, a text-to-image task over a
+checkpoint without a decoder) is refused before its first cell, in one line naming the entry. The second scores an existing
 official-format result file (`caption`: COCO captions, CIDEr-D/BLEU-4/METEOR/ROUGE-L; `vqa`: VQA
 accuracy as a percentage, by the official evaluation's rule or, with `--rule`, the variant the Emu
 release scored VQAv2 or OKVQA with; `videoqa`: exact match after VQA normalisation) and prints
@@ -64,10 +66,14 @@ def main(argv):
         sys.exit(f"unknown command {argv[1:]}; use `score` or no command with --config")
     if FLAGS.config is None:
         sys.exit("a sweep needs --config=configs/eval/<sweep>.py")
-    from emu_jax.eval import sweep
+    from emu_jax.eval import sweep, tasks
+    from emu_jax.files import FormatError
     from emu_jax.parallel import mesh as mesh_lib
     mesh_lib.maybe_initialize_distributed(FLAGS.config)
-    sweep.run(FLAGS.config)
+    try:
+        sweep.run(FLAGS.config)
+    except (sweep.SweepConfigError, tasks.TaskConfigError, FormatError, FileNotFoundError) as e:
+        sys.exit(f"error: {e}")  # a config the sweep refuses before its first cell, or a task's file it cannot read
     if jax.process_index() == 0:
         print(open(os.path.join(FLAGS.config.out, "results.md")).read())
 

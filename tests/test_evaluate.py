@@ -324,6 +324,98 @@ def test_a_training_evaluator_answers_and_scores_as_the_sweep_cell(tmp_path, tok
     assert ("layers" in params["llm"]) == scan and not any(leaf.is_deleted() for leaf in jax.tree.leaves(params))
 
 
+def _sweep_with(tmp_path, change: dict):
+    """A sweep over a checkpoint folder holding one finished step, with `change` merged into it."""
+    import ml_collections
+    from model_helpers import save_params
+    if not (tmp_path / "emu").exists():
+        save_params(tmp_path / "emu", {"w": np.zeros(2)})
+    entry = {"config": str(ROOT / "configs" / "tiny.py"), "checkpoint": str(tmp_path / "emu")}
+    sweep = {"out": str(tmp_path / "out"), "seed": 0, "demonstrations": "rices", "shots": (0, 2),
+             "checkpoints": {"rand": entry}, "tasks": {"labels": {"kind": "digits_labelling", "limit": 3}},
+             "decodings": {"greedy": {"strategy": "greedy", "max_new_tokens": 3, "batch_size": 4}}}
+    for key, value in change.items():
+        node, leaf = sweep, key.split(".")
+        for part in leaf[:-1]:
+            node = node[part]
+        node[leaf[-1]] = value
+    return ml_collections.ConfigDict(sweep)
+
+
+@pytest.mark.parametrize("change,error", [
+    ({"checkpoints.rand.checkpoint": "{tmp}/typo"}, "config.checkpoints.rand.checkpoint: no checkpoint directory {tmp}/typo"),
+    ({"checkpoints.rand.config": "configs/tiyn.py"}, "config.checkpoints.rand.config: no config file configs/tiyn.py"),
+    ({"checkpoints.rand.overrides": {"model": {"llm": {"scan_layer": True}}}},
+     "config.checkpoints.rand.overrides: config override 'model.llm.scan_layer': the config has no 'scan_layer' "
+     "under 'model.llm'"),
+    ({"checkpoints.rand.decoder": "{tmp}/no_decoder"}, "config.checkpoints.rand.decoder: no checkpoint directory "
+                                                       "{tmp}/no_decoder"),
+    ({"decodings.greedy.strategy": "gredy"},
+     "config.decodings.greedy (over config.checkpoints.rand): unknown decoding strategy 'gredy' (greedy, sample, beam)"),
+    ({"decodings.greedy.max_tokens": 3},
+     "config.decodings.greedy (over config.checkpoints.rand): config override 'generate.max_tokens': the config has "
+     "no 'max_tokens' under 'generate'"),
+    ({"tasks.labels.kind": "digits_labeling"}, "config.tasks.labels: unknown evaluation task 'digits_labeling'; known: "),
+    ({"tasks.labels.limt": 3}, "config.tasks.labels (digits_labelling): got an unexpected keyword argument 'limt'; "
+                               "it takes limit, image_size, seed"),
+    ({"tasks.vqa": {"kind": "vqa", "questions": "{tmp}/q.json", "annotations": "{tmp}/a.json", "images": "{tmp}"}},
+     "config.tasks.vqa (vqa): no such file or folder {tmp}/a.json (and 1 more)"),
+    ({"tasks.t2i": {"kind": "digits_t2i", "limit": 4}},
+     "config.tasks.t2i (digits_t2i) draws images: config.checkpoints.rand names no decoder"),
+    ({"demonstrations": "rice"}, "config.demonstrations: 'rice' is not one of ('rices', 'random')"),
+])
+def test_a_sweep_that_cannot_run_to_its_end_is_refused_before_its_first_cell(tmp_path, change, error):
+    """A typo anywhere in the grid (the last checkpoint's path, a decoding's key, a task's file) used
+    to surface when the first cell that needed it ran, hours into a sweep, as a traceback (an IndexError
+    for a text-to-image task over a checkpoint without a decoder). Now the whole grid is checked
+    first, and the error names the config entry."""
+    from emu_jax.eval import sweep as sweep_lib
+    from emu_jax.eval.tasks import TaskConfigError
+    tmp = str(tmp_path)
+    change = {key: json.loads(json.dumps(value).replace("{tmp}", tmp)) for key, value in change.items()}
+    sweep_lib.check(_sweep_with(tmp_path, {}))  # the sweep as it stands would run
+    with pytest.raises((sweep_lib.SweepConfigError, TaskConfigError)) as raised:
+        sweep_lib.run(_sweep_with(tmp_path, change))
+    assert str(raised.value).startswith(error.replace("{tmp}", tmp)), str(raised.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_sweep_cli_names_what_it_refuses_in_one_line(tmp_path):
+    config_file = tmp_path / "sweep.py"
+    sweep = _sweep_with(tmp_path, {"tasks.t2i": {"kind": "digits_t2i", "limit": 4}})
+    config_file.write_text(f"import ml_collections\n\ndef get_config():\n    return ml_collections.ConfigDict("
+                           f"{sweep.to_dict()!r})\n")
+    done = subprocess.run([sys.executable, "-m", "emu_jax.evaluate", f"--config={config_file}"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == ("error: config.tasks.t2i (digits_t2i) draws images: "
+                                                    "config.checkpoints.rand names no decoder (a visual decoder "
+                                                    "checkpoint)")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change,error", [
+    ({"task": {"kind": "digits_t2i", "limit": 4}},
+     "config.evals.captions: its task (digits_t2i) draws images: give decoder"),
+    ({"task": {"kind": "coco_caption", "annotations": "{tmp}/captions.json", "images": "{tmp}"}},
+     "config.evals.captions.task (coco_caption): no such file or folder {tmp}/captions.json"),
+    ({"decoder": "{tmp}/no_decoder"}, "config.evals.captions.decoder: no checkpoint directory {tmp}/no_decoder"),
+])
+def test_a_task_evaluator_that_cannot_run_stops_the_run_before_it_starts(tmp_path, digits_world, change, error):
+    """Found after the last training step before; now before the workdir is created."""
+    from emu_jax import config_lib
+    from emu_jax.eval import evaluators
+    from emu_jax.train import trainer
+    tmp = str(tmp_path)
+    config = config_lib.with_overrides(load_config("tiny"), {"data.data_dir": digits_world})
+    with config.unlocked():
+        config.evals.captions.update(json.loads(json.dumps(change).replace("{tmp}", tmp)))
+    with pytest.raises(evaluators.EvalConfigError) as raised:
+        trainer.train(config, str(tmp_path / "run"))
+    assert str(raised.value).startswith(error.replace("{tmp}", tmp)), str(raised.value)
+    assert not (tmp_path / "run").exists()
+
+
 def test_an_unknown_evaluator_type_stops_the_run_before_it_starts(tmp_path, digits_world):
     from emu_jax import config_lib
     from emu_jax.eval import evaluators

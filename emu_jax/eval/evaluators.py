@@ -36,7 +36,7 @@ import jax
 import numpy as np
 
 from emu_jax.eval import held_out, image_grid, recognisability, rices
-from emu_jax.eval.tasks import Example, Task, make_task, write_json
+from emu_jax.eval.tasks import Example, Task, TaskConfigError, checked_task, make_task, write_json
 
 
 @dataclasses.dataclass
@@ -64,11 +64,27 @@ def evaluator(name: str):
 
 
 def check(evals) -> None:
-    """Unknown evaluator types fail when the run starts, not after its last step."""
+    """Unknown evaluator types, and task entries that cannot run (`tasks.checked_task`; a task that
+    draws images without a decoder), fail when the run starts, not after its last step."""
     for name, entry in evals.items():
         if entry.get("type") not in EVALUATORS:
             raise EvalConfigError(f"config.evals.{name}: unknown type {entry.get('type')!r}; known: "
                              f"{', '.join(sorted(EVALUATORS))}")
+        if entry.type != "task":
+            continue
+        try:
+            task = checked_task(entry.get("task", {}), f"config.evals.{name}.task")
+        except TaskConfigError as e:
+            raise EvalConfigError(str(e)) from None
+        if task.kind == "image" and not entry.get("decoder"):
+            raise EvalConfigError(f"config.evals.{name}: its task ({entry.task.kind}) draws images: give decoder "
+                                  f"(a visual decoder's checkpoint)")
+        if entry.get("decoder"):
+            from emu_jax.checkpoint import latest_step
+            try:
+                latest_step(entry.decoder)
+            except FileNotFoundError as e:
+                raise EvalConfigError(f"config.evals.{name}.decoder: {e}") from None
 
 
 def due(evals, step: int, final: bool) -> list[str]:

@@ -22,6 +22,9 @@ def cosine_top_k(queries: np.ndarray, keys: np.ndarray, k: int) -> np.ndarray:
     return order[:, :k]
 
 
+STRATEGIES = ("rices", "random")
+
+
 def demonstrations(strategy: str, k: int, query_features: np.ndarray, pool_features: np.ndarray,
                    seed: int = 0) -> np.ndarray:
     """[Q, k] pool indices per query, in prompt order (for RICES the nearest comes last, right
@@ -33,7 +36,7 @@ def demonstrations(strategy: str, k: int, query_features: np.ndarray, pool_featu
     if strategy == "random":
         rng = np.random.RandomState(seed)
         return np.stack([rng.choice(len(pool_features), k, replace=False) for _ in range(len(query_features))])
-    raise ValueError(f"demonstration strategy {strategy!r}: expected 'rices' or 'random'")
+    raise ValueError(f"demonstration strategy {strategy!r}: expected one of {STRATEGIES}")
 
 
 def cached_features(path: str, images: Callable[[], np.ndarray], features: Callable[[np.ndarray], np.ndarray],

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from emu_jax import config_lib
 from emu_jax.eval import fid, rices
 from emu_jax.eval.evaluators import answer, demonstrations, process_out
-from emu_jax.eval.tasks import make_task, task_class, write_json
+from emu_jax.eval.tasks import checked_task, make_task, task_class, write_json
 from emu_jax.files import read_json
 
 
@@ -70,6 +70,57 @@ def demonstration_choices(sweep) -> tuple[str, ...]:
     """sweep.demonstrations: "rices", "random", or several (comma-separated or a tuple)."""
     choices = sweep.demonstrations
     return tuple(c.strip() for c in choices.split(",")) if isinstance(choices, str) else tuple(choices)
+
+
+class SweepConfigError(ValueError):
+    """A sweep config that cannot run to its end, named before the first cell runs."""
+
+
+def check(sweep) -> None:
+    """What a cell would otherwise meet hours into a sweep, checked before the first one: every
+    checkpoint entry's model config, overrides and checkpoint folders; every decoding's settings over
+    every checkpoint's config; every task's kind, options and files; a decoder for every checkpoint a
+    text-to-image task runs on; the demonstration choices a few-shot cell uses."""
+    from emu_jax.checkpoint import latest_step
+    from emu_jax.generate.generator import text_settings
+    if not sweep.checkpoints:
+        raise SweepConfigError("config.checkpoints names no checkpoint")
+    for name, entry in sweep.checkpoints.items():
+        where = f"config.checkpoints.{name}"
+        config = _model_config(entry, where)
+        for key in ("checkpoint", "decoder", "adapter"):
+            if key == "checkpoint" or entry.get(key):
+                try:
+                    latest_step(entry[key])
+                except FileNotFoundError as e:
+                    raise SweepConfigError(f"{where}.{key}: {e.args[0]}") from None
+        for decoding, settings in sweep.decodings.items():
+            try:
+                text_settings(config_lib.with_overrides(config, {f"generate.{k}": v for k, v in settings.items()})
+                              .generate, ())
+            except (KeyError, ValueError) as e:
+                raise SweepConfigError(f"config.decodings.{decoding} (over {where}): {e.args[0]}") from None
+    for name, spec in sweep.tasks.items():
+        task = checked_task(spec, f"config.tasks.{name}")
+        without_decoder = [c for c, entry in sweep.checkpoints.items() if not entry.get("decoder")]
+        if task.kind == "image" and without_decoder:
+            raise SweepConfigError(f"config.tasks.{name} ({spec['kind']}) draws images: config.checkpoints."
+                                   f"{without_decoder[0]} names no decoder (a visual decoder checkpoint)")
+    unknown = [c for c in demonstration_choices(sweep) if c not in rices.STRATEGIES]
+    if unknown and any(cell.shots for cell in cells(sweep)):
+        raise SweepConfigError(f"config.demonstrations: {unknown[0]!r} is not one of {rices.STRATEGIES}")
+
+
+def _model_config(entry, where: str):
+    if "config" not in entry or "checkpoint" not in entry:
+        raise SweepConfigError(f"{where} needs a model config and a checkpoint (config=..., checkpoint=...)")
+    path = entry.config.partition(":")[0]
+    if not os.path.isfile(path):
+        raise SweepConfigError(f"{where}.config: no config file {path}")
+    try:
+        return config_lib.with_overrides(config_lib.load(entry.config), dict(flatten(entry.get("overrides", {}))))
+    except KeyError as e:
+        raise SweepConfigError(f"{where}.overrides: {e.args[0]}") from None
 
 
 def agreed(flag: bool, decide=all) -> bool:
@@ -165,6 +216,7 @@ def flatten(tree, prefix: str = ""):
 
 def run(sweep) -> list[dict]:
     """Every cell of the grid (finished ones read back), then the tables and plots."""
+    check(sweep)
     grid = cells(sweep)
     runner = Runner(sweep)
     rows = []

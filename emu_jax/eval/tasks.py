@@ -12,6 +12,7 @@ MSVD-QA / MSRVTT-QA, `coco_t2i`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 import os
 import re
@@ -86,6 +87,10 @@ class Task:
     def score(self, results: list[dict], out_dir: str, features=None) -> dict:
         """`features` (images -> vectors) serves the Fréchet distance of text-to-image tasks."""
         raise NotImplementedError
+
+    def missing_files(self) -> list[str]:
+        """The files and folders the task reads that are not there (checked before a sweep starts)."""
+        return []
 
 
 # ----------------------------------------------------------------------------- the digits world
@@ -359,6 +364,10 @@ class _FileTask(Task):
     def pool(self):
         return self._load("train")
 
+    def missing_files(self):
+        """`files`: per split, the paths it reads (the train split's default to the test split's)."""
+        return sorted({path for paths in self.files.values() for path in paths if not os.path.exists(path)})
+
 
 class CocoCaption(_FileTask):
     """COCO caption files (e.g. Karpathy test): {"images": [{"id", "file_name"}], "annotations":
@@ -403,13 +412,13 @@ class Vqa(_FileTask):
                  prompt="question: {question} answer:", rule="official"):
         vqa.rule_named(rule)  # an unknown name fails here, before any generation
         self.rule = rule
-        self.files = dict(test=(questions, annotations, images, image_pattern),
-                          train=(train_questions or questions, train_annotations or annotations,
-                                 train_images or images, train_image_pattern or image_pattern))
+        self.files = dict(test=(questions, annotations, images),
+                          train=(train_questions or questions, train_annotations or annotations, train_images or images))
+        self.patterns = dict(test=image_pattern, train=train_image_pattern or image_pattern)
         self.image_size, self.limit, self.template = image_size, limit, prompt
 
     def _load(self, split):
-        questions_path, annotations_path, image_dir, pattern = self.files[split]
+        (questions_path, annotations_path, image_dir), pattern = self.files[split], self.patterns[split]
         questions = list(vqa.load_questions(questions_path).values())[:self._count(split)]
         answers = vqa.load_annotations(annotations_path)
         out = []
@@ -491,6 +500,33 @@ def make_task(spec) -> Task:
     """A task from its sweep entry: {"kind": name, ...its keyword arguments}."""
     options = dict(spec)
     return task_class(options.pop("kind"))(**options)
+
+
+class TaskConfigError(ValueError):
+    """A task entry that cannot run, named by where it stands in its config."""
+
+
+def checked_task(spec, where: str) -> Task:
+    """The task an entry describes (a sweep entry's "shots" aside), or a TaskConfigError naming
+    `where`: no kind or an unknown one, an option the task does not take or refuses, a file it reads
+    that is not there. Run before anything starts, so that no typo surfaces after hours of training or
+    of a sweep."""
+    options = {k: v for k, v in dict(spec).items() if k != "shots"}
+    kind = options.pop("kind", None)
+    try:
+        task_type = task_class(kind)
+        inspect.signature(task_type).bind(**options)
+        task = task_type(**options)
+    except TypeError as e:  # from bind: an option the task does not take, or one it needs and was not given
+        raise TaskConfigError(f"{where} ({kind}): {e}; it takes {', '.join(inspect.signature(task_type).parameters)}"
+                              ) from None
+    except ValueError as e:  # an unknown kind, or an option's value the task refuses
+        raise TaskConfigError(f"{where}: {e}") from None
+    missing = task.missing_files()
+    if missing:
+        raise TaskConfigError(f"{where} ({kind}): no such file or folder {missing[0]}"
+                              + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
+    return task
 
 
 def write_json(path: str, value) -> None:
