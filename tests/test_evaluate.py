@@ -428,14 +428,9 @@ def test_an_unknown_evaluator_type_stops_the_run_before_it_starts(tmp_path, digi
     assert not (tmp_path / "run").exists() and evaluators.EvalConfigError in trainer.RUN_ERRORS
 
 
-@pytest.mark.slow
-def test_a_sweep_over_two_processes_equals_one_process(tmp_path, tokenizer):
-    """A checkpoint sharded (fsdp) over two processes' devices: both processes run every cell in
-    step (captions, RICES demonstrations); process 0 writes the sweep's files, and every cell's
-    predictions and score equal a one-process sweep's over two devices. The checkpoint's LLaMA is
-    scanned, so each process cuts its stacked layers apart as it restores them (`layers.unstack`
-    on arrays sharded over both processes)."""
-    import portpicker
+def _scanned_sweep_file(tmp_path, tokenizer, tasks: dict, decoding: dict):
+    """A sweep config file over a random tiny checkpoint whose scanned LLaMA is sharded (fsdp) over
+    whatever devices run it, and a function that starts `python -m emu_jax.evaluate` on it."""
     from model_helpers import init_params, save_params, tiny
     _, model = tiny("emu2", scan_layers=True)
     save_params(tmp_path / "emu", init_params(model))
@@ -451,9 +446,7 @@ def get_config():
                                  "overrides": {{"data": {{"tokenizer": "{tokenizer.model_path}"}},
                                                "model": {{"llm": {{"scan_layers": True}}}},
                                                "mesh": {{"data": 1, "fsdp": -1}}}}}}}},
-        "tasks": {{"caption": {{"kind": "digits_caption", "limit": 3, "shots": (0,)}},
-                  "labels": {{"kind": "digits_labelling", "limit": 3}}}},
-        "decodings": {{"greedy": {{"strategy": "greedy", "max_new_tokens": 3, "batch_size": 4}}}}}})
+        "tasks": {tasks!r}, "decodings": {{"greedy": {decoding!r}}}}})
     config.distributed = config_lib.distributed_config()
     return config
 """)
@@ -463,12 +456,30 @@ def get_config():
                                  f"--config.out={out}", *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True,
                                 env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+    return evaluate
+
+
+def _two_processes(evaluate, out):
+    import portpicker
+    port = portpicker.pick_unused_port()
+    return [evaluate(out, 1, f"--config.distributed.coordinator=127.0.0.1:{port}",
+                     "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
+                     "--config.distributed.cpu_collectives=gloo") for i in range(2)]
+
+
+@pytest.mark.slow
+def test_a_sweep_over_two_processes_equals_one_process(tmp_path, tokenizer):
+    """A checkpoint sharded (fsdp) over two processes' devices: both processes run every cell in
+    step (captions, RICES demonstrations); process 0 writes the sweep's files, and every cell's
+    predictions and score equal a one-process sweep's over two devices. The checkpoint's LLaMA is
+    scanned, so each process cuts its stacked layers apart as it restores them (`layers.unstack`
+    on arrays sharded over both processes)."""
+    evaluate = _scanned_sweep_file(tmp_path, tokenizer, {"caption": {"kind": "digits_caption", "limit": 3, "shots": (0,)},
+                                                         "labels": {"kind": "digits_labelling", "limit": 3}},
+                                   {"strategy": "greedy", "max_new_tokens": 3, "batch_size": 4})
     single = evaluate(tmp_path / "single", 2)
     assert single.wait(timeout=600) == 0, single.stderr.read()[-3000:]
-    port = portpicker.pick_unused_port()
-    procs = [evaluate(tmp_path / "multi", 1, f"--config.distributed.coordinator=127.0.0.1:{port}",
-                      "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
-                      "--config.distributed.cpu_collectives=gloo") for i in range(2)]
+    procs = _two_processes(evaluate, tmp_path / "multi")
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read()[-3000:]
     cells = ["caption/0shot-greedy", "labels/0shot-greedy", "labels/1shot-rices-greedy"]
@@ -478,6 +489,33 @@ def get_config():
             assert json.load(open(tmp_path / "multi" / "cells" / "rand" / cell / name)) == single_file, (cell, name)
     assert (tmp_path / "multi" / "results.md").read_text() == (tmp_path / "single" / "results.md").read_text()
     assert not (tmp_path / "multi" / "processes" / "1" / "results.md").exists()  # tables: process 0 only
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_one_process_of_a_sweep_stops_every_process_between_batches(tmp_path, tokenizer):
+    """Ctrl-C reaches process 1 of 2 mid-cell: both stop after the same generation batch, as
+    interrupted runs, and the unfinished cell has no score (a re-run redoes it). Before, process 1
+    stopped where it was and waited in JAX's shutdown barrier while process 0 waited in its next
+    collective: the job never ended."""
+    import signal
+    import time
+    evaluate = _scanned_sweep_file(tmp_path, tokenizer, {"caption": {"kind": "digits_caption", "limit": 200, "shots": (0,)}},
+                                   {"strategy": "greedy", "max_new_tokens": 3, "batch_size": 1})
+    procs = _two_processes(evaluate, tmp_path / "out")
+    cell = tmp_path / "out" / "cells" / "rand" / "caption" / "0shot-greedy"
+    try:
+        deadline = time.time() + 300
+        while not cell.exists() and time.time() < deadline and all(p.poll() is None for p in procs):
+            time.sleep(0.2)
+        assert cell.exists(), [p.stderr.read()[-2000:] for p in procs if p.poll() is not None]
+        time.sleep(3)  # into the cell's 200 batches
+        procs[1].send_signal(signal.SIGINT)
+        codes = [p.wait(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert codes == [-signal.SIGINT] * 2, [p.stderr.read()[-2000:] for p in procs]
+    assert not (cell / "score.json").exists()
 
 
 def test_benchmark_files_become_prompts_and_official_scores(tmp_path):

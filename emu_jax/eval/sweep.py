@@ -11,7 +11,8 @@ sample grids for text-to-image cells).
 
 Multi-process (a checkpoint sharded over several hosts, `config.distributed` as in training): every
 process runs every cell in step; process 0 writes the results, the others a private copy under
-`<out>/processes/<i>/`.
+`<out>/processes/<i>/`. A Ctrl-C to any process stops them all after the same generation batch
+(`parallel.interrupts`).
 
 A checkpoint entry names its model config, its checkpoint (and decoder checkpoint, and a LoRA run's
 checkpoints as "adapter" on the checkpoint's weights) and optional config overrides as a nested dict, e.g. {"mesh": {"fsdp": 8}} to shard a checkpoint that does not fit one device over
@@ -34,6 +35,7 @@ from emu_jax.eval import fid, rices
 from emu_jax.eval.evaluators import answer, demonstrations, process_out
 from emu_jax.eval.tasks import checked_task, make_task, task_class, write_json
 from emu_jax.files import read_json
+from emu_jax.parallel.interrupts import agreed, agreed_interrupts
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,15 +123,6 @@ def _model_config(entry, where: str):
         return config_lib.with_overrides(config_lib.load(entry.config), dict(flatten(entry.get("overrides", {}))))
     except KeyError as e:
         raise SweepConfigError(f"{where}.overrides: {e.args[0]}") from None
-
-
-def agreed(flag: bool, decide=all) -> bool:
-    """One decision for all processes from each one's own `flag` (process 0's files and the others'
-    private copies can differ, e.g. after a kill): every process must skip or run the same cells."""
-    if jax.process_count() == 1:
-        return flag
-    from jax.experimental import multihost_utils
-    return bool(decide(np.asarray(multihost_utils.process_allgather(np.int32(flag)))))
 
 
 def process_zero(flags) -> bool:
@@ -220,9 +213,10 @@ def run(sweep) -> list[dict]:
     grid = cells(sweep)
     runner = Runner(sweep)
     rows = []
-    for cell in tqdm(grid, desc="cells", unit="cell", disable=jax.process_index() != 0):
-        score = runner.run_cell(cell)
-        rows.append(dict(dataclasses.asdict(cell), **score))
+    with agreed_interrupts():  # Ctrl-C on any process stops them all after a generation batch
+        for cell in tqdm(grid, desc="cells", unit="cell", disable=jax.process_index() != 0):
+            score = runner.run_cell(cell)
+            rows.append(dict(dataclasses.asdict(cell), **score))
     if jax.process_index() == 0:
         write_tables(rows, sweep.out)
         plot(rows, sweep.out)

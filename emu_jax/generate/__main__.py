@@ -73,7 +73,7 @@ def generate(FLAGS) -> None:
 
     from emu_jax.data.media import encode_png
     from emu_jax.generate import generator as generator_lib, prompts as prompts_lib
-    from emu_jax.parallel import mesh as mesh_lib
+    from emu_jax.parallel import interrupts, mesh as mesh_lib
     config = FLAGS.config
     mesh_lib.maybe_initialize_distributed(config)
     rows = read_prompts(FLAGS)
@@ -84,7 +84,8 @@ def generate(FLAGS) -> None:
             FLAGS.out and FLAGS.decoder):
         raise app.UsageError("the prompts ask for images ([IMG]): give --decoder and --out")
     generator = generator_lib.Generator.from_checkpoints(config, FLAGS.checkpoint, FLAGS.decoder, adapter=FLAGS.adapter)
-    outputs = generator.generate(batch)  # every process of a multi-process run; process 0 writes and prints
+    with interrupts.agreed_interrupts():  # Ctrl-C on any process stops them all between batches
+        outputs = generator.generate(batch)  # every process of a multi-process run; process 0 writes and prints
     if jax.process_index():
         return
     results = []

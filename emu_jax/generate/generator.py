@@ -29,7 +29,7 @@ from emu_jax.data.tokenizer import load_tokenizer
 from emu_jax.generate import decoding, prompts as prompts_lib
 from emu_jax.models import families, layers
 from emu_jax.models import lora as lora_lib
-from emu_jax.parallel import mesh as mesh_lib
+from emu_jax.parallel import interrupts, mesh as mesh_lib
 
 
 @dataclasses.dataclass
@@ -113,6 +113,7 @@ class Generator:
         self._noise = [] if noise is None else list(np.asarray(noise, np.float32))
         outputs = []
         for start in range(0, len(batch), gc.batch_size):
+            interrupts.check()  # a Ctrl-C to any process of a multi-process job stops them all here
             rng, key = jax.random.split(rng)
             outputs += self._generate_batch(batch[start:start + gc.batch_size], key)
         return outputs
