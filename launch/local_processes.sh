@@ -12,7 +12,7 @@ if [ $# -lt 3 ]; then
 fi
 n=$1 config=$2 workdir=$3
 shift 3
-port=$(python -c 'import portpicker; print(portpicker.pick_unused_port())')
+port=$(python -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 mkdir -p "$workdir"
 pids=()
 for ((i = 0; i < n; i++)); do

@@ -346,7 +346,9 @@ def test_a_run_times_its_own_steps_traces_its_window_and_resumes_without_compili
     - a profile window reaching past the last step is written when the run ends, and the resumed
       run, past the window, traces nothing more;
     - the run leaves its compiled train step in <workdir>/compilation_cache and the resumed run
-      loads it from there instead of compiling (JAX's own log of its persistent cache says which)."""
+      loads it from there instead of compiling (JAX's own log of its persistent cache says which);
+    - a run asked for fewer steps than its workdir's checkpoint holds says so (it had trained nothing,
+      silently)."""
     env = {"JAX_COMPILATION_CACHE_DIR": "",  # the tests' shared cache (conftest) off for these runs
            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_DEBUG_LOG_MODULES": "jax._src.compiler"}
     workdir = tmp_path / "run"
@@ -358,9 +360,12 @@ def test_a_run_times_its_own_steps_traces_its_window_and_resumes_without_compili
                       "--config.train.profile.steps=5", env=env)
         _, err = process.communicate(timeout=600)
         assert process.returncode == 0, err
+        return err
+
+    def compiles(err: str) -> str:
         return "\n".join(line for line in err.splitlines() if "'jit_train_step'" in line)
 
-    compiled = run(4)
+    compiled = compiles(run(4))
     first, second = [row for row in map(json.loads, open(workdir / "metrics.jsonl")) if "loss" in row]
     assert first["step"] == 2 and first["first_step_s"] > 3 * first["step_time_s"]
     assert second["step"] == 4 and "first_step_s" not in second
@@ -380,10 +385,12 @@ def test_a_run_times_its_own_steps_traces_its_window_and_resumes_without_compili
     assert "CACHE MISS for 'jit_train_step'" in compiled and "cache hit" not in compiled
     assert list((workdir / "compilation_cache").glob("jit_train_step-*"))
 
-    compiled = run(6)
+    compiled = compiles(run(6))
     assert "cache hit for 'jit_train_step'" in compiled and "MISS" not in compiled
     assert json.loads(open(workdir / "metrics.jsonl").readlines()[-1])["step"] == 6
     assert len(list((workdir / "profile" / "process_0").glob("plugins/profile/*"))) == 1
+    assert (f"the checkpoint in {workdir} is at step 6, past train.steps=3: no step to train (the final evaluation "
+            f"runs on it)") in run(3)
 
 
 def test_a_profile_window_a_resumed_run_has_passed_traces_nothing(tmp_path):

@@ -407,6 +407,9 @@ def train(config, workdir: str) -> dict:
                                ema=copy(params) if use_ema else None)
             latest, skipped = 0, 0
         profile.resumed_after(latest)
+        if latest >= tc.steps:  # e.g. a shorter run asked of a finished run's workdir
+            logging.warning("the checkpoint in %s is at step %d, past train.steps=%d: no step to train (the final "
+                            "evaluation runs on it)", workdir, latest, tc.steps)
         state = state.replace(step=jax.device_put(jnp.int32(latest), replicated),
                               skipped_updates=jax.device_put(jnp.int32(skipped), replicated))
 
