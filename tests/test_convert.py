@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import reference_models as rm
 import release_models
-from conftest import ROOT, as_flags, load_config
+from conftest import ROOT, as_flags, load_config, xla_flags_for
 
 torch = pytest.importorskip("torch")
 
@@ -390,7 +390,7 @@ def test_two_processes_write_their_own_shards_of_one_checkpoint(tmp_path):
     import portpicker
     config, layout_name, path, state = write_release("emu2_bf16_safetensors", str(tmp_path / "release"))
     port = portpicker.pick_unused_port()
-    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=xla_flags_for(2))
     args = [sys.executable, "-m", "emu_jax.convert", "import", *release_cli_flags(), "--layout=emu2",
             f"--source={path}", f"--out={tmp_path / 'ours'}", "--config.mesh.data=1", "--config.mesh.fsdp=4",
             f"--config.distributed.coordinator=127.0.0.1:{port}", "--config.distributed.num_processes=2",

@@ -22,10 +22,9 @@ VISUAL = 4  # tiny emu2: 2x2 pooled tokens per image
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    """The digits world, built once for the module."""
-    data_dir = str(tmp_path_factory.mktemp("datasets"))
-    return data_dir, digits.build(data_dir)
+def world(digits_world):
+    """(data_dir, dataset directory) of the digits world the test process built."""
+    return digits_world, digits.build(digits_world)
 
 
 def tiny_config(data_dir, **data):

@@ -8,7 +8,7 @@ import sys
 
 import numpy as np
 import pytest
-from conftest import ROOT, load_config
+from conftest import ROOT, load_config, xla_flags_for
 
 from emu_jax.eval import caption_metrics, fid, rices, vqa
 from emu_jax.eval.vqa import FormatError
@@ -455,7 +455,7 @@ def get_config():
         return subprocess.Popen([sys.executable, "-m", "emu_jax.evaluate", f"--config={config_file}",
                                  f"--config.out={out}", *flags], cwd=ROOT, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.PIPE, text=True,
-                                env={**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"})
+                                env={**os.environ, "XLA_FLAGS": xla_flags_for(devices)})
     return evaluate
 
 

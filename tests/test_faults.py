@@ -356,11 +356,11 @@ def train_cli(workdir, data_dir, *overrides, processes: int = 1):
     """`python -m emu_jax.train` on the tiny config (small batch, no evaluation), stderr piped."""
     import subprocess
     import sys
-    from conftest import ROOT
+    from conftest import ROOT, xla_flags_for
     args = [sys.executable, "-m", "emu_jax.train", f"--config={ROOT}/configs/tiny.py", f"--workdir={workdir}",
             f"--config.data.data_dir={data_dir}", "--config.evals.captions.final=False", "--config.train.eval_every=0",
             "--config.data.global_batch_size=8", "--config.train.log_every=1", *overrides]
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={processes}"}
+    env = {**os.environ, "XLA_FLAGS": xla_flags_for(processes)}
     return subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
 
 

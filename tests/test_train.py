@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from absl import flags
-from conftest import ROOT, load_config
+from conftest import ROOT, load_config, xla_flags_for
 
 from emu_jax import config_lib
 from emu_jax.checkpoint import Checkpointer, abstract_with_shardings
@@ -291,14 +291,14 @@ def test_two_processes_on_loopback_match_one_process(tmp_path, data_dir):
               "--config.data.packing_bins=1", "--config.data.worker_count=0", "--config.train.eval_every=2",
               "--config.train.eval_batches=1", "--config.evals.samples.every=2", "--config.evals.samples.count=2",
               "--config.evals.captions.final=True", "--config.evals.captions.task.limit=8"]
-    single = cli(tmp_path / "single", data_dir, *common, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=2"})
+    single = cli(tmp_path / "single", data_dir, *common, env={"XLA_FLAGS": xla_flags_for(2)})
     assert single.wait(timeout=600) == 0, single.stderr.read()
     port = portpicker.pick_unused_port()
     procs = [cli(tmp_path / "multi", data_dir, *common, f"--config.distributed.coordinator=127.0.0.1:{port}",
                  "--config.distributed.num_processes=2", f"--config.distributed.process_id={i}",
                  "--config.distributed.cpu_collectives=gloo", "--config.train.profile.from_step=2",
                  "--config.train.profile.steps=2",
-                 env={"XLA_FLAGS": "--xla_force_host_platform_device_count=1"}) for i in range(2)]
+                 env={"XLA_FLAGS": xla_flags_for(1)}) for i in range(2)]
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read()
 
