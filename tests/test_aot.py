@@ -191,17 +191,25 @@ def test_named_remat_policies_keep_exactly_the_tensors_they_name(policy, saved, 
     assert names == saved and not computed
 
 
-def test_plan_search_estimates_each_plan_from_probes_and_verifies_the_fastest(tmp_path):
-    """Tiny on a v5p:2x2x2 slice, the ViT frozen (its backward is dropped, so it keeps "none"), the
-    LLM searched over no remat and full remat: no remat is the faster estimate, is verified by its
-    own compile and comes first, and its estimate (full remat is the probes' reference plan, no
-    remat is solved from one more probe) equals the compiler's cost of the whole plan compiled
-    unrolled at its real depth; a second search compiles nothing (the cache)."""
+@pytest.fixture(scope="module")
+def tiny_search(tmp_path_factory):
+    """Tiny on a v5p:2x2x2 slice, the ViT frozen, the LLM searched over no remat and full remat,
+    from an empty cache -> (config, space, result, cache directory)."""
     from emu_jax.train import plan_search
     config = config_lib.with_overrides(load_config("tiny"), {"model.llm.num_layers": 4,
                                                              "optimizer.freeze": "^vit/"})
     space = plan_search.Space(policies=("none", "full"), tensor=(1,), accum=(1,))
-    result = plan_search.search(config, "v5p:2x2x2", space, cache_dir=str(tmp_path))
+    cache_dir = str(tmp_path_factory.mktemp("plan_cache"))
+    return config, space, plan_search.search(config, "v5p:2x2x2", space, cache_dir=cache_dir), cache_dir
+
+
+def test_plan_search_estimates_each_plan_from_probes_and_verifies_the_fastest(tiny_search):
+    """The frozen ViT's backward is dropped, so it keeps "none"; no remat is the faster estimate, is
+    verified by its own compile and comes first, and its estimate (full remat is the probes'
+    reference plan, no remat is solved from one more probe) equals the compiler's cost of the whole
+    plan compiled unrolled at its real depth; a second search compiles nothing (the cache)."""
+    from emu_jax.train import plan_search
+    config, space, result, cache_dir = tiny_search
     plans = [c.plan for c in result.candidates]
     assert [dict(p.remat) for p in plans] == [{"vit": "none", "llm": "none"}, {"vit": "none", "llm": "full"}]
     assert result.probes == 4 and result.compiled == 5  # (1, 1), (2, 1), (1, 2) layers, then full remat at 2
@@ -213,26 +221,26 @@ def test_plan_search_estimates_each_plan_from_probes_and_verifies_the_fastest(tm
     report = aot.compile_report(unrolled, "v5p:2x2x2", extrapolate=False)
     assert best.estimated_seconds == pytest.approx(report.compiler_seconds, rel=0.02)
     assert best.estimated_bytes == pytest.approx(report.total_bytes, rel=0.25)
-    again = plan_search.search(config, "v5p:2x2x2", space, cache_dir=str(tmp_path))
+    again = plan_search.search(config, "v5p:2x2x2", space, cache_dir=cache_dir)
     assert again.compiled == 0 and [c.verdict for c in again.candidates] == [c.verdict for c in result.candidates]
 
 
-def test_plan_search_trusts_compiles_not_the_probes_memory(tmp_path, monkeypatch):
+def test_plan_search_trusts_compiles_not_the_probes_memory(tiny_search, tmp_path, monkeypatch):
     """The probes' memory estimate misjudged scanned steps both ways (on emu2_37b it dropped every
     plan that fits), so it drops none: with every estimate made absurdly large the fastest plan is
     still compiled and fits. With no whole compile allowed to the ranked plans, the heaviest plan
     (full remat, what --fit finds) is compiled anyway: the search never reports nothing where the
-    first-fit plan fits."""
+    first-fit plan fits. (On a copy of the first search's cache: its probes and verified plan.)"""
+    import shutil
     from emu_jax.train import plan_search
-    config = config_lib.with_overrides(load_config("tiny"), {"model.llm.num_layers": 4,
-                                                             "optimizer.freeze": "^vit/"})
-    space = plan_search.Space(policies=("none", "full"), tensor=(1,), accum=(1,))
+    config, space, _, first_cache = tiny_search
+    cache_dir = str(shutil.copytree(first_cache, tmp_path / "cache"))
     estimate = plan_search._estimate
     monkeypatch.setattr(plan_search, "_estimate", lambda *a: (estimate(*a)[0], 1e15))
-    result = plan_search.search(config, "v5p:2x2x2", space, cache_dir=str(tmp_path))
+    result = plan_search.search(config, "v5p:2x2x2", space, cache_dir=cache_dir)
     assert [c.verdict for c in result.candidates] == ["fits", plan_search.NOT_COMPILED]
     assert result.candidates[0].estimated_bytes == 1e15 and dict(result.candidates[0].plan.remat)["llm"] == "none"
-    capped = plan_search.search(config, "v5p:2x2x2", space, max_compiles=0, cache_dir=str(tmp_path))
+    capped = plan_search.search(config, "v5p:2x2x2", space, max_compiles=0, cache_dir=cache_dir)
     fits, = [c for c in capped.candidates if c.verdict == "fits"]
     assert dict(fits.plan.remat)["llm"] == "full" and fits.compiled["bytes"] > 0
     assert [c.verdict for c in capped.candidates if c is not fits] == ["not compiled (max_compiles=0 reached)"]
@@ -240,6 +248,6 @@ def test_plan_search_trusts_compiles_not_the_probes_memory(tmp_path, monkeypatch
     probed = plan_search.compile_all
     monkeypatch.setattr(plan_search, "compile_all", lambda jobs, workers: [
         dict(r, seconds=-abs(r["seconds"])) if "seconds" in r else r for r in probed(jobs, workers)])
-    untimed = plan_search.search(config, "v5p:2x2x2", space, cache_dir=str(tmp_path))
+    untimed = plan_search.search(config, "v5p:2x2x2", space, cache_dir=cache_dir)
     assert all(c.estimated_seconds == 0 and c.mfu == 0 for c in untimed.candidates)
     assert "fits" in [c.verdict for c in untimed.candidates]
