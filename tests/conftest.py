@@ -100,6 +100,12 @@ def digits_world(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="session")
+def data_dir(digits_world):
+    """The data_dir of the training and decoder tests: the digits world."""
+    return digits_world
+
+
 def pytest_collection_modifyitems(items):
     """Slow-marked tests first, in their files' order: on two xdist workers, test_train's
     minutes-long runs came last in file order and ran alone at the end of the suite."""

@@ -129,11 +129,6 @@ def test_guidance_scale_one_is_the_conditional_prediction_and_scale_mixes_linear
 
 # ----------------------------------------------------------------------------- the decoder stages
 
-@pytest.fixture(scope="module")
-def data_dir(digits_world):
-    return digits_world
-
-
 def test_diffusion_training_step_reduces_the_loss_on_a_fixed_batch(data_dir):
     from emu_jax.data import pipeline
     from emu_jax.train.tasks import make_task
