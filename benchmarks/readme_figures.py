@@ -22,7 +22,7 @@ Stages (each run is a subprocess of the CLI a user types, one at a time: they us
 A finished run leaves `<out>/<label>/<run>.json` (its figures, wall time, and the versions of the
 packages it ran on; committed) and its workdir under `--work`, so a re-run only runs what is missing
 and the tables gather every label measured so far (`locked`, the constraints.txt set, beside
-`newest`). The tables are written between
+`newest`; `locked-epyc`, the constraints.txt set on another kind of CPU). The tables are written between
 the README's `<!-- figures:<table>:begin -->` / `<!-- figures:<table>:end -->` markers.
 """
 from __future__ import annotations
@@ -398,7 +398,8 @@ TABLES = {"quickstart": quickstart_table, "decoder": decoder_table, "chat": chat
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--label", default="locked", help="Names the dependency set these runs use.")
+    parser.add_argument("--label", default="locked",
+                        help="Names the dependency set (and, where it differs, the machine) these runs use.")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "figures"), help="Where the figures go (json).")
